@@ -1,0 +1,1 @@
+"""Surrogate model architectures (importable as ``models.<module>:<Class>``)."""

@@ -1,0 +1,493 @@
+"""The campaign: one asyncio event loop wiring policy, launchers, trainer, store, tracker.
+
+The coordinator never blocks: sim runs, Dask futures, the time budget and
+signals are awaited together, and after every completed step the policy
+(:mod:`orchestrator.policy`) decides what to start next. Every completed step
+is written to the run directory before it counts, so a kill at any moment
+loses no accepted data and no finished training (``run --resume``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator import policy as pol
+from orchestrator.allocation import SlotPool
+from orchestrator.config import LoopConfig, SimConfig, flat_dict, render_args
+from orchestrator.errors import Interrupted, OrchestratorError, SimKindFailed, StoreError
+from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.progress import Progress, Snapshot
+from orchestrator.store import LOOP, RunStore
+from orchestrator.training.backends import Backend, Trainer
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Status(enum.Enum):
+    """A campaign's terminal state (RUNNING until it ends). INTERRUPTED is not failure."""
+
+    RUNNING = "running"
+    TARGET_MET = "target_met"
+    STOPPED = "stopped"  # max_rounds, time or data budget
+    INTERRUPTED = "interrupted"  # signalled; resumable
+    FAILED = "failed"
+
+    @property
+    def exit_code(self) -> int:
+        return {Status.TARGET_MET: 0, Status.STOPPED: 3, Status.INTERRUPTED: Interrupted.exit_code}.get(self, 1)
+
+
+@dataclass
+class State:
+    """Everything a resume needs; state.json is this, rewritten after every step."""
+
+    model_version: int = 0
+    model_file: str | None = None
+    successes: int = 0
+    checks_done: int = 0
+    failed_current: bool = False
+    data_files: list[str] = field(default_factory=list)
+    """Accepted generate results, relative to the run dir, in acceptance order."""
+    untrained: list[str] = field(default_factory=list)
+    data_points: int = 0
+    sims_launched: int = 0
+    sims_failed: int = 0
+    launch_counter: int = 0
+    failed_points: list[list[float]] = field(default_factory=list)
+    recheck: list[list[float]] = field(default_factory=list)
+    """Query points whose check failed: checked again against the next model."""
+    rng: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    """Wall time of earlier sessions of this campaign (resume adds to it)."""
+    mlflow_run_id: str | None = None
+    status: str = Status.RUNNING.value
+    stop_reason: str | None = None
+    last_error: float | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    """Metrics of each finished training."""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> State:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    x: list[float]
+    version: int
+    predicted: list[float] | None
+    truth: list[float] | None
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    """How :meth:`Campaign.run` ended."""
+
+    status: Status
+    summary: dict[str, Any]
+
+
+class Campaign:
+    """One campaign, from a fresh or resumed run directory to its summary."""
+
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        store: RunStore,
+        binaries: Mapping[str, Path],
+        launchers: Mapping[str, Launcher],
+        pool: SlotPool,
+        backend: Backend,
+        tracker: Any | None = None,
+        progress: Progress | None = None,
+        state: State | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.binaries = binaries
+        self.launchers = launchers
+        self.pool = pool
+        self.backend = backend
+        self.trainer = Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs))
+        self.tracker = tracker
+        self.progress = progress or Progress(enabled=False)
+        self.state = state or State()
+        self.rng = np.random.default_rng(cfg.seed)
+        if self.state.rng:
+            self.rng.bit_generator.state = self.state.rng
+        self.model_state: bytes | None = None
+        if self.state.model_file:
+            self.model_state = (store.root / self.state.model_file).read_bytes()
+        self.lo = np.array([i.lo for i in cfg.inputs])
+        self.hi = np.array([i.hi for i in cfg.inputs])
+        self._tasks: dict[asyncio.Task[Any], str] = {}
+        self._consecutive_failures = {"check": 0, "generate": 0}
+        self._interrupt = asyncio.Event()
+        self._signal: str | None = None
+        self._t0 = time.monotonic()
+
+    # -- bookkeeping ------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + time.monotonic() - self._t0
+
+    def _inflight(self, kind: str) -> int:
+        return sum(1 for k in self._tasks.values() if k == kind)
+
+    def view(self) -> pol.View:
+        s = self.state
+        return pol.View(
+            model_version=s.model_version, training=self._inflight("train") > 0,
+            checks_inflight=self._inflight("check"), failed_current=s.failed_current,
+            generates_inflight=self._inflight("generate"), untrained_runs=len(s.untrained),
+            successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
+        )
+
+    def checkpoint(self) -> None:
+        """Rewrite state.json (atomically) with the RNG and elapsed time."""
+        self.state.rng = self.rng.bit_generator.state
+        snapshot = asdict(self.state)
+        snapshot["elapsed_s"] = self.elapsed
+        snapshot["config"] = flat_dict(self.cfg)
+        self.store.write_state(snapshot)
+
+    def _show(self) -> None:
+        s = self.state
+        self.progress.update(Snapshot(
+            self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self.cfg.target.successes,
+            s.data_points, self._inflight("check"), self._inflight("generate"), self._inflight("train") > 0,
+            s.sims_launched, s.sims_failed, s.last_error, self.elapsed,
+        ))
+
+    # -- sims -------------------------------------------------------------
+    async def run_sim(self, role: str, values: Mapping[str, float | int]) -> SimResult | None:
+        """Run one sim with retries; None when every attempt failed."""
+        sim: SimConfig = getattr(self.cfg.sims, role)
+        nrows = 1 if role == "check" else None
+        last: SimResult | None = None
+        for attempt in range(sim.retries + 1):
+            if attempt:
+                await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
+            last = await self._attempt(role, sim, values, attempt, nrows)
+            if last.ok:
+                self._consecutive_failures[role] = 0
+                return last
+            self._consecutive_failures[role] += 1
+            if self._consecutive_failures[role] >= sim.max_consecutive_failures:
+                raise SimKindFailed(
+                    f"sim kind {role!r} ({sim.binary}) failed {self._consecutive_failures[role]} times in a row; "
+                    f"last failure ({last.request.run_id}): {last.message}"
+                )
+        return None
+
+    async def _attempt(
+        self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int, nrows: int | None
+    ) -> SimResult:
+        self.state.launch_counter += 1
+        run_id = f"{role}-{self.state.launch_counter:06d}"
+        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks}
+        placement = await self.pool.acquire(sim.ranks)
+        try:
+            req = LaunchRequest(
+                run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),
+                ranks=sim.ranks, workdir=self.store.sim_dir(run_id), timeout_s=sim.timeout_s,
+                ncols=self.cfg.n_columns, nrows=nrows, placement=placement, ranks_per_node=sim.ranks_per_node,
+                env=sim.env,
+            )
+            launcher = self.launchers[role]
+            self.state.sims_launched += 1
+            self.store.event("sim_start", run_id=run_id, role=role, attempt=attempt, ranks=sim.ranks,
+                             launcher=launcher.name, placement=placement.per_node, argv=launcher.command(req))
+            self._show()
+            try:
+                result = await launcher.run(req)
+            except asyncio.CancelledError:
+                self.store.event("sim_end", run_id=run_id, role=role, outcome=Outcome.CANCELLED.value)
+                raise
+        finally:
+            self.pool.release(placement)
+        if not result.ok:
+            self.state.sims_failed += 1
+            log.warning("sim %s: %s: %s", run_id, result.outcome.value, result.message)
+            self.progress.note(f"sim {run_id} {result.outcome.value}: {result.message.splitlines()[0][:160]}")
+        self.store.event("sim_end", run_id=run_id, role=role, attempt=attempt, outcome=result.outcome.value,
+                         returncode=result.returncode, wall_s=round(result.wall_s, 4), message=result.message,
+                         rows=None if result.table is None else int(result.table.shape[0]), **result.info)
+        return result
+
+    # -- actions ----------------------------------------------------------
+    def _spawn(self, kind: str, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks[task] = kind
+
+    def _next_query(self) -> list[float]:
+        if self.state.recheck:
+            return self.state.recheck.pop(0)
+        return [float(v) for v in self.rng.uniform(self.lo, self.hi)]
+
+    async def _check(self, x: list[float], version: int, model: bytes) -> CheckResult:
+        values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
+        pred_task = asyncio.ensure_future(self.trainer.evaluate(model, [x]))
+        try:
+            sim = await self.run_sim("check", values)
+            predicted = (await pred_task)[0]
+        finally:
+            pred_task.cancel()
+        truth = None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
+        return CheckResult(x, version, predicted, truth)
+
+    async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
+        values: dict[str, float | int] = {"seed": seed}
+        for spec, a, b in zip(self.cfg.inputs, lo, hi, strict=True):
+            values[f"{spec.name}_lo"], values[f"{spec.name}_hi"] = a, b
+        if len(self.cfg.inputs) == 1:
+            values["lo"], values["hi"] = lo[0], hi[0]
+        sim = await self.run_sim("generate", values)
+        if sim is None or sim.table is None:
+            return None
+        path = self.store.accept_data(sim.request.run_id, sim.table)
+        return str(path.relative_to(self.store.root)), int(sim.table.shape[0])
+
+    async def _train(self, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
+        paths = [str(self.store.root / f) for f in files]
+        self.store.event("train_start", version=self.state.model_version + 1, files=len(files),
+                         rows=self.state.data_points, workers=self.backend.describe().get("workers"))
+        return await self.trainer.train(self.model_state, paths, seed)
+
+    def _apply(self, actions: list[pol.Action]) -> pol.StopReason | None:
+        for action in actions:
+            if isinstance(action, pol.Stop):
+                return action.reason
+            if isinstance(action, pol.StartTraining):
+                files = list(self.state.data_files)
+                self.state.untrained.clear()
+                self._spawn("train", self._train(files, int(self.rng.integers(2**31))))
+            elif isinstance(action, pol.StartGenerates):
+                for _ in range(action.count):
+                    wlo, whi = pol.sampling_window(self.lo, self.hi, self.state.failed_points,
+                                                   self.cfg.policy.sampling, self.cfg.policy.near_failures_width,
+                                                   self.rng)
+                    seed = int(self.rng.integers(2**31))
+                    self._spawn("generate", self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi]))
+            elif isinstance(action, pol.StartChecks):
+                assert self.model_state is not None
+                for _ in range(action.count):
+                    self._spawn("check", self._check(self._next_query(), self.state.model_version,
+                                                     self.model_state))
+        return None
+
+    # -- results ----------------------------------------------------------
+    def _on_check(self, r: CheckResult) -> None:
+        s = self.state
+        if r.truth is None or r.predicted is None:
+            self.store.event("check", x=r.x, version=r.version, outcome="no_truth")
+            return
+        error = max(abs(p - t) for p, t in zip(r.predicted, r.truth, strict=True))
+        success = error < self.cfg.target.tolerance
+        stale = r.version != s.model_version
+        s.checks_done += 1
+        s.last_error = error
+        if not stale:
+            if success:
+                s.successes += 1
+            else:
+                s.failed_current = True
+                s.failed_points.append(r.x)
+                s.recheck.append(r.x)
+        self.store.event("check", x=r.x, version=r.version, predicted=r.predicted, truth=r.truth, error=error,
+                         success=success, stale=stale, successes=s.successes)
+        mark = "ok  " if success else "FAIL"
+        self.progress.note(f"check {mark} x={_fmt(r.x)} surrogate={_fmt(r.predicted)} truth={_fmt(r.truth)} "
+                           f"error={error:.4f} (model v{r.version}, successes {s.successes}/"
+                           f"{self.cfg.target.successes})")
+        self._track({"check_error": error, "successes": s.successes}, s.checks_done)
+
+    def _on_generate(self, accepted: tuple[str, int] | None) -> None:
+        if accepted is None:
+            return
+        path, rows = accepted
+        self.state.data_files.append(path)
+        self.state.untrained.append(path)
+        self.state.data_points += rows
+        self.store.event("data_accepted", path=path, rows=rows, data_points=self.state.data_points)
+
+    def _on_train(self, model: bytes, metrics: dict[str, float]) -> None:
+        s = self.state
+        version = s.model_version + 1
+        path = self.store.save_model(version, model)
+        self.model_state = model
+        s.model_version = version
+        s.model_file = str(path.relative_to(self.store.root))
+        s.failed_current = False
+        metrics = {**metrics, "data_points": s.data_points, "successes": s.successes}
+        s.rounds.append({"round": version, **metrics})
+        self.store.event("train_end", version=version, **metrics)
+        self.progress.note(f"training round {version} done: {s.data_points} rows, "
+                           f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
+                           f"{metrics.get('train_seconds', 0):.1f} s")
+        self._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+
+    def _track(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=step)
+
+    def _collect(self, task: asyncio.Task[Any], kind: str) -> None:
+        result = task.result()  # a SimKindFailed or TrainingError propagates: the campaign stops
+        if kind == "check":
+            self._on_check(result)
+        elif kind == "generate":
+            self._on_generate(result)
+        elif kind == "train":
+            self._on_train(*result)
+        self.checkpoint()
+
+    # -- the loop ---------------------------------------------------------
+    def _install_signals(self) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+
+        def handler(sig: signal.Signals) -> None:
+            self._signal = sig.name
+            self._interrupt.set()
+
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, handler, sig)
+
+        def remove() -> None:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+        return remove
+
+    async def _cancel_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def loop(self) -> pol.StopReason | None:
+        """Decide, start, wait for the next completion; until a Stop or a signal."""
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            while True:
+                reason = self._apply(pol.decide(self.view(), self.cfg.target, self.cfg.policy))
+                self._show()
+                if reason is not None:
+                    return reason
+                if not self._tasks:
+                    raise StoreError("the policy started nothing and nothing is in flight (a bug); state saved")
+                budget = self.cfg.target.time_budget_s
+                timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
+                done, _ = await asyncio.wait([*self._tasks, interrupt], timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if interrupt in done:
+                    return None
+                for task in done:
+                    self._collect(task, self._tasks.pop(task))
+        finally:
+            interrupt.cancel()
+
+    async def run(self) -> CampaignResult:
+        """The whole campaign: start everything, loop, end cleanly whatever happens."""
+        remove_signals = self._install_signals()
+        status, reason, error = Status.FAILED, None, None
+        resumed = self.state.model_version > 0 or bool(self.state.data_files)
+        self.store.event("campaign_start", resumed=resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
+                         sim_slots=self.pool.free)
+        try:
+            await self._start_tracking()
+            await self.backend.start()
+            self.store.event("training_backend", **self.backend.describe())
+            reason = await self.loop()
+            status = (Status.INTERRUPTED if reason is None
+                      else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
+        except OrchestratorError as exc:
+            error = exc
+            self.store.event("campaign_error", error=type(exc).__name__, message=str(exc))
+        finally:
+            remove_signals()
+            await self._cancel_all()
+            self.state.status = status.value
+            self.state.stop_reason = reason.value if reason else self._signal
+            self.checkpoint()
+            await self.backend.close()
+        summary = await self._finish(status, reason)
+        if error is not None:
+            raise error
+        return CampaignResult(status, summary)
+
+    async def _start_tracking(self) -> None:
+        if self.tracker is None:
+            return
+        params = flat_dict(self.cfg)
+        run_id = await asyncio.to_thread(self.tracker.start, params, self.state.mlflow_run_id)
+        self.state.mlflow_run_id = run_id
+        self.checkpoint()
+
+    async def _finish(self, status: Status, reason: pol.StopReason | None) -> dict[str, Any]:
+        registered = None
+        if status is Status.TARGET_MET and self.tracker is not None and self.cfg.tracking.register_as:
+            registered = await asyncio.to_thread(self._register)
+        s = self.state
+        summary = {
+            "target_met": status is Status.TARGET_MET,
+            "status": status.value,
+            "stop_reason": s.stop_reason,
+            "rounds": s.model_version,
+            "successes": s.successes,
+            "checks": s.checks_done,
+            "data_points": s.data_points,
+            "sims_launched": s.sims_launched,
+            "sims_failed": s.sims_failed,
+            "wall_s": round(self.elapsed, 3),
+            "registered_model": registered,
+            "mlflow_run_id": s.mlflow_run_id,
+            "run_dir": str(self.store.root),
+        }
+        path = self.store.write_summary(summary)
+        self.store.event("campaign_end", **{k: v for k, v in summary.items() if k != "run_dir"})
+        self.store.close()
+        if self.tracker is not None:
+            await asyncio.to_thread(self._close_tracking, status, path)
+        return summary
+
+    def _register(self) -> dict[str, str] | None:
+        from orchestrator.training import tasks
+
+        assert self.model_state is not None and self.tracker is not None
+        module = tasks.load_model(self.model_state, self.cfg.training.model, dict(self.cfg.training.model_kwargs))
+        name = self.cfg.tracking.register_as
+        assert name is not None
+        reg = self.tracker.register_model(module, name)
+        self.store.event("model_registered", name=reg.name, version=reg.version)
+        return {"name": reg.name, "version": str(reg.version)}
+
+    def _close_tracking(self, status: Status, summary: Path) -> None:
+        assert self.tracker is not None
+        for artifact in (self.store.root / LOOP, self.store.root / "events.jsonl", summary):
+            if artifact.exists():
+                self.tracker.log_artifact(artifact)
+        mlflow_status = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED",
+                         Status.INTERRUPTED: "KILLED"}.get(status, "FAILED")
+        with contextlib.suppress(Exception):
+            self.tracker.finish(mlflow_status)
+
+
+def _fmt(v: list[float] | None) -> str:
+    if v is None:
+        return "-"
+    return ",".join(f"{x:+.4f}" for x in v)

@@ -1,0 +1,116 @@
+"""Command line: argument parsing, exit codes, user-facing errors, logging setup.
+
+Exit codes: 0 target met (or command succeeded); 1 anything unexpected;
+2 bad config or usage; 3 stopped by max_rounds or a budget without meeting
+the target; 75 interrupted by a signal after checkpointing (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.errors import OrchestratorError
+
+log = logging.getLogger("orchestrator")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line (no usage dump) on a bad command line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m orchestrator", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run (or resume) a campaign until its target is met")
+    run.add_argument("loop", nargs="?", type=Path, help="the campaign's loop.yml")
+    run.add_argument("--workdir", type=Path, help="run root (default: `workdir` in loop.yml, i.e. ./runs)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a loop.yml value, e.g. --set seed=7 (repeatable)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--new", action="store_true", help="start fresh even if an unfinished run exists")
+    run.add_argument("--no-live", action="store_true", help="plain log lines instead of the live panel")
+
+    val = sub.add_parser("validate", help="check a loop.yml and the sims it names, then exit")
+    val.add_argument("loop", type=Path)
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    return p
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbosity < 2:
+        # Dask configures its loggers when imported, here and in worker processes.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        for noisy in ("distributed", "asyncio", "mlflow", "alembic", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config, resolve_binaries
+
+    cfg = load_config(args.loop, args.overrides)
+    binaries = resolve_binaries(cfg, args.loop)
+    print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
+    for role, path in binaries.items():
+        sim = getattr(cfg.sims, role)
+        print(f"  {role}: {path} on {sim.ranks} rank(s), launcher {sim.launcher}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.progress import Progress
+    from orchestrator.runner import run_sync
+
+    if args.loop is None and args.resume is None:
+        raise _usage("run needs a loop.yml or --resume RUN_DIR")
+    progress = Progress(enabled=False if args.no_live else None)
+    result = run_sync(args.loop, workdir=args.workdir, overrides=args.overrides, resume=args.resume,
+                      new=args.new, progress=progress)
+    s = result.summary
+    line = (f"{result.status.value}: {s['rounds']} training round(s), successes {s['successes']}, "
+            f"{s['data_points']} data points, {s['sims_launched']} sims ({s['sims_failed']} failed), "
+            f"{s['wall_s']:.1f} s")
+    print(line)
+    if s.get("registered_model"):
+        reg = s["registered_model"]
+        print(f"model registered as {reg['name']} version {reg['version']} (MLflow run {s['mlflow_run_id']})")
+    print(f"run dir: {s['run_dir']}")
+    if result.status.value == "interrupted":
+        print(f"resume with: python -m orchestrator run --resume {s['run_dir']}")
+    return result.status.exit_code
+
+
+def _usage(message: str) -> OrchestratorError:
+    from orchestrator.errors import UsageError
+
+    return UsageError(message)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    try:
+        return COMMANDS[args.command](args)
+    except OrchestratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

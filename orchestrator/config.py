@@ -1,0 +1,419 @@
+"""The loop.yml schema: declared once, validated once.
+
+Every section is a pydantic model with ``extra="forbid"`` and a docstring per
+field. :func:`load_config` turns a file plus ``--set key.path=value``
+overrides into a :class:`LoopConfig`, or raises :class:`ConfigError` whose
+message is one line per problem: the key path, the bad value, what is expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import string
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import ConfigError
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class InputSpec(_Strict):
+    """One input of the surrogate and its domain."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Column name; also the placeholder ``{name}`` in check-sim args."""
+    lo: float
+    """Lower end of the domain queries and data are drawn from."""
+    hi: float
+    """Upper end of the domain."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> InputSpec:
+        if not self.lo < self.hi:
+            raise ValueError(f"lo ({self.lo}) must be below hi ({self.hi})")
+        return self
+
+
+class SimConfig(_Strict):
+    """How to run one kind of simulation."""
+
+    binary: str = Field(min_length=1)
+    """Executable: a name found next to the Python interpreter or on PATH, or a path
+    (relative paths are relative to loop.yml)."""
+    args: list[str] = []
+    """argv template. Placeholders in braces are filled from a fixed set of fields
+    (see :data:`CHECK_FIELDS`, :data:`GENERATE_FIELDS`); never through a shell."""
+    ranks: int = Field(default=1, ge=1, le=100_000)
+    """MPI ranks per run."""
+    ranks_per_node: int | None = Field(default=None, ge=1)
+    """Spread the ranks over nodes, at most this many per node (srun only)."""
+    launcher: Literal["auto", "srun", "mpiexec", "spawn"] = "auto"
+    """auto: srun inside a Slurm allocation, mpiexec outside."""
+    timeout_s: float = Field(default=300.0, gt=0)
+    """Wall-clock limit of one run; past it the whole process tree is killed."""
+    retries: int = Field(default=2, ge=0, le=100)
+    """Further attempts after a failed run (crash, timeout, malformed output)."""
+    backoff_s: float = Field(default=0.2, ge=0)
+    """Delay before retry k is backoff_s * 2**(k-1)."""
+    max_consecutive_failures: int = Field(default=10, ge=1)
+    """Stop the campaign when this many runs of this kind fail in a row."""
+    env: dict[str, str] = {}
+    """Extra environment variables for the sim's ranks."""
+
+
+class SimsConfig(_Strict):
+    """The two simulation roles of an AI-in-the-loop campaign."""
+
+    check: SimConfig
+    """Cheap: returns the true value at one query point, one row (inputs..., outputs...)."""
+    generate: SimConfig
+    """Expensive: returns many training rows (inputs..., outputs...)."""
+
+
+class TargetConfig(_Strict):
+    """When the campaign stops: the one place stop criteria are declared."""
+
+    tolerance: float = Field(default=0.05, gt=0)
+    """A check succeeds when |surrogate - truth| < tolerance for every output."""
+    successes: int = Field(default=5, ge=1)
+    """Successful checks needed to meet the target."""
+    max_rounds: int = Field(default=20, ge=1)
+    """Give up (exit 3) after this many training rounds."""
+    time_budget_s: float | None = Field(default=None, gt=0)
+    """Give up (exit 3) after this much wall time; None: no limit."""
+
+
+class PolicyConfig(_Strict):
+    """What to do next; see :mod:`orchestrator.policy`."""
+
+    checks_per_round: int = Field(default=1, ge=1, le=64)
+    """Query points checked in parallel against each model version."""
+    sampling: Literal["uniform", "near-failures"] = "uniform"
+    """Where generate sims draw points: the whole domain, or around failed checks."""
+    near_failures_width: float = Field(default=0.25, gt=0, le=1)
+    """near-failures: window width as a fraction of each input's domain."""
+    max_inflight: int = Field(default=2, ge=1, le=1024)
+    """Generate sims in flight at once."""
+    pipeline: bool = True
+    """Keep generate sims running while a training runs (False: one thing at a time)."""
+    generates_per_round: int = Field(default=1, ge=1)
+    """Accepted generate runs that make the data for one training round."""
+    max_data_points: int | None = Field(default=None, ge=1)
+    """Stop generating once this many rows are accepted; None: no limit."""
+
+
+class TrainingConfig(_Strict):
+    """The surrogate and where it trains."""
+
+    backend: Literal["local", "allocation", "jobqueue"] = "local"
+    """local: a Dask LocalCluster; allocation: ``dask worker`` started with srun
+    inside the Slurm allocation; jobqueue: dask_jobqueue.SLURMCluster jobs."""
+    workers: int = Field(default=1, ge=1)
+    """Dask workers."""
+    threads_per_worker: int = Field(default=1, ge=1)
+    """Threads (and torch threads) per worker."""
+    memory_limit: str = "2GB"
+    """Memory limit per worker, Dask syntax."""
+    model: str = Field(default="models.mlp:MLP", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """The surrogate class, as module:Class."""
+    model_kwargs: dict[str, Any] = {}
+    """Keyword arguments of the model class (n_inputs/n_outputs are filled in)."""
+    hparams: dict[str, Any] = {}
+    """Training hyper-parameters (epochs, lr, batch_size, ...)."""
+    task_retries: int = Field(default=2, ge=0)
+    """Dask retries of a training task that raised."""
+    jobqueue: dict[str, Any] = {}
+    """Passed through to dask_jobqueue.SLURMCluster (queue, account, walltime, ...)."""
+
+
+class ResourcesConfig(_Strict):
+    """How the allocation's slots are split between sims and training."""
+
+    training_cores: int | None = Field(default=None, ge=0)
+    """Cores kept for Dask workers; None: workers x threads_per_worker
+    (allocation backend) or none (local and jobqueue backends)."""
+    training_nodes: int = Field(default=0, ge=0)
+    """Whole nodes kept for training (allocation backend); overrides training_cores."""
+    sim_slots: int | None = Field(default=None, ge=1)
+    """Cap on sim slots; None: every CPU not kept for training. Outside Slurm the
+    local box may be oversubscribed up to this number (default: 2 x its CPUs)."""
+
+
+class TrackingConfig(_Strict):
+    """MLflow."""
+
+    enabled: bool = True
+    """Track in MLflow at all."""
+    uri: str | None = None
+    """Tracking URI; None: sqlite:///<workdir>/mlflow.db."""
+    experiment: str = Field(default="orchestrator", min_length=1)
+    """Experiment name."""
+    register_as: str | None = Field(default=None, pattern=NAME_PATTERN)
+    """Register the final model under this name when the target is met."""
+
+
+class LoopConfig(_Strict):
+    """A whole campaign: what loop.yml holds."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """Campaign name; run directories are <workdir>/<name>-<timestamp>."""
+    seed: int = 0
+    """Makes the campaign reproducible: query points, sim seeds, model init."""
+    workdir: str = "runs"
+    """Run root (relative to the current directory); ``--workdir`` overrides."""
+    inputs: list[InputSpec] = Field(min_length=1)
+    """Surrogate inputs and their domains."""
+    outputs: list[str] = Field(min_length=1)
+    """Surrogate outputs (column names after the inputs)."""
+    sims: SimsConfig
+    """The check and generate simulations."""
+    target: TargetConfig = TargetConfig()
+    """Stop criteria."""
+    policy: PolicyConfig = PolicyConfig()
+    """Scheduling policy."""
+    training: TrainingConfig = TrainingConfig()
+    """Surrogate and Dask backend."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Split of the allocation."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow tracking."""
+
+    @field_validator("outputs")
+    @classmethod
+    def _output_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _IDENT.match(name):
+                raise ValueError(f"output name {name!r} is not an identifier")
+        return v
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> LoopConfig:
+        names = [i.name for i in self.inputs]
+        if len(set(names) | set(self.outputs)) != len(names) + len(self.outputs):
+            raise ValueError("input and output names must all differ")
+        check_placeholders(self.sims.check.args, check_fields(names), "sims.check.args")
+        check_placeholders(self.sims.generate.args, generate_fields(names), "sims.generate.args")
+        return self
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.inputs) + len(self.outputs)
+
+
+COMMON_FIELDS = ("seed", "run_id", "attempt", "ranks")
+
+
+def check_fields(inputs: Sequence[str]) -> set[str]:
+    """Placeholders a check sim's args may use."""
+    return {*COMMON_FIELDS, *inputs}
+
+
+def generate_fields(inputs: Sequence[str]) -> set[str]:
+    """Placeholders a generate sim's args may use: a sampling window per input."""
+    fields = {*COMMON_FIELDS, *(f"{n}_lo" for n in inputs), *(f"{n}_hi" for n in inputs)}
+    if len(inputs) == 1:
+        fields |= {"lo", "hi"}
+    return fields
+
+
+def check_placeholders(args: Iterable[str], allowed: set[str], where: str) -> None:
+    """Raise ValueError for a placeholder outside ``allowed`` or a malformed template."""
+    for arg in args:
+        try:
+            parsed = list(string.Formatter().parse(arg))
+        except ValueError as exc:
+            raise ValueError(f"{where}: bad template {arg!r}: {exc}") from exc
+        for _, field, _, _ in parsed:
+            if field is None:
+                continue
+            if field not in allowed:
+                hint = _did_you_mean(field, allowed)
+                raise ValueError(
+                    f"{where}: unknown placeholder {{{field}}} in {arg!r}{hint}; "
+                    f"allowed: {', '.join(sorted(allowed))}"
+                )
+
+
+def render_args(args: Sequence[str], values: Mapping[str, float | int]) -> list[str]:
+    """Fill placeholders: floats keep full precision (repr), format specs are honoured."""
+    out = []
+    for arg in args:
+        pieces = []
+        for literal, field, spec, conv in string.Formatter().parse(arg):
+            pieces.append(literal)
+            if field is None:
+                continue
+            value = values[field]
+            if spec or conv:
+                pieces.append(format(value, spec or ""))
+            else:
+                pieces.append(repr(value) if isinstance(value, float) else str(value))
+        out.append("".join(pieces))
+    return out
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set target.tolerance=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars) in place."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            if not isinstance(nxt, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {item!r}: {where} is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The pydantic model whose fields live at ``loc`` (for did-you-mean)."""
+    model: type[BaseModel] | None = LoopConfig
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if isinstance(part, int):
+                continue
+            return None
+        ann = model.model_fields[part].annotation
+        model = _first_model(ann)
+    return model
+
+
+def _first_model(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = [p for p in err["loc"] if p not in ("function-after",)]
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        hint = _did_you_mean(str(loc[-1]), parent.model_fields if parent else ())
+        allowed = f"; allowed: {', '.join(parent.model_fields)}" if parent else ""
+        return f"{path}: unknown key{hint}{allowed}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = re.sub(r"^Input should be ", "expected ", msg)
+    value = err.get("input")
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    if kind.startswith("value_error") or kind == "assertion_error":
+        return f"{path}: {msg}"
+    return f"{path}: got {shown}, {msg}"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, prefixed with the file name."""
+    return "\n".join(f"{source}: {_format_error(e)}" for e in exc.errors())
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read loop.yml as a mapping, turning every YAML problem into one ConfigError line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping with name, inputs, outputs and sims")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> LoopConfig:
+    """Read, override and validate loop.yml. Raises ConfigError with one line per problem."""
+    p = Path(path)
+    raw = apply_overrides(read_yaml(p), overrides)
+    try:
+        return LoopConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(p))) from exc
+
+
+def resolve_binary(binary: str, base_dir: Path, key: str) -> Path:
+    """Find a sim binary: a path (relative to loop.yml), else next to Python, else on PATH."""
+    if "/" in binary:
+        candidate = (base_dir / binary).resolve()
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+        raise ConfigError(f"{key}: {binary!r} is not an executable file (looked at {candidate})")
+    here = Path(sys.executable).parent / binary
+    if here.is_file() and os.access(here, os.X_OK):
+        return here
+    found = shutil.which(binary)
+    if found:
+        return Path(found)
+    raise ConfigError(
+        f"{key}: executable {binary!r} not found next to {sys.executable} or on PATH; "
+        "build the sims with `pip install -e .` (or `make setup`), or give a path"
+    )
+
+
+def resolve_binaries(cfg: LoopConfig, loop_file: Path) -> dict[str, Path]:
+    """Resolve every sim binary, so a typo fails at start, not mid-campaign."""
+    base = loop_file.resolve().parent
+    return {
+        role: resolve_binary(getattr(cfg.sims, role).binary, base, f"sims.{role}.binary")
+        for role in ("check", "generate")
+    }
+
+
+def flat_dict(cfg: LoopConfig) -> dict[str, Any]:
+    """The resolved config as plain data (for state.json and MLflow params)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,156 @@
+"""What to do next, as pure functions of the campaign's state.
+
+The campaign hands :func:`decide` a :class:`View` (counters and what is in
+flight) and gets back actions. Nothing here touches processes, Dask or files,
+so every decision is unit-tested as data.
+
+The reference loop: check the current model at a query point; a check within
+tolerance is a success; a failed check asks for fresh data and a retraining
+(warm start). Beyond the reference: several checks per model version in
+parallel, and (``pipeline``) generate sims kept in flight while a training runs
+so the next round's data is ready when the training ends.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from orchestrator.config import PolicyConfig, TargetConfig
+
+
+class StopReason(enum.Enum):
+    """Why a campaign ended. Only TARGET_MET is success; none of them is a crash."""
+
+    TARGET_MET = "target_met"
+    MAX_ROUNDS = "max_rounds"
+    TIME_BUDGET = "time_budget"
+    DATA_BUDGET = "data_budget"
+
+
+@dataclass(frozen=True)
+class View:
+    """The campaign's state as the policy sees it."""
+
+    model_version: int = 0
+    """Trainings finished; 0 means no model yet."""
+    training: bool = False
+    """A training is in flight."""
+    checks_inflight: int = 0
+    """Checks of the current model in flight."""
+    failed_current: bool = False
+    """A check of the current model failed (so it needs retraining)."""
+    generates_inflight: int = 0
+    untrained_runs: int = 0
+    """Accepted generate runs not yet used by a training."""
+    successes: int = 0
+    data_points: int = 0
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: StopReason
+
+
+@dataclass(frozen=True)
+class StartChecks:
+    count: int
+
+
+@dataclass(frozen=True)
+class StartGenerates:
+    count: int
+
+
+@dataclass(frozen=True)
+class StartTraining:
+    pass
+
+
+Action = Stop | StartChecks | StartGenerates | StartTraining
+
+
+def stop_reason(v: View, target: TargetConfig, policy: PolicyConfig) -> StopReason | None:
+    """The one place stop criteria are tested."""
+    if v.successes >= target.successes:
+        return StopReason.TARGET_MET
+    if target.time_budget_s is not None and v.elapsed_s >= target.time_budget_s:
+        return StopReason.TIME_BUDGET
+    needs_training = v.model_version == 0 or v.failed_current
+    if needs_training and not v.training and v.model_version >= target.max_rounds:
+        return StopReason.MAX_ROUNDS
+    out_of_data = policy.max_data_points is not None and v.data_points >= policy.max_data_points
+    if needs_training and not v.training and out_of_data and v.untrained_runs == 0 and v.generates_inflight == 0:
+        return StopReason.DATA_BUDGET
+    return None
+
+
+def wants_training(v: View, target: TargetConfig, policy: PolicyConfig) -> bool:
+    """Train when the model is missing or failed, and a round's worth of new data is in."""
+    if v.training or v.untrained_runs == 0 or v.model_version >= target.max_rounds:
+        return False
+    if not (v.model_version == 0 or v.failed_current):
+        return False
+    return v.untrained_runs >= policy.generates_per_round or v.generates_inflight == 0
+
+
+def generates_wanted(v: View, target: TargetConfig, policy: PolicyConfig) -> int:
+    """How many generate sims to start now."""
+    if policy.max_data_points is not None and v.data_points >= policy.max_data_points:
+        return 0
+    needed_now = v.model_version == 0 or v.failed_current
+    prefetch = policy.pipeline and v.training and v.model_version + 1 < target.max_rounds
+    if not (needed_now or prefetch):
+        return 0
+    if needed_now and v.model_version >= target.max_rounds:
+        return 0
+    missing = policy.generates_per_round - v.untrained_runs - v.generates_inflight
+    room = policy.max_inflight - v.generates_inflight
+    return max(0, min(missing, room))
+
+
+def checks_wanted(v: View, policy: PolicyConfig) -> int:
+    """How many checks of the current model to start now."""
+    if v.model_version == 0 or v.training or v.failed_current:
+        return 0
+    return max(0, policy.checks_per_round - v.checks_inflight)
+
+
+def decide(v: View, target: TargetConfig, policy: PolicyConfig) -> list[Action]:
+    """The next actions for this state; a Stop, if any, comes alone."""
+    reason = stop_reason(v, target, policy)
+    if reason is not None:
+        return [Stop(reason)]
+    actions: list[Action] = []
+    if wants_training(v, target, policy):
+        actions.append(StartTraining())
+        # The new training changes what is needed: re-decide sims against it.
+        v = View(**{**v.__dict__, "training": True, "untrained_runs": 0})
+    n_gen = generates_wanted(v, target, policy)
+    if n_gen:
+        actions.append(StartGenerates(n_gen))
+    n_chk = checks_wanted(v, policy)
+    if n_chk:
+        actions.append(StartChecks(n_chk))
+    return actions
+
+
+def sampling_window(
+    lo: NDArray[np.float64],
+    hi: NDArray[np.float64],
+    failed_points: list[list[float]],
+    sampling: str,
+    width: float,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The box a generate sim draws from: the domain, or a window around a failed point."""
+    if sampling != "near-failures" or not failed_points:
+        return lo, hi
+    center = np.asarray(failed_points[int(rng.integers(len(failed_points)))], dtype=np.float64)
+    half = (hi - lo) * width / 2
+    wlo = np.clip(center - half, lo, hi - 2 * half)
+    return wlo, wlo + 2 * half

@@ -1,0 +1,200 @@
+"""Assembling a campaign from loop.yml and the machine it runs on.
+
+This is where the parts meet: the allocation is detected, its slots are split
+between sims and training, a launcher is chosen per sim, the run directory is
+created or reopened, and the tracker is set up. :func:`run` returns the
+campaign's result; the CLI turns it into an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.allocation import Allocation, Node, SlotPool
+from orchestrator.campaign import Campaign, CampaignResult, State, Status
+from orchestrator.config import LoopConfig, SimConfig, load_config, resolve_binaries
+from orchestrator.errors import ConfigError, ResourceError, StoreError, UsageError
+from orchestrator.launchers.base import Launcher
+from orchestrator.progress import Progress
+from orchestrator.store import LOOP, RunStore
+from orchestrator.training.backends import make_backend
+
+log = logging.getLogger(__name__)
+
+RESUMABLE = (Status.RUNNING.value, Status.INTERRUPTED.value)
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """The allocation split between sims and training."""
+
+    sim_nodes: list[Node]
+    training_nodes: list[Node]
+
+
+def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
+    """Split the allocation: sims get every slot not kept for training, never more."""
+    sims = cfg.sims
+    largest = max(sims.check.ranks, sims.generate.ranks)
+    if not alloc.in_slurm:
+        node = alloc.nodes[0]
+        slots = cfg.resources.sim_slots or max(2 * node.cpus, sims.check.ranks + sims.generate.ranks)
+        return SlotPlan([Node(node.name, slots, node.gpus)], [])
+    nodes = list(alloc.nodes)
+    training: list[Node] = []
+    if cfg.training.backend == "allocation":
+        if cfg.resources.training_nodes:
+            if cfg.resources.training_nodes >= len(nodes):
+                raise ResourceError(
+                    f"resources.training_nodes={cfg.resources.training_nodes} leaves no node for sims "
+                    f"(the allocation has {len(nodes)}); lower it or ask for more nodes"
+                )
+            training = nodes[-cfg.resources.training_nodes:]
+            nodes = nodes[: -cfg.resources.training_nodes]
+        else:
+            cores = cfg.resources.training_cores
+            if cores is None:
+                cores = cfg.training.workers * cfg.training.threads_per_worker
+            nodes, training = _take_cores(nodes, cores)
+    if cfg.resources.sim_slots:
+        nodes = _cap(nodes, cfg.resources.sim_slots)
+    total = sum(n.cpus for n in nodes)
+    if largest > total:
+        raise ResourceError(
+            f"a sim asks for {largest} ranks but only {total} sim slots remain in this allocation "
+            f"({', '.join(f'{n.name}:{n.cpus}' for n in nodes)}); lower `ranks` or ask for more nodes"
+        )
+    return SlotPlan(nodes, training)
+
+
+def _take_cores(nodes: list[Node], cores: int) -> tuple[list[Node], list[Node]]:
+    """Keep ``cores`` CPUs for training, taken from the last nodes first."""
+    sims = list(nodes)
+    training: list[Node] = []
+    for i in range(len(sims) - 1, -1, -1):
+        if cores <= 0:
+            break
+        take = min(cores, sims[i].cpus)
+        training.insert(0, Node(sims[i].name, take, 0))
+        sims[i] = Node(sims[i].name, sims[i].cpus - take, sims[i].gpus)
+        cores -= take
+    if cores > 0:
+        raise ResourceError("resources.training_cores is more than the whole allocation; lower it")
+    return [n for n in sims if n.cpus > 0], training
+
+
+def _cap(nodes: list[Node], slots: int) -> list[Node]:
+    out = []
+    for n in nodes:
+        take = min(n.cpus, slots)
+        if take > 0:
+            out.append(Node(n.name, take, n.gpus))
+        slots -= take
+    return out
+
+
+def make_launcher(sim: SimConfig, alloc: Allocation) -> Launcher:
+    """The launcher a sim asks for; ``auto`` is srun inside Slurm, mpiexec outside."""
+    kind = sim.launcher
+    if kind == "auto":
+        kind = "srun" if alloc.in_slurm else "mpiexec"
+    if kind == "mpiexec":
+        from orchestrator.launchers.mpiexec import MpiexecLauncher
+
+        return MpiexecLauncher()
+    if kind == "srun":
+        if not alloc.in_slurm:
+            raise ConfigError("launcher: srun needs a Slurm allocation (run inside salloc or sbatch), "
+                              "or use launcher: auto")
+        from orchestrator.launchers.srun import SrunLauncher
+
+        return SrunLauncher(alloc)
+    from orchestrator.launchers.spawn import SpawnLauncher
+
+    return SpawnLauncher(alloc)
+
+
+def find_unfinished(workdir: Path, name: str) -> Path | None:
+    """The newest run of this campaign under workdir that did not finish."""
+    candidates = sorted(workdir.glob(f"{name}-*/state.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for state_file in candidates:
+        try:
+            state = RunStore.open(state_file.parent).read_state()
+        except StoreError:
+            continue
+        if state.get("status") in RESUMABLE:
+            return state_file.parent
+    return None
+
+
+def _tracker(cfg: LoopConfig, workdir: Path, run_name: str) -> Any | None:
+    if not cfg.tracking.enabled:
+        return None
+    from orchestrator.tracking import Tracker, default_tracking_uri
+
+    uri = cfg.tracking.uri or default_tracking_uri(workdir)
+    return Tracker(uri, cfg.tracking.experiment, run_name)
+
+
+def open_run(
+    loop_file: Path | None, workdir: Path | None, overrides: list[str], resume: Path | None, new: bool,
+    progress: Progress,
+) -> tuple[LoopConfig, RunStore, State | None, Path]:
+    """Create a fresh run directory, or reopen one to resume (explicitly or found unfinished)."""
+    if resume is None:
+        if loop_file is None:
+            raise UsageError("give a loop.yml, or --resume RUN_DIR")
+        cfg = load_config(loop_file, overrides)
+        root = workdir or Path(cfg.workdir)
+        found = None if new else find_unfinished(root, cfg.name)
+        if found is None:
+            store = RunStore.create(root, cfg.name, loop_file)
+            return cfg, store, None, root
+        progress.note(f"found an unfinished run of {cfg.name!r} at {found}: resuming it "
+                      "(pass --new to start a fresh one)")
+        resume = found
+    store = RunStore.open(resume)
+    data = store.read_state()
+    if data.get("status") not in RESUMABLE:
+        raise UsageError(f"{resume} already ended ({data.get('status')}); nothing to resume")
+    if overrides:
+        raise UsageError("--set cannot change a resumed run; start a new one instead")
+    try:
+        cfg = LoopConfig.model_validate(data["config"])
+    except Exception as exc:
+        raise StoreError(f"{resume}/state.json holds no valid config: {exc}") from exc
+    root = workdir or resume.parent
+    return cfg, store, State.from_json(data), root
+
+
+async def run(
+    loop_file: Path | None, *, workdir: Path | None = None, overrides: list[str] | None = None,
+    resume: Path | None = None, new: bool = False, progress: Progress | None = None,
+) -> CampaignResult:
+    """Run (or resume) one campaign to its end."""
+    progress = progress or Progress(enabled=False)
+    cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
+    binaries = resolve_binaries(cfg, loop_file if loop_file is not None else store.root / LOOP)
+    alloc = Allocation.detect()
+    plan = plan_slots(alloc, cfg)
+    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc) for role in ("check", "generate")}
+    backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
+    tracker = _tracker(cfg, root, store.root.name)
+    progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
+    progress.note(f"allocation: {'Slurm job ' + str(alloc.job_id) if alloc.in_slurm else 'local'}; sim slots "
+                  + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
+                  + f"; training: {cfg.training.backend} x{cfg.training.workers}")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
+                        state)
+    with progress:
+        return await campaign.run()
+
+
+def run_sync(loop_file: Path | None, **kwargs: Any) -> CampaignResult:
+    return asyncio.run(run(loop_file, **kwargs))

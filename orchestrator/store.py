@@ -1,0 +1,154 @@
+"""The run directory: the campaign's memory on disk.
+
+::
+
+    <workdir>/<name>-<timestamp>/
+        loop.yml        the config as given
+        state.json      rewritten atomically after every completed step
+        events.jsonl    append-only: one line per sim/training start, end, failure
+        data/           one .npy per accepted generate run
+        models/         one checkpoint per finished training
+        sims/<run_id>/  stdout.log, stderr.log, result.npy of each attempt
+        summary.json    written at the end
+
+Everything is written atomically (temporary name, fsync, rename), so a kill at
+any moment leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchestrator.errors import StoreError
+from orchestrator.results import Table
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+EVENTS = "events.jsonl"
+SUMMARY = "summary.json"
+LOOP = "loop.yml"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path via a temporary file in the same directory, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class RunStore:
+    """One campaign's run directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.models_dir = root / "models"
+        self.sims_dir = root / "sims"
+        self._events: Any = None
+
+    @classmethod
+    def create(cls, workdir: Path, name: str, loop_file: Path) -> RunStore:
+        """Make a fresh run directory (mode 0700) with a copy of loop.yml."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        for i in range(1000):
+            root = workdir / (f"{name}-{stamp}" if i == 0 else f"{name}-{stamp}-{i}")
+            try:
+                root.mkdir(mode=0o700)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise StoreError(f"cannot create a run directory under {workdir}")
+        store = cls(root)
+        for d in (store.data_dir, store.models_dir, store.sims_dir):
+            d.mkdir(mode=0o700)
+        shutil.copyfile(loop_file, root / LOOP)
+        return store
+
+    @classmethod
+    def open(cls, root: Path) -> RunStore:
+        """An existing run directory (for resume, status, report)."""
+        if not (root / STATE).is_file():
+            raise StoreError(f"{root} is not a run directory (no {STATE}); give the directory `run` printed")
+        return cls(root)
+
+    # -- state ------------------------------------------------------------
+    def write_state(self, state: Mapping[str, Any]) -> None:
+        atomic_write_json(self.root / STATE, dict(state))
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads((self.root / STATE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{self.root / STATE}: unreadable ({exc}); the run cannot be resumed") from exc
+        return data
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        path = self.root / SUMMARY
+        atomic_write_json(path, dict(summary))
+        return path
+
+    # -- events -----------------------------------------------------------
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append one event line, flushed at once (monotonic and wall timestamps)."""
+        if self._events is None:
+            self._events = (self.root / EVENTS).open("a", buffering=1)
+        record = {"t": time.time(), "mono": time.monotonic(), "event": kind, **fields}
+        self._events.write(json.dumps(record, default=str) + "\n")
+        self._events.flush()
+
+    def read_events(self) -> list[dict[str, Any]]:
+        path = self.root / EVENTS
+        if not path.exists():
+            return []
+        events = []
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a torn last line", path)
+        return events
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    # -- data and models --------------------------------------------------
+    def sim_dir(self, run_id: str) -> Path:
+        return self.sims_dir / run_id
+
+    def accept_data(self, run_id: str, table: Table) -> Path:
+        """Store an accepted generate result; it counts only once this returns."""
+        path = self.data_dir / f"{run_id}.npy"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, table, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def save_model(self, version: int, state: bytes) -> Path:
+        path = self.models_dir / f"model-{version:04d}.pt"
+        atomic_write_bytes(path, state)
+        return path

@@ -1,0 +1,1 @@
+"""Training: Dask cluster backends, and the train/evaluate tasks run on workers."""

@@ -1,0 +1,128 @@
+"""Dask cluster backends and the trainer that submits to them.
+
+Training and evaluation are plain functions (:mod:`orchestrator.training.tasks`)
+submitted to Dask with the model state as bytes and the data as paths in the
+run directory. A worker that dies mid-task makes Dask rerun the task elsewhere
+(the nanny restarts the worker); a task that raises is retried ``task_retries``
+times, then surfaces as :class:`TrainingError`.
+
+Backends:
+- ``local``: a ``LocalCluster`` of worker processes, scheduler on loopback.
+- ``allocation`` and ``jobqueue``: see :mod:`orchestrator.training.slurm`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from orchestrator.config import TrainingConfig
+from orchestrator.errors import TrainingError
+from orchestrator.training import tasks
+
+log = logging.getLogger(__name__)
+
+
+class Backend(ABC):
+    """Owns a Dask cluster for the campaign's lifetime."""
+
+    client: Client | None = None
+
+    @abstractmethod
+    async def start(self) -> Client:
+        """Start the cluster and return an asynchronous client with workers ready."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop every worker and the scheduler this backend started."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for events.jsonl and the summary."""
+        if self.client is None:
+            return {}
+        info = self.client.scheduler_info()
+        return {"scheduler": info.get("address"), "workers": sorted(info.get("workers", {}))}
+
+
+class LocalBackend(Backend):
+    """A Dask LocalCluster of worker processes on this machine."""
+
+    def __init__(self, cfg: TrainingConfig) -> None:
+        self.cfg = cfg
+        self.cluster: LocalCluster | None = None
+
+    async def start(self) -> Client:
+        self.cluster = await LocalCluster(
+            n_workers=self.cfg.workers,
+            threads_per_worker=self.cfg.threads_per_worker,
+            memory_limit=self.cfg.memory_limit,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            asynchronous=True,
+        )
+        self.client = await Client(self.cluster, asynchronous=True)
+        await self.client.wait_for_workers(self.cfg.workers)
+        return self.client
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
+
+
+def make_backend(cfg: TrainingConfig, **kwargs: Any) -> Backend:
+    """The backend named in the config."""
+    if cfg.backend == "local":
+        return LocalBackend(cfg)
+    from orchestrator.training import slurm
+
+    if cfg.backend == "allocation":
+        return slurm.AllocationBackend(cfg, **kwargs)
+    return slurm.JobqueueBackend(cfg, **kwargs)
+
+
+class Trainer:
+    """Submits training and evaluation to the backend's workers."""
+
+    def __init__(self, backend: Backend, cfg: TrainingConfig, n_inputs: int, n_outputs: int) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.model_kwargs = dict(cfg.model_kwargs)
+        self.n_inputs = n_inputs
+        self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams}
+
+    @property
+    def client(self) -> Client:
+        if self.backend.client is None:
+            raise RuntimeError("the training backend is not started")
+        return self.backend.client
+
+    async def train(self, state: bytes | None, data_paths: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
+        """One training round (warm start from ``state``) on every path given."""
+        future = self.client.submit(
+            tasks.train, state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed,
+            pure=False, retries=self.cfg.task_retries,
+        )
+        try:
+            result: tuple[bytes, dict[str, float]] = await future
+        except Exception as exc:
+            raise TrainingError(f"training failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
+        return result
+
+    async def evaluate(self, state: bytes, xs: list[list[float]]) -> list[list[float]]:
+        """The surrogate's outputs at each input row."""
+        future = self.client.submit(
+            tasks.evaluate, state, self.cfg.model, self.model_kwargs, xs, pure=False, retries=self.cfg.task_retries
+        )
+        try:
+            result: list[list[float]] = await future
+        except Exception as exc:
+            raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
+        return result
