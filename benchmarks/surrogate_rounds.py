@@ -60,7 +60,9 @@ def generate_round(rng: np.random.Generator, path: Path) -> None:
     np.save(path, np.column_stack([x, np.sin(x)]))
 
 
-def run_campaign(seed: int, hparams: dict[str, Any], workdir: Path, checks_per_round: int = 1) -> CampaignResult:
+def run_campaign(
+    seed: int, hparams: dict[str, Any], workdir: Path, checks_per_round: int = 1
+) -> CampaignResult:
     """Run generate -> train -> check rounds until 5 successes (or MAX_ROUNDS)."""
     rng = np.random.default_rng(seed)
     state: bytes | None = None
@@ -77,13 +79,15 @@ def run_campaign(seed: int, hparams: dict[str, Any], workdir: Path, checks_per_r
         max_train = max(max_train, metrics["train_seconds"])
         queries = rng.uniform(-np.pi, np.pi, size=checks_per_round)
         preds = evaluate(state, MODEL, {}, [[float(q)] for q in queries])
-        for query, pred in zip(queries, preds):
+        for query, pred in zip(queries, preds, strict=True):
             checks += 1
             if abs(pred[0] - np.sin(query)) < TOLERANCE:
                 successes += 1
                 if successes >= SUCCESSES_NEEDED:
                     break
-        logger.info("seed %d round %d: rmse=%.2e successes=%d", seed, rounds, metrics["train_rmse"], successes)
+        logger.info(
+            "seed %d round %d: rmse=%.2e successes=%d", seed, rounds, metrics["train_rmse"], successes
+        )
     return CampaignResult(seed, rounds, checks, successes, time.perf_counter() - started, max_train)
 
 

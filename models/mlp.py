@@ -130,7 +130,8 @@ class MLP(nn.Module):
 
     def forward_normalised(self, x: torch.Tensor) -> torch.Tensor:
         """Predict standardised outputs from raw inputs (used for the training loss)."""
-        return self.net(self.normalise_inputs(x))
+        out: torch.Tensor = self.net(self.normalise_inputs(x))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict raw outputs of shape ``(batch, n_outputs)`` from raw inputs ``(batch, n_inputs)``."""

@@ -8,6 +8,7 @@ message is one line per problem: the key path, the bad value, what is expected.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -283,6 +284,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string; a user means a number
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.strip().split("."), value
 
 
@@ -327,6 +331,23 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
     return None
 
 
+_REWRITES = (
+    (re.compile(r"^String should match pattern (.*)$"), r"expected a string matching the pattern \1"),
+    (re.compile(r"^List should have at least (\d+) items? after validation.*$"), r"expected a list with at least \1 item(s)"),
+    (re.compile(r"^\w+ should be "), "expected "),
+    (re.compile(r"^\w+ should have "), "expected "),
+)
+
+
+def _expected(msg: str) -> str:
+    """pydantic's 'Input should be X' as 'expected X'."""
+    for pattern, repl in _REWRITES:
+        new = pattern.sub(repl, msg)
+        if new != msg:
+            return new
+    return msg
+
+
 def _format_error(err: Mapping[str, Any]) -> str:
     loc = [p for p in err["loc"] if p not in ("function-after",)]
     path = ".".join(str(p) for p in loc) or "(top level)"
@@ -338,8 +359,7 @@ def _format_error(err: Mapping[str, Any]) -> str:
         return f"{path}: unknown key{hint}{allowed}"
     if kind == "missing":
         return f"{path}: required key is missing"
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    msg = re.sub(r"^Input should be ", "expected ", msg)
+    msg = _expected(str(err["msg"]).removeprefix("Value error, "))
     value = err.get("input")
     shown = repr(value)
     if len(shown) > 60:
@@ -409,7 +429,7 @@ def resolve_binaries(cfg: LoopConfig, loop_file: Path) -> dict[str, Path]:
     """Resolve every sim binary, so a typo fails at start, not mid-campaign."""
     base = loop_file.resolve().parent
     return {
-        role: resolve_binary(getattr(cfg.sims, role).binary, base, f"sims.{role}.binary")
+        role: resolve_binary(getattr(cfg.sims, role).binary, base, f"{loop_file}: sims.{role}.binary")
         for role in ("check", "generate")
     }
 

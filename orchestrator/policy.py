@@ -102,7 +102,7 @@ def generates_wanted(v: View, target: TargetConfig, policy: PolicyConfig) -> int
     """How many generate sims to start now."""
     if policy.max_data_points is not None and v.data_points >= policy.max_data_points:
         return 0
-    needed_now = v.model_version == 0 or v.failed_current
+    needed_now = (v.model_version == 0 or v.failed_current) and not v.training
     prefetch = policy.pipeline and v.training and v.model_version + 1 < target.max_rounds
     if not (needed_now or prefetch):
         return 0

@@ -27,12 +27,12 @@ every warm start would silently shift the function the network represents
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import io
 import json
 import logging
-import copy
 import math
 import threading
 import time
@@ -88,7 +88,9 @@ def resolve_model_class(spec: str) -> type[nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"invalid model spec {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+        raise ValueError(
+            f"invalid model spec {spec!r}: cannot import module {module_name!r} ({exc})"
+        ) from exc
     cls = getattr(module, attr, None)
     if cls is None:
         raise ValueError(f"invalid model spec {spec!r}: module {module_name!r} has no attribute {attr!r}")
@@ -224,8 +226,10 @@ def _loss_pair(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     :class:`models.mlp.MLP`) are trained on standardised outputs so the loss is
     scale-free; any other module is trained on raw outputs.
     """
-    if hasattr(model, "forward_normalised") and hasattr(model, "normalise_outputs"):
-        return model.forward_normalised(x), model.normalise_outputs(y)
+    forward_normalised = getattr(model, "forward_normalised", None)
+    normalise_outputs = getattr(model, "normalise_outputs", None)
+    if callable(forward_normalised) and callable(normalise_outputs):
+        return forward_normalised(x), normalise_outputs(y)
     return model(x), y
 
 
@@ -275,7 +279,7 @@ def _run_epochs(
 def _full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[str, Any]) -> torch.Tensor:
     """Full-batch objective: training loss plus the L2 term Adam's weight decay implies."""
     pred, target = _loss_pair(model, x, y)
-    loss = _LOSSES[hp["loss"]]()(pred, target)
+    loss: torch.Tensor = _LOSSES[hp["loss"]]()(pred, target)
     decay = float(hp["weight_decay"])
     if decay > 0:
         loss = loss + 0.5 * decay * sum(p.pow(2).sum() for p in model.parameters())
@@ -309,10 +313,10 @@ def _polish_lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[s
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = _full_loss(model, x, y, hp)
-        loss.backward()
+        torch.autograd.backward(loss)
         return loss
 
-    optimizer.step(closure)
+    optimizer.step(closure)  # type: ignore[no-untyped-call]
     with torch.no_grad():
         after = float(_full_loss(model, x, y, hp))
     if not math.isfinite(after) or after > before:
@@ -348,7 +352,9 @@ def _keep_best(
     start_loss, start_weights = start
     end_loss = float(_full_loss(model, x, y, hp))
     if not math.isfinite(end_loss) or end_loss > start_loss:
-        logger.info("round ended worse than it started (%.3g > %.3g); keeping start weights", end_loss, start_loss)
+        logger.info(
+            "round ended worse than it started (%.3g > %.3g); keeping start weights", end_loss, start_loss
+        )
         model.load_state_dict(start_weights)
 
 
@@ -362,9 +368,13 @@ def _final_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_name
     return {"train_loss": loss, "train_rmse": rmse}
 
 
-def _make_optimizer(model: nn.Module, hp: dict[str, Any], saved: dict[str, Any] | None) -> torch.optim.Optimizer:
+def _make_optimizer(
+    model: nn.Module, hp: dict[str, Any], saved: dict[str, Any] | None
+) -> torch.optim.Optimizer:
     """Adam over the model parameters, restoring ``saved`` state if given."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"])
+    )
     if saved is not None:
         optimizer.load_state_dict(saved)
         for group in optimizer.param_groups:
@@ -377,8 +387,9 @@ def _prepare(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fresh (seeded) or restored model plus the previous blob (empty if fresh)."""
     if state is None:
-        torch.manual_seed(seed)
-        return _build_model(spec, model_kwargs, n_inputs, n_outputs), {}
+        with torch.random.fork_rng(devices=[]):  # seed init without touching the worker's global RNG
+            torch.manual_seed(int(seed) % 2**63)
+            return _build_model(spec, model_kwargs, n_inputs, n_outputs), {}
     blob = _deserialise(state)
     if (int(blob["n_inputs"]), int(blob["n_outputs"])) != (n_inputs, n_outputs):
         raise ValueError(
@@ -422,18 +433,21 @@ def train(
     x_np, y_np = load_training_data(data_paths, n_inputs)
     net, blob = _prepare(state, model, model_kwargs, n_inputs, y_np.shape[1], seed)
     fitted = bool(blob.get("normalisation_fitted", False))
-    if hasattr(net, "fit_normalisation") and (not fitted or hp["refit_normalisation"]):
-        net.fit_normalisation(x_np, y_np)
+    fit_normalisation = getattr(net, "fit_normalisation", None)
+    if callable(fit_normalisation) and (not fitted or hp["refit_normalisation"]):
+        fit_normalisation(x_np, y_np)
         fitted = True
     optimizer = _make_optimizer(net, hp, blob.get("optimizer"))
     epochs_done = int(blob.get("epochs_done", 0))
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + epochs_done)
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + epochs_done) % 2**63)
     x, y = torch.from_numpy(x_np).float(), torch.from_numpy(y_np).float()
     start = _snapshot_if_warm(net, x, y, hp, warm=state is not None)
     _run_epochs(net, optimizer, x, y, hp, generator)
     _polish_lbfgs(net, x, y, hp)
     _keep_best(net, x, y, hp, start)
     metrics = _final_metrics(net, x, y, hp["loss"])
+    epochs_total = epochs_done + int(hp["epochs"])
+    rounds_total = int(blob.get("rounds_done", 0)) + 1
     new_blob = {
         "format_version": STATE_FORMAT_VERSION,
         "model_spec": model,
@@ -442,20 +456,20 @@ def train(
         "n_outputs": int(y_np.shape[1]),
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "epochs_done": epochs_done + int(hp["epochs"]),
-        "rounds_done": int(blob.get("rounds_done", 0)) + 1,
+        "epochs_done": epochs_total,
+        "rounds_done": rounds_total,
         "normalisation_fitted": fitted,
     }
     metrics.update(
         n_samples=float(x_np.shape[0]),
         epochs=float(hp["epochs"]),
-        epochs_done=float(new_blob["epochs_done"]),
-        rounds_done=float(new_blob["rounds_done"]),
+        epochs_done=float(epochs_total),
+        rounds_done=float(rounds_total),
         train_seconds=time.perf_counter() - started,
     )
     logger.info(
         "trained %s round %d on %d samples: loss=%.3g rmse=%.3g in %.2fs",
-        model, new_blob["rounds_done"], x_np.shape[0], metrics["train_loss"], metrics["train_rmse"],
+        model, rounds_total, x_np.shape[0], metrics["train_loss"], metrics["train_rmse"],
         metrics["train_seconds"],
     )
     return _serialise(new_blob), metrics
@@ -493,7 +507,9 @@ def _as_input_tensor(xs: list[list[float]], n_inputs: int) -> torch.Tensor:
     return torch.from_numpy(array).float()
 
 
-def evaluate(state: bytes, model: str, model_kwargs: dict[str, Any], xs: list[list[float]]) -> list[list[float]]:
+def evaluate(
+    state: bytes, model: str, model_kwargs: dict[str, Any], xs: list[list[float]]
+) -> list[list[float]]:
     """Predict raw outputs for query points ``xs`` (one inner list per point)."""
     torch.set_num_threads(1)
     net = _cached_model(state, model, model_kwargs)
@@ -502,4 +518,5 @@ def evaluate(state: bytes, model: str, model_kwargs: dict[str, Any], xs: list[li
         return []
     with torch.no_grad():
         out = net(_as_input_tensor(xs, n_inputs))
-    return out.double().tolist()
+    result: list[list[float]] = out.double().tolist()
+    return result

@@ -1,0 +1,68 @@
+"""Shared fixtures: the installed sims, a small fast campaign config, the Slurm cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.slurm_cluster import slurm_env  # noqa: F401  (session fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def sim(name: str) -> Path:
+    """A sim binary installed next to the interpreter by `pip install -e .`."""
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make setup` (pip install -e .) to build the sims")
+    return path
+
+
+def fast_loop(**overrides: Any) -> dict[str, Any]:
+    """The sine campaign, made quick for tests (no sim work time, small ranks)."""
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "examples/sine/loop.yml").read_text())
+    cfg["sims"]["generate"]["args"] = ["--points-per-rank", "32", "--lo", "{lo}", "--hi", "{hi}",
+                                       "--seed", "{seed}"]
+    cfg["sims"]["generate"]["ranks"] = 4
+    cfg["sims"]["check"]["ranks"] = 2
+    cfg["tracking"] = {"enabled": False}
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def write_loop(tmp_path: Path, cfg: dict[str, Any], name: str = "loop.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_dask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "error")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+
+
+def pids_of(pattern: str) -> list[int]:
+    """PIDs whose command line contains pattern (to prove nothing was left behind)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if pattern in cmd:
+            found.append(int(d.name))
+    return found

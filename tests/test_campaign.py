@@ -1,0 +1,114 @@
+"""Whole campaigns on the embedded default: real sims (mpiexec), real Dask, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import fast_loop, pids_of, write_loop
+
+pytestmark = pytest.mark.integration
+
+
+def orchestrate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def only_run_dir(workdir: Path) -> Path:
+    dirs = [d for d in workdir.iterdir() if d.is_dir() and d.name.startswith("sine-")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> None:
+    cfg = fast_loop()
+    cfg["tracking"] = {"experiment": "test-sine", "register_as": "sine-test"}
+    loop = write_loop(tmp_path, cfg)
+    work = tmp_path / "runs"
+    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    run_dir = only_run_dir(work)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["target_met"] is True
+    assert summary["successes"] == 5
+    assert 1 <= summary["rounds"] <= 6
+    assert summary["registered_model"] == {"name": "sine-test", "version": "1"}
+    assert summary["sims_failed"] == 0
+    assert (run_dir.stat().st_mode & 0o777) == 0o700
+
+    # every accepted row is on disk, and only those
+    ev = events(run_dir)
+    accepted = [e for e in ev if e["event"] == "data_accepted"]
+    files = sorted((run_dir / "data").glob("*.npy"))
+    assert len(files) == len(accepted)
+    assert sum(np.load(f).shape[0] for f in files) == summary["data_points"] == sum(e["rows"] for e in accepted)
+    checks = [e for e in ev if e["event"] == "check" and e.get("success")]
+    assert len(checks) == 5 and all(e["error"] < 0.05 for e in checks)
+    assert all(abs(e["truth"][0] - np.sin(e["x"][0])) < 1e-12 for e in checks)
+    starts = [e for e in ev if e["event"] == "sim_start"]
+    assert len(starts) == summary["sims_launched"]
+    assert {e["argv"][0].rsplit("/", 1)[-1] for e in starts} == {"mpiexec"}
+
+    # the state is final and consistent with the summary
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "target_met" and state["data_points"] == summary["data_points"]
+    assert pids_of(str(run_dir)) == [], "sims or workers left running"
+
+    # MLflow: the run with per-round metrics, artifacts, and the registered model
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["target.tolerance"] == "0.05"
+    assert "round_train_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loop.yml", "events.jsonl", "summary.json"} <= artifacts
+    version = client.get_model_version("sine-test", "1")
+    assert version.run_id == run.info.run_id
+
+    from orchestrator.tracking import load_registered_model
+    import torch
+
+    model = load_registered_model(f"sqlite:///{work}/mlflow.db", "sine-test")
+    xs = torch.linspace(-3.1, 3.1, 50, dtype=torch.float32).reshape(-1, 1)
+    with torch.no_grad():
+        err = (model(xs).squeeze(1).double() - torch.sin(xs.squeeze(1).double())).abs().max().item()
+    assert err < 0.05
+
+
+def test_stopped_by_max_rounds_exits_3(tmp_path: Path) -> None:
+    cfg = fast_loop()
+    cfg["target"] = {"tolerance": 1e-9, "successes": 5, "max_rounds": 1}
+    loop = write_loop(tmp_path, cfg)
+    proc = orchestrate("run", str(loop), "--workdir", str(tmp_path / "runs"), "--no-live")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    summary = json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())
+    assert summary["target_met"] is False
+    assert summary["stop_reason"] == "max_rounds"
+    assert summary["rounds"] == 1
+
+
+def test_seed_makes_a_campaign_reproducible(tmp_path: Path) -> None:
+    loop = write_loop(tmp_path, fast_loop(**{"policy.pipeline": False}))
+    queries = []
+    for i, seed in enumerate([7, 7, 8]):
+        work = tmp_path / f"w{i}"
+        proc = orchestrate("run", str(loop), "--workdir", str(work), "--set", f"seed={seed}", "--no-live")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run_dir = only_run_dir(work)
+        first = sorted((run_dir / "data").glob("*.npy"))[0]
+        queries.append(([e["x"] for e in events(run_dir) if e["event"] == "check"], np.load(first)))
+    assert queries[0][0] == queries[1][0] and np.array_equal(queries[0][1], queries[1][1])
+    assert queries[0][0] != queries[2][0]

@@ -1,0 +1,117 @@
+"""loop.yml validation: a corpus of malformed files, overrides, placeholders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import load_config, render_args
+from orchestrator.errors import ConfigError
+from tests.conftest import REPO, fast_loop, write_loop
+
+BAD = sorted((Path(__file__).parent / "configs" / "bad").glob("*.yml"))
+
+
+def expectation(path: Path) -> str:
+    first = path.read_text().splitlines()[0] if path.read_text() else ""
+    assert first.startswith("# expect: "), f"{path} lacks its '# expect:' line"
+    return first.removeprefix("# expect: ")
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(BAD) >= 20
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_malformed_config_gives_one_line_and_exit_2(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}: ")
+    assert expectation(path) in lines[0]
+    assert "Traceback" not in err
+
+
+def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(BAD[5]), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert expectation(BAD[5]) in proc.stderr
+    assert not any(tmp_path.iterdir()), "a bad config must not create a run directory"
+
+
+def test_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "/nonexistent/loop.yml"]) == 2
+    assert "/nonexistent/loop.yml: no such file" in capsys.readouterr().err
+
+
+def test_bad_flag_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--frobnicate"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
+def test_example_is_valid() -> None:
+    cfg = load_config(REPO / "examples/sine/loop.yml")
+    assert cfg.target.tolerance == 0.05 and cfg.target.successes == 5
+    assert cfg.sims.check.ranks == 4 and cfg.sims.generate.ranks == 8
+
+
+def test_overrides_parse_yaml_scalars(tmp_path: Path) -> None:
+    path = write_loop(tmp_path, fast_loop())
+    cfg = load_config(path, ["seed=7", "target.tolerance=0.01", "policy.pipeline=false", "training.hparams.lr=3e-3"])
+    assert cfg.seed == 7
+    assert cfg.target.tolerance == 0.01
+    assert cfg.policy.pipeline is False
+    assert cfg.training.hparams == {"lr": 0.003}
+
+
+def test_override_of_unknown_key_is_caught(tmp_path: Path) -> None:
+    path = write_loop(tmp_path, fast_loop())
+    with pytest.raises(ConfigError, match=r"target\.tolerence: unknown key \(did you mean 'tolerance'\?\)"):
+        load_config(path, ["target.tolerence=0.1"])
+
+
+@pytest.mark.parametrize("item", ["novalue", "=3", "seed"])
+def test_malformed_override(tmp_path: Path, item: str) -> None:
+    path = write_loop(tmp_path, fast_loop())
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(path, [item])
+
+
+def test_override_through_a_scalar(tmp_path: Path) -> None:
+    path = write_loop(tmp_path, fast_loop())
+    with pytest.raises(ConfigError, match="seed is not a mapping"):
+        load_config(path, ["seed.x=1"])
+
+
+def test_render_args_full_precision_and_specs() -> None:
+    args = ["--x", "{x}", "--x2={x:.3f}", "--seed", "{seed}", "literal"]
+    out = render_args(args, {"x": 0.1 + 0.2, "seed": 12})
+    assert out == ["--x", "0.30000000000000004", "--x2=0.300", "--seed", "12", "literal"]
+
+
+def test_render_args_values_are_never_split_or_shell_expanded() -> None:
+    out = render_args(["{x}"], {"x": 1.5})
+    assert out == ["1.5"]
+    out = render_args(["$(rm -rf /) {seed}"], {"seed": 3})
+    assert out == ["$(rm -rf /) 3"]
+
+
+def test_multi_input_placeholders(tmp_path: Path) -> None:
+    cfg = fast_loop()
+    cfg["inputs"] = [{"name": "t", "lo": 0, "hi": 10}, {"name": "zeta", "lo": 0.1, "hi": 1}]
+    cfg["sims"]["check"]["args"] = ["--t", "{t}", "--zeta", "{zeta}"]
+    cfg["sims"]["generate"]["args"] = ["--t-lo", "{t_lo}", "--zeta-hi", "{zeta_hi}"]
+    assert load_config(write_loop(tmp_path, cfg)).input_names == ["t", "zeta"]
+    cfg["sims"]["generate"]["args"] = ["--lo", "{lo}"]  # {lo} exists for one input only
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{lo\}"):
+        load_config(write_loop(tmp_path, cfg))

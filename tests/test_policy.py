@@ -1,0 +1,122 @@
+"""The policy, as pure data in and actions out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.config import PolicyConfig, TargetConfig
+from orchestrator.policy import (
+    StartChecks,
+    StartGenerates,
+    StartTraining,
+    Stop,
+    StopReason,
+    View,
+    decide,
+    sampling_window,
+)
+
+T = TargetConfig(tolerance=0.05, successes=5, max_rounds=4, time_budget_s=100)
+SEQ = PolicyConfig(pipeline=False, max_inflight=1)
+PIPE = PolicyConfig(pipeline=True, max_inflight=4, generates_per_round=2)
+
+
+def test_fresh_campaign_generates_first() -> None:
+    assert decide(View(), T, SEQ) == [StartGenerates(1)]
+
+
+def test_no_double_generate_while_one_in_flight() -> None:
+    assert decide(View(generates_inflight=1), T, SEQ) == []
+
+
+def test_data_in_trains_and_sequential_mode_waits() -> None:
+    assert decide(View(untrained_runs=1), T, SEQ) == [StartTraining()]
+
+
+def test_pipelined_mode_prefetches_next_rounds_data_while_training() -> None:
+    acts = decide(View(untrained_runs=2), T, PIPE)
+    assert acts == [StartTraining(), StartGenerates(2)]
+    # and keeps the prefetch topped up while the training runs
+    assert decide(View(model_version=1, training=True, untrained_runs=1, generates_inflight=0), T, PIPE) == [
+        StartGenerates(1)
+    ]
+
+
+def test_pipelined_mode_waits_for_a_rounds_worth_of_data() -> None:
+    assert decide(View(untrained_runs=1, generates_inflight=1), T, PIPE) == []
+
+
+def test_trained_model_gets_checked() -> None:
+    assert decide(View(model_version=1), T, PolicyConfig(checks_per_round=3)) == [StartChecks(3)]
+    assert decide(View(model_version=1, checks_inflight=2), T, PolicyConfig(checks_per_round=3)) == [StartChecks(1)]
+
+
+def test_no_checks_during_training() -> None:
+    assert StartChecks(1) not in decide(View(model_version=1, training=True), T, SEQ)
+
+
+def test_failed_check_asks_for_data_then_retrains() -> None:
+    v = View(model_version=1, failed_current=True)
+    assert decide(v, T, SEQ) == [StartGenerates(1)]
+    v = View(model_version=1, failed_current=True, untrained_runs=1)
+    assert decide(v, T, SEQ) == [StartTraining()]
+
+
+def test_prefetched_data_trains_at_once_after_a_failure() -> None:
+    v = View(model_version=1, failed_current=True, untrained_runs=2)
+    assert decide(v, T, PIPE)[0] == StartTraining()
+
+
+@pytest.mark.parametrize(
+    ("view", "reason"),
+    [
+        (View(model_version=1, successes=5), StopReason.TARGET_MET),
+        (View(model_version=1, successes=1, elapsed_s=100.0), StopReason.TIME_BUDGET),
+        (View(model_version=4, failed_current=True), StopReason.MAX_ROUNDS),
+    ],
+)
+def test_stop_criteria(view: View, reason: StopReason) -> None:
+    assert decide(view, T, SEQ) == [Stop(reason)]
+
+
+def test_target_met_wins_over_everything_in_flight() -> None:
+    v = View(model_version=2, successes=5, training=True, generates_inflight=3, checks_inflight=1)
+    assert decide(v, T, PIPE) == [Stop(StopReason.TARGET_MET)]
+
+
+def test_last_round_model_is_still_checked() -> None:
+    # max_rounds reached but the model has not failed: keep checking it
+    assert decide(View(model_version=4), T, SEQ) == [StartChecks(1)]
+
+
+def test_last_round_training_does_not_prefetch() -> None:
+    v = View(model_version=3, training=True)
+    assert decide(v, T, PIPE) == []
+
+
+def test_data_budget() -> None:
+    p = PolicyConfig(max_data_points=512, pipeline=False)
+    assert decide(View(model_version=1, failed_current=True, data_points=512), T, p) == [
+        Stop(StopReason.DATA_BUDGET)
+    ]
+    # untrained data left: train it first
+    assert decide(View(model_version=1, failed_current=True, data_points=512, untrained_runs=1), T, p) == [
+        StartTraining()
+    ]
+
+
+def test_uniform_sampling_is_the_domain() -> None:
+    lo, hi = np.array([-1.0]), np.array([1.0])
+    wlo, whi = sampling_window(lo, hi, [[0.5]], "uniform", 0.25, np.random.default_rng(0))
+    assert (wlo, whi) == (lo, hi)
+
+
+def test_near_failures_window_is_inside_the_domain() -> None:
+    lo, hi = np.array([-1.0, 0.0]), np.array([1.0, 10.0])
+    rng = np.random.default_rng(0)
+    for point in ([0.0, 5.0], [0.99, 9.9], [-1.0, 0.0]):
+        wlo, whi = sampling_window(lo, hi, [point], "near-failures", 0.25, rng)
+        assert np.all(wlo >= lo) and np.all(whi <= hi)
+        assert np.allclose(whi - wlo, (hi - lo) * 0.25)
+        assert np.all(wlo <= point) and np.all(np.array(point) <= whi)
