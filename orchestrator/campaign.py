@@ -424,6 +424,8 @@ class Campaign:
             self.state.status = status.value
             self.state.stop_reason = reason.value if reason else self._signal
             self.checkpoint()
+            for launcher in {id(x): x for x in self.launchers.values()}.values():
+                await launcher.close()
             await self.backend.close()
         summary = await self._finish(status, reason)
         if error is not None:

@@ -114,6 +114,9 @@ class Launcher(ABC):
     def command(self, req: LaunchRequest) -> list[str]:
         """The whole argv: launcher, its options, the binary, its args, ``--out``."""
 
+    async def close(self) -> None:
+        """Release what the launcher holds between runs (an agent process); default: nothing."""
+
     def environment(self, req: LaunchRequest) -> dict[str, str]:
         """The sim's environment: ours, the sim's extras, and the rank count simkit checks."""
         env = dict(os.environ)
