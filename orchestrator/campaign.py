@@ -125,6 +125,7 @@ class Campaign:
         self.trainer = Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs))
         self.tracker = tracker
         self.progress = progress or Progress(enabled=False)
+        self.resumed = state is not None
         self.state = state or State()
         self.rng = np.random.default_rng(cfg.seed)
         if self.state.rng:
@@ -135,6 +136,8 @@ class Campaign:
         self.lo = np.array([i.lo for i in cfg.inputs])
         self.hi = np.array([i.hi for i in cfg.inputs])
         self._tasks: dict[asyncio.Task[Any], str] = {}
+        self._training_files: set[str] = set()
+        """Data files the in-flight training uses; they leave ``untrained`` only when it ends."""
         self._consecutive_failures = {"check": 0, "generate": 0}
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
@@ -153,7 +156,8 @@ class Campaign:
         return pol.View(
             model_version=s.model_version, training=self._inflight("train") > 0,
             checks_inflight=self._inflight("check"), failed_current=s.failed_current,
-            generates_inflight=self._inflight("generate"), untrained_runs=len(s.untrained),
+            generates_inflight=self._inflight("generate"),
+            untrained_runs=sum(1 for f in s.untrained if f not in self._training_files),
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
         )
 
@@ -245,6 +249,10 @@ class Campaign:
         try:
             sim = await self.run_sim("check", values)
             predicted = (await pred_task)[0]
+        except asyncio.CancelledError:
+            if x in self.state.failed_points:  # a re-check: keep it for the resumed run
+                self.state.recheck.insert(0, x)
+            raise
         finally:
             pred_task.cancel()
         truth = None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
@@ -274,7 +282,7 @@ class Campaign:
                 return action.reason
             if isinstance(action, pol.StartTraining):
                 files = list(self.state.data_files)
-                self.state.untrained.clear()
+                self._training_files = set(files)
                 self._spawn("train", self._train(files, int(self.rng.integers(2**31))))
             elif isinstance(action, pol.StartGenerates):
                 for _ in range(action.count):
@@ -333,6 +341,8 @@ class Campaign:
         s.model_version = version
         s.model_file = str(path.relative_to(self.store.root))
         s.failed_current = False
+        s.untrained = [f for f in s.untrained if f not in self._training_files]
+        self._training_files = set()
         metrics = {**metrics, "data_points": s.data_points, "successes": s.successes}
         s.rounds.append({"round": version, **metrics})
         self.store.event("train_end", version=version, **metrics)
@@ -383,7 +393,7 @@ class Campaign:
         """Decide, start, wait for the next completion; until a Stop or a signal."""
         interrupt = asyncio.ensure_future(self._interrupt.wait())
         try:
-            while True:
+            while not self._interrupt.is_set():
                 reason = self._apply(pol.decide(self.view(), self.cfg.target, self.cfg.policy))
                 self._show()
                 if reason is not None:
@@ -398,6 +408,7 @@ class Campaign:
                     return None
                 for task in done:
                     self._collect(task, self._tasks.pop(task))
+            return None
         finally:
             interrupt.cancel()
 
@@ -405,8 +416,7 @@ class Campaign:
         """The whole campaign: start everything, loop, end cleanly whatever happens."""
         remove_signals = self._install_signals()
         status, reason, error = Status.FAILED, None, None
-        resumed = self.state.model_version > 0 or bool(self.state.data_files)
-        self.store.event("campaign_start", resumed=resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
+        self.store.event("campaign_start", resumed=self.resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
                          sim_slots=self.pool.free)
         try:
             await self._start_tracking()
