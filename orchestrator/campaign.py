@@ -142,6 +142,7 @@ class Campaign:
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
         self._t0 = time.monotonic()
+        self._services: asyncio.Future[None] | None = None
 
     # -- bookkeeping ------------------------------------------------------
     @property
@@ -245,6 +246,7 @@ class Campaign:
 
     async def _check(self, x: list[float], version: int, model: bytes) -> CheckResult:
         values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
+        await self.services()
         pred_task = asyncio.ensure_future(self.trainer.evaluate(model, [x]))
         try:
             sim = await self.run_sim("check", values)
@@ -271,6 +273,7 @@ class Campaign:
         return str(path.relative_to(self.store.root)), int(sim.table.shape[0])
 
     async def _train(self, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
+        await self.services()
         paths = [str(self.store.root / f) for f in files]
         self.store.event("train_start", version=self.state.model_version + 1, files=len(files),
                          rows=self.state.data_points, workers=self.backend.describe().get("workers"))
@@ -419,9 +422,8 @@ class Campaign:
         self.store.event("campaign_start", resumed=self.resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
                          sim_slots=self.pool.free)
         try:
-            await self._start_tracking()
-            await self.backend.start()
-            self.store.event("training_backend", **self.backend.describe())
+            # Dask and MLflow start while the first sims already run.
+            self._services = asyncio.ensure_future(self._start_services())
             reason = await self.loop()
             status = (Status.INTERRUPTED if reason is None
                       else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
@@ -431,6 +433,7 @@ class Campaign:
         finally:
             remove_signals()
             await self._cancel_all()
+            await self._stop_services()
             self.state.status = status.value
             self.state.stop_reason = reason.value if reason else self._signal
             self.checkpoint()
@@ -441,6 +444,26 @@ class Campaign:
         if error is not None:
             raise error
         return CampaignResult(status, summary)
+
+    async def _start_services(self) -> None:
+        await asyncio.gather(self._start_tracking(), self._start_backend())
+
+    async def _start_backend(self) -> None:
+        await self.backend.start()
+        seconds = await self.trainer.warm_up()
+        self.store.event("training_backend", warm_up_s=round(seconds, 3), **self.backend.describe())
+
+    async def services(self) -> None:
+        """Wait until Dask (warmed up) and MLflow are ready; raises what their start raised."""
+        assert self._services is not None
+        await asyncio.shield(self._services)
+
+    async def _stop_services(self) -> None:
+        if self._services is not None and not self._services.done():
+            self._services.cancel()
+        if self._services is not None:
+            with contextlib.suppress(BaseException):
+                await self._services
 
     async def _start_tracking(self) -> None:
         if self.tracker is None:

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a loop.yml and the sims it names, then exit")
     val.add_argument("loop", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    rep = sub.add_parser("report", help="timeline PNG and a summary of where the time went")
+    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("--png", type=Path, help="where to write the timeline (default RUN_DIR/timeline.png)")
+    rep.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    st = sub.add_parser("status", help="where a running or finished campaign stands")
+    st.add_argument("run_dir", type=Path)
     return p
 
 
@@ -93,13 +100,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.status.exit_code
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.report import format_summary, plot_timeline, summarize
+
+    summary = summarize(args.run_dir)
+    png = plot_timeline(args.run_dir, args.png or args.run_dir / "timeline.png")
+    summary["timeline_png"] = str(png)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary) + f"\ntimeline       {png}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.report import status_text
+
+    print(status_text(args.run_dir))
+    return EXIT_OK
+
+
 def _usage(message: str) -> OrchestratorError:
     from orchestrator.errors import UsageError
 
     return UsageError(message)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

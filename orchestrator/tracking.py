@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from orchestrator.errors import OrchestratorError
+
 if TYPE_CHECKING:
     import torch
     from mlflow.tracking import MlflowClient
@@ -99,7 +101,7 @@ _RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _T = TypeVar("_T")
 
 
-class TrackingError(Exception):
+class TrackingError(OrchestratorError):
     """A tracking operation failed; the message is meant for the user.
 
     It names the tracking URI involved and what to do about the problem. The

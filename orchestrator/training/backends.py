@@ -96,6 +96,7 @@ class Trainer:
         self.cfg = cfg
         self.model_kwargs = dict(cfg.model_kwargs)
         self.n_inputs = n_inputs
+        self.n_outputs = n_outputs
         self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams}
 
     @property
@@ -103,6 +104,16 @@ class Trainer:
         if self.backend.client is None:
             raise RuntimeError("the training backend is not started")
         return self.backend.client
+
+    async def warm_up(self) -> float:
+        """Import torch and take one optimizer step on a worker before the first training."""
+        future = self.client.submit(tasks.warm_up, self.cfg.model, self.model_kwargs, self.n_inputs,
+                                    self.n_outputs, pure=False)
+        try:
+            seconds: float = await future
+        except Exception as exc:
+            raise TrainingError(f"the model {self.cfg.model} cannot be built on a worker: {exc}") from exc
+        return seconds
 
     async def train(self, state: bytes | None, data_paths: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
         """One training round (warm start from ``state``) on every path given."""

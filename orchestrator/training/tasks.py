@@ -520,3 +520,26 @@ def evaluate(
         out = net(_as_input_tensor(xs, n_inputs))
     result: list[list[float]] = out.double().tolist()
     return result
+
+
+def warm_up(model: str, model_kwargs: dict[str, Any], n_inputs: int, n_outputs: int) -> float:
+    """Pay a fresh worker's one-time costs (torch's lazy imports, the first optimizer
+    step) before the first real training needs it. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    net = _build_model(model, model_kwargs, n_inputs, n_outputs)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.zeros(4, n_inputs, dtype=torch.float32)
+    loss = net(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    lbfgs = torch.optim.LBFGS(net.parameters(), max_iter=1)
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        value = net(x).pow(2).mean()
+        value.backward()
+        return value
+
+    lbfgs.step(closure)
+    return time.perf_counter() - t0
