@@ -1,0 +1,195 @@
+"""Sims and training at the same time, measured against a sequential baseline.
+
+Figures (each from this one run, its baseline measured here too):
+  time_to_target_ratio        orchestrator / sequential baseline, median of 5 seeds (target <= 0.5)
+  overlap_fraction            share of training time with a sim running, pipelined mode (target >= 0.8)
+  throughput_ratio            500 one-rank no-op sims via the campaign's launch path / raw parallel
+                              mpiexec launches at the same concurrency (target >= 0.8)
+  coordinator_cpu_share       coordinator CPU time / wall time in steady state (target <= 0.05)
+  near_failures_points_ratio  generate rows needed to reach the target, near-failures / uniform
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+LOOP = HERE / "configs" / "sine-bench.yml"
+SEEDS = [1, 2, 3, 4, 5]
+Record = Callable[[str, float, str], None]
+
+
+def orchestrate(loop: Path, work: Path, *overrides: str, watch_cpu: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Run a campaign to its end; return its run dir and (optionally) coordinator CPU figures."""
+    argv = [sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work), "--no-live", "--new"]
+    for o in overrides:
+        argv += ["--set", o]
+    env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    cpu: dict[str, Any] = {}
+    if watch_cpu:
+        cpu = _watch_cpu(proc, work)
+    _, err = proc.communicate(timeout=600)
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"campaign failed ({proc.returncode}): {err[-2000:]}")
+    run_dir = max(work.glob("sine-*"), key=lambda p: p.stat().st_mtime)
+    return run_dir, cpu
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _watch_cpu(proc: subprocess.Popen[str], work: Path) -> dict[str, Any]:
+    """Coordinator CPU (the process itself, not its sims or workers) from the first
+    finished training (start-up over) to the end of the campaign."""
+    p = psutil.Process(proc.pid)
+    start: tuple[float, float] | None = None
+    last: tuple[float, float] | None = None
+    while proc.poll() is None:
+        try:
+            t = p.cpu_times()
+            now = (time.monotonic(), t.user + t.system)
+        except psutil.NoSuchProcess:
+            break
+        if start is None:
+            runs = list(work.glob("sine-*"))
+            if runs and any(e["event"] == "train_end" for e in _events(runs[0])):
+                start = now
+        else:
+            last = now
+            if any(e["event"] == "campaign_end" for e in _events(next(work.glob("sine-*")))):
+                break
+        time.sleep(0.05)
+    if start is None or last is None or last[0] <= start[0]:
+        return {}
+    return {"wall_s": last[0] - start[0], "cpu_s": last[1] - start[1]}
+
+
+def bench_time_to_target(record: Record) -> None:
+    from orchestrator.report import overlap_fraction, summarize, build_timeline
+    from orchestrator.store import RunStore
+
+    ours, base, overlaps = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in SEEDS:
+            run_dir, _ = orchestrate(LOOP, Path(tmp) / f"o{seed}", f"seed={seed}")
+            s = summarize(run_dir)
+            if s["time_to_target_s"] is None:
+                raise RuntimeError(f"seed {seed}: target not met ({run_dir})")
+            ours.append(s["time_to_target_s"])
+            ov = overlap_fraction(build_timeline(RunStore.open(run_dir).read_events()))
+            if ov is not None:
+                overlaps.append(ov)
+            out = subprocess.run([sys.executable, str(HERE / "sequential_baseline.py"), str(LOOP), "--seed",
+                                  str(seed)], capture_output=True, text=True, check=True, timeout=600)
+            base.append(json.loads(out.stdout.strip().splitlines()[-1])["time_to_target_s"])
+    mo, mb = statistics.median(ours), statistics.median(base)
+    record("time_to_target_orchestrator_s", mo, f"median of seeds {SEEDS}: {[round(v, 2) for v in ours]}")
+    record("time_to_target_sequential_s", mb, f"median of seeds {SEEDS}: {[round(v, 2) for v in base]}")
+    record("time_to_target_ratio", mo / mb, "orchestrator / sequential baseline (target <= 0.5)")
+    record("overlap_fraction", statistics.median(overlaps),
+           f"median over {len(overlaps)} pipelined runs: {[round(v, 3) for v in overlaps]} (target >= 0.8)")
+
+
+def bench_cpu_share(record: Record) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _, cpu = orchestrate(LOOP, Path(tmp), "target.successes=40", "policy.checks_per_round=4",
+                             "seed=11", watch_cpu=True)
+    if not cpu:
+        raise RuntimeError("could not sample the coordinator's CPU time")
+    record("coordinator_cpu_share", cpu["cpu_s"] / cpu["wall_s"],
+           f"{cpu['cpu_s']:.2f} s CPU over {cpu['wall_s']:.1f} s of checks after the first training (target <= 0.05)")
+
+
+def bench_near_failures(record: Record) -> None:
+    # Little data per run and a tight tolerance, so the target takes several rounds.
+    common = ["sims.generate.ranks=2", "sims.generate.args=[--points-per-rank, '6', --lo, '{lo}', --hi, '{hi}', "
+              "--seed, '{seed}']", "sims.check.args=[--x, '{x}']", "target.tolerance=0.01",
+              "policy.checks_per_round=2", "target.max_rounds=40", "policy.near_failures_width=0.3"]
+    points: dict[str, list[int]] = {"uniform": [], "near-failures": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for sampling in points:
+            for seed in (1, 2, 3):
+                run_dir, _ = orchestrate(LOOP, Path(tmp) / f"{sampling}{seed}", *common,
+                                         f"policy.sampling={sampling}", f"seed={seed}")
+                summary = json.loads((run_dir / "summary.json").read_text())
+                points[sampling].append(summary["data_points"] if summary["target_met"] else 10**9)
+    u, n = statistics.median(points["uniform"]), statistics.median(points["near-failures"])
+    record("near_failures_points_ratio", n / u,
+           f"median generate rows to target: near-failures {points['near-failures']} vs uniform {points['uniform']}")
+
+
+async def _throughput(n: int, concurrency: int) -> tuple[float, float]:
+    """n one-rank sim-noop runs: through Campaign.run_sim (slots, events, result checks) and raw."""
+    import numpy as np
+
+    from orchestrator.allocation import Node, SlotPool
+    from orchestrator.campaign import Campaign
+    from orchestrator.config import load_config, resolve_binaries
+    from orchestrator.launchers.mpiexec import MpiexecLauncher, find_mpiexec
+    from orchestrator.store import RunStore
+    from orchestrator.training.backends import LocalBackend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = Path(tmp) / "noop.yml"
+        loop.write_text(LOOP.read_text())
+        cfg = load_config(loop, ["sims.generate.binary=sim-noop", "sims.generate.args=[]",
+                                 "sims.generate.ranks=1", "sims.generate.retries=0"])
+        binaries = resolve_binaries(cfg, loop)
+        store = RunStore.create(Path(tmp) / "runs", cfg.name, loop)
+        launcher = MpiexecLauncher()
+        camp = Campaign(cfg, store, binaries, {"check": launcher, "generate": launcher},
+                        SlotPool([Node("local", concurrency)]), LocalBackend(cfg.training))
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(camp.run_sim("generate", {"seed": i}) for i in range(n)))
+        ours = time.perf_counter() - t0
+        assert all(r is not None and r.ok for r in results)
+
+        mpiexec, binary = find_mpiexec(), str(binaries["generate"])
+        sem = asyncio.Semaphore(concurrency)
+        raw_dir = Path(tmp) / "raw"
+        raw_dir.mkdir()
+
+        async def raw(i: int) -> None:
+            async with sem:
+                out = raw_dir / f"{i}.npy"
+                proc = await asyncio.create_subprocess_exec(mpiexec, "-n", "1", binary, "--out", str(out),
+                                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                assert await proc.wait() == 0
+                np.load(out)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(raw(i) for i in range(n)))
+        base = time.perf_counter() - t0
+        store.close()
+    return n / ours, n / base
+
+
+def bench_throughput(record: Record) -> None:
+    n, conc = 500, 4
+    ours, raw = asyncio.run(_throughput(n, conc))
+    record("throughput_orchestrator_per_s", ours, f"{n} one-rank sim-noop via Campaign.run_sim, {conc} slots")
+    record("throughput_raw_per_s", raw, f"{n} raw mpiexec launches, {conc} at a time")
+    record("throughput_ratio", ours / raw, "orchestrator / raw (target >= 0.8)")
+
+
+def run(record: Record) -> None:
+    bench_throughput(record)
+    bench_time_to_target(record)
+    bench_cpu_share(record)
+    bench_near_failures(record)

@@ -1,0 +1,96 @@
+"""report and status: pure timeline arithmetic, and the commands on a real finished run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.report import build_timeline, overlap_fraction, union_length
+from tests.conftest import fast_loop, write_loop
+
+
+def ev(t: float, event: str, **kw: Any) -> dict[str, Any]:
+    return {"t": t, "mono": t, "event": event, **kw}
+
+
+def test_union_length() -> None:
+    assert union_length([]) == 0
+    assert union_length([(0, 1), (0.5, 2), (3, 4)]) == 3
+    assert union_length([(0, 10), (1, 2)]) == 10
+
+
+def test_overlap_fraction_counts_union_of_sims_within_trainings() -> None:
+    events = [
+        ev(0, "campaign_start", sim_slots={"n1": 8}),
+        ev(1, "train_start"),
+        ev(1.5, "sim_start", run_id="g1", role="generate", placement=[["n1", 4]]),
+        ev(2.0, "sim_start", run_id="g2", role="generate", placement=[["n1", 4]]),
+        ev(2.5, "sim_end", run_id="g1", outcome="ok"),
+        ev(3.0, "sim_end", run_id="g2", outcome="ok"),
+        ev(5, "train_end"),
+    ]
+    tl = build_timeline(events)
+    assert len(tl.trainings) == 1 and len(tl.sims) == 2
+    assert overlap_fraction(tl) == pytest.approx(1.5 / 4)
+
+
+def test_unfinished_sims_and_trainings_end_at_the_last_event() -> None:
+    events = [ev(0, "campaign_start"), ev(1, "train_start"),
+              ev(2, "sim_start", run_id="c1", role="check", placement=[["n1", 2]]), ev(4, "check")]
+    tl = build_timeline(events)
+    assert tl.sims[0].end == 4 and tl.sims[0].outcome == "running"
+    assert tl.trainings[0].end == 4
+
+
+def test_no_training_means_no_overlap_figure() -> None:
+    assert overlap_fraction(build_timeline([ev(0, "campaign_start")])) is None
+
+
+@pytest.mark.integration
+def test_report_and_status_of_a_pipelined_campaign(tmp_path: Path) -> None:
+    cfg = fast_loop()
+    cfg["sims"]["generate"]["args"] += ["--work-ms", "1500"]
+    cfg["policy"]["generates_per_round"] = 2
+    loop = write_loop(tmp_path, cfg)
+    work = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work),
+                           "--no-live"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = next(work.glob("sine-*"))
+
+    # the pipelined policy really ran a generate sim while the surrogate trained
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    t_train = next(e["t"] for e in events if e["event"] == "train_start")
+    t_trained = next(e["t"] for e in events if e["event"] == "train_end")
+    start = {e["run_id"]: e["t"] for e in events if e["event"] == "sim_start" and e["role"] == "generate"}
+    during = [e for e in events if e["event"] == "sim_end" and e["run_id"] in start
+              and start[e["run_id"]] < t_trained and e["t"] > t_train]
+    assert during, "no generate sim ran while the first training ran"
+
+    rep = subprocess.run([sys.executable, "-m", "orchestrator", "report", str(run_dir), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    summary = json.loads(rep.stdout)
+    assert summary["status"] == "target_met"
+    assert summary["overlap_fraction"] > 0
+    assert 0 < summary["time_to_target_s"] <= summary["wall_s"]
+    assert 0 < summary["sim_slot_busy_fraction"] <= 1
+    png = Path(summary["timeline_png"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    st = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(run_dir)],
+                        capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0
+    assert "status     target_met" in st.stdout and "successes  5 / 5" in st.stdout
+
+
+def test_status_of_a_non_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    st = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(tmp_path)],
+                        capture_output=True, text=True, timeout=60)
+    assert st.returncode == 1
+    assert "is not a run directory" in st.stderr and "Traceback" not in st.stderr
