@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="where a running or finished campaign stands")
     st.add_argument("run_dir", type=Path)
+
+    from orchestrator import predict, scaffold, submit  # cheap imports; their flags live beside them
+
+    for module in (submit, scaffold, predict):
+        module.add_parser(sub)
     return p
 
 
@@ -125,7 +130,26 @@ def _usage(message: str) -> OrchestratorError:
     return UsageError(message)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "status": cmd_status}
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.submit import main as submit_main
+
+    return submit_main(args)
+
+
+def cmd_new_sim(args: argparse.Namespace) -> int:
+    from orchestrator.scaffold import main as scaffold_main
+
+    return scaffold_main(args)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.predict import main as predict_main
+
+    return predict_main(args)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "status": cmd_status,
+            "submit": cmd_submit, "new-sim": cmd_new_sim, "predict": cmd_predict}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

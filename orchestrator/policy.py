@@ -102,14 +102,15 @@ def generates_wanted(v: View, target: TargetConfig, policy: PolicyConfig) -> int
     """How many generate sims to start now."""
     if policy.max_data_points is not None and v.data_points >= policy.max_data_points:
         return 0
+    room = policy.max_inflight - v.generates_inflight
+    if policy.pipeline and v.training:
+        # Pipelined: keep the sim slots busy while the surrogate trains; the data
+        # feeds the next round if one is needed. Nothing for a round that cannot come.
+        return max(0, room) if v.model_version + 1 < target.max_rounds else 0
     needed_now = (v.model_version == 0 or v.failed_current) and not v.training
-    prefetch = policy.pipeline and v.training and v.model_version + 1 < target.max_rounds
-    if not (needed_now or prefetch):
-        return 0
-    if needed_now and v.model_version >= target.max_rounds:
+    if not needed_now or v.model_version >= target.max_rounds:
         return 0
     missing = policy.generates_per_round - v.untrained_runs - v.generates_inflight
-    room = policy.max_inflight - v.generates_inflight
     return max(0, min(missing, room))
 
 

@@ -40,8 +40,8 @@ def validate_name(name: str) -> str:
     """A sim name: a CMake target and a file name, safe in a shell and in C strings."""
     if not NAME.match(name):
         raise UsageError(
-            f"new-sim: {name!r} is not a valid simulation name: use a letter, then letters, digits, '-' or '_' "
-            "(at most 64), e.g. sim-heat"
+            f"new-sim: {name!r} is not a valid simulation name: use a letter, then letters, digits, "
+            "'-' or '_' (at most 64), e.g. sim-heat"
         )
     if name.lower() in RESERVED:
         raise UsageError(f"new-sim: {name!r} is reserved (a CMake target or a tool name); choose another")
@@ -68,9 +68,11 @@ def scaffold(name: str, root: Path) -> Scaffolded:
         raise UsageError(f"new-sim: {cmake} defines no add_simulation(); is {root} the orchestrator project?")
     declared = cmake_declarations(cmake_text).get(name)
     if declared is not None and declared != rel:
-        raise UsageError(f"new-sim: {cmake} already declares {name!r} with source {declared}; choose another name")
+        raise UsageError(f"new-sim: {cmake} already declares {name!r} with source {declared}; "
+                         "choose another name")
     if source.exists():
-        raise UsageError(f"new-sim: {source} already exists; not overwriting it (delete it or choose another name)")
+        raise UsageError(f"new-sim: {source} already exists; not overwriting it "
+                         "(delete it or choose another name)")
     text = render(TEMPLATE.read_text(), {"name": name})
     source.parent.mkdir(parents=True, exist_ok=True)
     with source.open("x") as f:  # "x": never overwrite, even if it appeared just now
@@ -105,7 +107,8 @@ def add_parser(sub: Any) -> None:
     """The ``new-sim`` subcommand's flags."""
     p = sub.add_parser("new-sim", help="scaffold sims/NAME.c (simkit) and declare it in CMakeLists.txt")
     p.add_argument("name", help="simulation name, e.g. sim-heat (the binary's name)")
-    p.add_argument("--root", type=Path, default=Path("."), help="project root (default: the current directory)")
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help="project root (default: the current directory)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -119,7 +122,8 @@ def main(args: argparse.Namespace) -> int:
     print("\nnext:")
     print(f"  1. edit {done.source}: replace f() with your physics (the comments walk you through it)")
     print(f"  2. rebuild (installs {args.name} next to python):  {REBUILD}")
-    print(f"  3. try it:  mpiexec -n 2 {args.name} --lo 0 --hi 1 --points-per-rank 4 --out /tmp/{args.name}.npy")
+    print(f"  3. try it:  mpiexec -n 2 {args.name} --lo 0 --hi 1 --points-per-rank 4 "
+          f"--out /tmp/{args.name}.npy")
     print("  4. use it in a loop.yml (see docs/adding-a-simulation.md):\n")
     print("\n".join("     " + line for line in loop_entry(args.name).splitlines()))
     return 0

@@ -36,11 +36,14 @@ def test_data_in_trains_and_sequential_mode_waits() -> None:
 
 def test_pipelined_mode_prefetches_next_rounds_data_while_training() -> None:
     acts = decide(View(untrained_runs=2), T, PIPE)
-    assert acts == [StartTraining(), StartGenerates(2)]
-    # and keeps the prefetch topped up while the training runs
-    assert decide(View(model_version=1, training=True, untrained_runs=1, generates_inflight=0), T, PIPE) == [
-        StartGenerates(1)
+    assert acts == [StartTraining(), StartGenerates(4)]
+    # and keeps max_inflight generate sims running while the training runs
+    assert decide(View(model_version=1, training=True, untrained_runs=3, generates_inflight=1), T, PIPE) == [
+        StartGenerates(3)
     ]
+    # bounded by the data budget
+    budget = PolicyConfig(pipeline=True, max_inflight=4, max_data_points=100)
+    assert decide(View(model_version=1, training=True, data_points=100), T, budget) == []
 
 
 def test_pipelined_mode_waits_for_a_rounds_worth_of_data() -> None:

@@ -190,17 +190,19 @@ class SrunLauncher(Launcher):
         self.mpi = mpi
 
     def command(self, req: LaunchRequest) -> list[str]:
+        # Absolute paths: slurmstepd opens the logs and the sim writes --out from the step's cwd.
         logs = ["-v", "--kill-on-bad-exit=1", "--open-mode=append",
-                "--output", slurm_filename(req.stdout_path), "--error", slurm_filename(req.stderr_path)]
+                "--output", slurm_filename(req.stdout_path.absolute()),
+                "--error", slurm_filename(req.stderr_path.absolute())]
         head = step_argv(req.ranks, placement=req.placement, ranks_per_node=req.ranks_per_node,
                          job_name=req.run_id, srun=self.srun, mpi=self.mpi, extra=logs)
-        return [*head, str(req.binary), *req.args, "--out", str(req.out_path)]
+        return [*head, str(req.binary.absolute()), *req.args, "--out", str(req.out_path.absolute())]
 
     def environment(self, req: LaunchRequest) -> dict[str, str]:
         return srun_env(super().environment(req))
 
     async def run(self, req: LaunchRequest) -> SimResult:
-        """Run the step; on timeout or cancellation make sure Slurm ends it."""
+        """Run the step; after a timeout, failure or cancellation make sure Slurm ended it."""
         req.workdir.mkdir(parents=True, exist_ok=True)
         for path in (req.stdout_path, req.stderr_path):
             path.write_bytes(b"")  # slurmstepd appends (several nodes share the files)
@@ -214,11 +216,14 @@ class SrunLauncher(Launcher):
         except asyncio.CancelledError:
             await asyncio.shield(end_steps(self.job_id, req.run_id))
             raise
-        cancelled = await end_steps(self.job_id, req.run_id) if proc.timed_out else []
         result = self.classify(req, proc, started)
         result.info.update(self.launch_info(req, proc))
-        if cancelled:
-            result.info["scancelled"] = cancelled
+        if result.outcome in (Outcome.FAILED, Outcome.TIMEOUT):
+            # srun may exit and leave its step listed (22.05: an unopenable --output does), holding the
+            # slots we are about to hand out again.
+            cancelled = await end_steps(self.job_id, req.run_id)
+            if cancelled:
+                result.info["scancelled"] = cancelled
         return result
 
     def _srun_log(self, req: LaunchRequest) -> str:

@@ -1,7 +1,7 @@
 """Dask cluster backends and the trainer that submits to them.
 
-Training and evaluation are plain functions (:mod:`orchestrator.training.tasks`)
-submitted to Dask with the model state as bytes and the data as paths in the
+Training and evaluation are plain functions (:mod:`orchestrator.training.tasks`,
+submitted through the torch-free :mod:`orchestrator.training.remote`) submitted to Dask with the model state as bytes and the data as paths in the
 run directory. A worker that dies mid-task makes Dask rerun the task elsewhere
 (the nanny restarts the worker); a task that raises is retried ``task_retries``
 times, then surfaces as :class:`TrainingError`.
@@ -21,7 +21,7 @@ from distributed import Client, LocalCluster
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import TrainingError
-from orchestrator.training import tasks
+from orchestrator.training import remote
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Trainer:
 
     async def warm_up(self) -> float:
         """Import torch and take one optimizer step on a worker before the first training."""
-        future = self.client.submit(tasks.warm_up, self.cfg.model, self.model_kwargs, self.n_inputs,
+        future = self.client.submit(remote.call, "warm_up", self.cfg.model, self.model_kwargs, self.n_inputs,
                                     self.n_outputs, pure=False)
         try:
             seconds: float = await future
@@ -118,7 +118,8 @@ class Trainer:
     async def train(self, state: bytes | None, data_paths: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
         """One training round (warm start from ``state``) on every path given."""
         future = self.client.submit(
-            tasks.train, state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed,
+            remote.call, "train", state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs,
+            seed,
             pure=False, retries=self.cfg.task_retries,
         )
         try:
@@ -130,7 +131,8 @@ class Trainer:
     async def evaluate(self, state: bytes, xs: list[list[float]]) -> list[list[float]]:
         """The surrogate's outputs at each input row."""
         future = self.client.submit(
-            tasks.evaluate, state, self.cfg.model, self.model_kwargs, xs, pure=False, retries=self.cfg.task_retries
+            remote.call, "evaluate", state, self.cfg.model, self.model_kwargs, xs, pure=False,
+            retries=self.cfg.task_retries,
         )
         try:
             result: list[list[float]] = await future
