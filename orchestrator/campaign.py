@@ -160,6 +160,7 @@ class Campaign:
             generates_inflight=self._inflight("generate"),
             untrained_runs=sum(1 for f in s.untrained if f not in self._training_files),
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
+            trainer_ready=self._services is not None and self._services.done(),
         )
 
     def checkpoint(self) -> None:
@@ -401,16 +402,21 @@ class Campaign:
                 self._show()
                 if reason is not None:
                     return reason
-                if not self._tasks:
+                if not self._tasks and self._services is not None and self._services.done():
                     raise StoreError("the policy started nothing and nothing is in flight (a bug); state saved")
                 budget = self.cfg.target.time_budget_s
                 timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
-                done, _ = await asyncio.wait([*self._tasks, interrupt], timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                waiting: list[asyncio.Future[Any]] = [*self._tasks, interrupt]
+                if self._services is not None and not self._services.done():
+                    waiting.append(self._services)  # ready workers change what the policy may start
+                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if interrupt in done:
                     return None
+                if self._services in done:
+                    self._services.result()  # a failed start (MLflow unreachable, bad model) stops here
                 for task in done:
-                    self._collect(task, self._tasks.pop(task))
+                    if task in self._tasks:
+                        self._collect(task, self._tasks.pop(task))
             return None
         finally:
             interrupt.cancel()

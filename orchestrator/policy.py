@@ -49,6 +49,8 @@ class View:
     successes: int = 0
     data_points: int = 0
     elapsed_s: float = 0.0
+    trainer_ready: bool = True
+    """Dask workers are up (training waits for them; sims do not)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def stop_reason(v: View, target: TargetConfig, policy: PolicyConfig) -> StopReas
 
 def wants_training(v: View, target: TargetConfig, policy: PolicyConfig) -> bool:
     """Train when the model is missing or failed, and a round's worth of new data is in."""
-    if v.training or v.untrained_runs == 0 or v.model_version >= target.max_rounds:
+    if v.training or not v.trainer_ready or v.untrained_runs == 0 or v.model_version >= target.max_rounds:
         return False
     if not (v.model_version == 0 or v.failed_current):
         return False

@@ -161,7 +161,7 @@ def snapshot_loop(loop_file: Path, overrides: Sequence[str]) -> tuple[str, str, 
     for role in ("check", "generate"):
         sim = raw["sims"][role]
         if "/" in str(sim["binary"]):
-            sim["binary"] = str((base / str(sim["binary"])).resolve())
+            sim["binary"] = os.path.normpath(base / str(sim["binary"]))  # a symlink stays one
     # repr() keeps the comment on one line whatever the path or the overrides hold.
     source = str(loop_file.resolve())
     header = f"# Rendered by `python -m orchestrator submit` from {source!r}, --set {list(overrides)!r}\n"

@@ -123,3 +123,9 @@ def test_near_failures_window_is_inside_the_domain() -> None:
         assert np.all(wlo >= lo) and np.all(whi <= hi)
         assert np.allclose(whi - wlo, (hi - lo) * 0.25)
         assert np.all(wlo <= point) and np.all(np.array(point) <= whi)
+
+
+def test_training_waits_for_workers_but_sims_do_not() -> None:
+    v = View(untrained_runs=1, trainer_ready=False)
+    assert decide(v, T, PIPE) == [StartGenerates(1)]
+    assert decide(View(untrained_runs=2, trainer_ready=False), T, PIPE) == []

@@ -1,0 +1,331 @@
+"""`submit`: golden job scripts, escaping, the script's signal/requeue logic, and real Slurm jobs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.config import load_config
+from orchestrator.errors import UsageError
+from orchestrator.submit import JobSpec, SubmitError, directive, parse_job_id, prepare, write
+from orchestrator.templating import TemplateError, escape_sbatch, escape_sh, render
+from tests.conftest import REPO, fast_loop, sim, write_loop
+from tests.slurm_cluster import slurm_client_env
+
+GOLDEN = Path(__file__).parent / "golden" / "submit"
+SINE = REPO / "examples" / "sine" / "loop.yml"
+FIXED = {"python": "/opt/venv/bin/python", "cwd": Path("/home/user/project"), "stamp": "20260101-000000"}
+
+HOSTILE = [
+    "my part",
+    "it's",
+    'say "hi"',
+    "$(touch /tmp/pwned)",
+    "`id`",
+    "a;b && c | d > e",
+    "back\\slash",
+    "# not a comment",
+    "100%",
+    "tab\there",
+    "*",
+    "~",
+    "",
+]
+
+
+def golden(name: str, text: str) -> None:
+    """Compare with tests/golden/submit/NAME; UPDATE_GOLDEN=1 rewrites it."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 once and review it"
+    assert text == path.read_text(), f"rendered script differs from {path} (UPDATE_GOLDEN=1 to accept)"
+
+
+# -- golden scripts ---------------------------------------------------------------------
+
+
+def test_minimal_script_is_golden_and_has_no_optional_sections() -> None:
+    sub = prepare(SINE, JobSpec(), workdir=Path("/scratch/runs"), **FIXED)  # type: ignore[arg-type]
+    golden("minimal.sbatch", sub.script)
+    for absent in ("--nodes", "--time", "--partition", "--account", "--qos", "--gpus", "--exclusive",
+                   "--ntasks-per-node", "--new"):
+        assert absent not in sub.script
+    assert "#SBATCH --signal=B:USR1@120" in sub.script and "#SBATCH --requeue" in sub.script
+    assert sub.script_path == Path("/scratch/runs/jobs/sine-20260101-000000.sbatch")
+    assert sub.log_path == Path("/scratch/runs/jobs/sine-20260101-000000.out")
+    bash_syntax_ok(sub.script)
+
+
+def test_full_script_with_hostile_values_is_golden() -> None:
+    spec = JobSpec(
+        nodes="2-4", ntasks_per_node=8, exclusive=True, time="1-02:30:00", partition="my part",
+        account='proj"x\\y', qos="$(touch /tmp/pwned)", gpus="a100:2",
+        extra=("#SBATCH --mem=4G", "--constraint=skylake"),
+        setup=("module load mpich", "source /opt/venv/bin/activate"),
+        signal_lead_s=300, on_interrupt="resubmit", max_restarts=3,
+    )
+    work = Path("/scratch/my runs/it's \"$(touch pwned)\" 100%")
+    sub = prepare(SINE, spec, workdir=work, overrides=["seed=7"], new=True, **FIXED)  # type: ignore[arg-type]
+    golden("full.sbatch", sub.script)
+    lines = sub.script.splitlines()
+    assert '#SBATCH --partition="my part"' in lines
+    assert '#SBATCH --account="proj\\"x\\\\y"' in lines
+    assert '#SBATCH --qos="$(touch /tmp/pwned)"' in lines
+    assert "#SBATCH --constraint=skylake" in lines
+    assert "#SBATCH --requeue" not in lines
+    # % is doubled so Slurm does not expand it as a filename pattern
+    assert '#SBATCH --output="/scratch/my runs/it\'s \\"$(touch pwned)\\" 100%%/jobs/sine-20260101-000000.out"' \
+        in lines
+    bash_syntax_ok(sub.script)
+    # the shell sees the workdir as one word, unexpanded
+    cmd_line = next(line for line in lines if line.startswith("cmd=("))
+    words = shlex.split(cmd_line.removeprefix("cmd=(").removesuffix(")"))
+    assert words[words.index("--workdir") + 1] == str(work)
+    assert words[:4] == ["/opt/venv/bin/python", "-m", "orchestrator", "run"]
+
+
+def bash_syntax_ok(script: str) -> None:
+    proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- escaping -----------------------------------------------------------------------------
+
+
+def sbatch_directive_argument(line: str) -> str:
+    """How sbatch reads a directive's argument (a port of _get_argument in sbatch/opt.c)."""
+    out, quote, escape = [], "", False
+    for ch in line:
+        if escape:
+            escape = False
+        elif ch == "\\":
+            escape = True
+            continue
+        elif quote:
+            if ch == quote:
+                quote = ""
+                continue
+        elif ch in "\"'":
+            quote = ch
+            continue
+        elif ch == "#":
+            break
+        elif ch.isspace():
+            break
+        out.append(ch)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_escaped_values_round_trip(value: str) -> None:
+    echoed = subprocess.run(["bash", "-c", f"printf %s {escape_sh(value)}"], capture_output=True, text=True,
+                            check=True).stdout
+    assert echoed == value
+    if value:
+        assert sbatch_directive_argument("--comment=" + escape_sbatch(value)) == "--comment=" + value
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb", "nul\0"])
+def test_line_breaks_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="single line"):
+        escape_sbatch(value)
+    for field in ("partition", "account", "qos"):
+        with pytest.raises(UsageError, match=f"--{field}"):
+            JobSpec(**{field: value})
+    with pytest.raises(UsageError, match="--setup"):
+        JobSpec(setup=("module load x", value))
+    with pytest.raises(UsageError, match="--extra"):
+        JobSpec(extra=("#SBATCH --mem=1G" + value,))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"time": "two hours"}, "--time"),
+    ({"time": "1:2:3:4"}, "--time"),
+    ({"nodes": "0"}, "--nodes"),
+    ({"nodes": "2 4"}, "--nodes"),
+    ({"gpus": "lots"}, "--gpus"),
+    ({"partition": "  "}, "--partition: empty"),
+    ({"ntasks_per_node": 0}, "--ntasks-per-node"),
+    ({"signal_lead_s": 0}, "--signal-lead"),
+    ({"max_restarts": -1}, "--max-restarts"),
+    ({"extra": ("module load x",)}, "not an #SBATCH directive"),
+])
+def test_bad_job_values_are_usage_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        JobSpec(**kwargs)
+
+
+def test_extra_directives_pass_through() -> None:
+    assert directive("--mem=4G") == "#SBATCH --mem=4G"
+    assert directive("  #SBATCH --exclude=n[2-3]  ") == "#SBATCH --exclude=n[2-3]"
+
+
+@pytest.mark.parametrize(("template", "match"), [
+    ("{{x}}", "needs an escape filter"),
+    ("{{x|html}}", "needs an escape filter"),
+    ("{{#x}}open", "never closed"),
+    ("{{/x}}", "closes no open section"),
+    ("{{missing|sh}}", "does not provide"),
+    ("{{none|sh}}", "not set"),
+])
+def test_template_mistakes_are_errors(template: str, match: str) -> None:
+    with pytest.raises(TemplateError, match=match):
+        render(template, {"x": "1", "none": None})
+
+
+def test_sections_render_only_when_set() -> None:
+    template = "a\n{{#opt}}\nopt={{opt|sh}}\n{{/opt}}\n{{#items}}\n- {{.|raw}}\n{{/items}}\nz\n"
+    assert render(template, {"opt": None, "items": []}) == "a\nz\n"
+    assert render(template, {"opt": "x y", "items": ["1", "2"]}) == "a\nopt='x y'\n- 1\n- 2\nz\n"
+
+
+# -- the loop snapshot and the command ---------------------------------------------------------
+
+
+def test_snapshot_applies_overrides_and_makes_binary_paths_absolute(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "my-check").symlink_to(sim("sim-cheap"))
+    cfg = fast_loop()
+    cfg["sims"]["check"]["binary"] = "./bin/my-check"
+    loop = write_loop(tmp_path, cfg)
+    sub = prepare(loop, JobSpec(), workdir=tmp_path / "w", overrides=["seed=9", "target.successes=3"])
+    assert not sub.script_path.exists()  # prepare writes nothing
+    write(sub)
+    snap = load_config(sub.loop_path)
+    assert snap.seed == 9 and snap.target.successes == 3
+    assert snap.sims.check.binary == str(tmp_path / "bin" / "my-check")
+    assert snap.sims.generate.binary == "sim-expensive"
+    assert sub.loop_path.read_text().startswith("# Rendered by `python -m orchestrator submit`")
+    assert (sub.script_path.stat().st_mode & 0o777) == 0o700
+
+
+def test_parse_job_id() -> None:
+    assert parse_job_id("123\n") == "123"
+    assert parse_job_id("4567;cluster\n") == "4567"
+    with pytest.raises(SubmitError, match="cannot read a job id from sbatch's output: 'sbatch: error: nope'"):
+        parse_job_id("sbatch: error: nope")
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = cli.main(list(argv))
+    return rc, buf.getvalue()
+
+
+def test_dry_run_prints_the_script_and_writes_nothing(tmp_path: Path) -> None:
+    rc, out = run_cli("submit", str(SINE), "--workdir", str(tmp_path / "w"), "--nodes", "2", "--time", "30",
+                      "--partition", "debug", "--setup", "module load mpich", "--dry-run")
+    assert rc == 0
+    assert out.startswith("#!/bin/bash\n") and "#SBATCH --nodes=2" in out and "module load mpich\n" in out
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["submit", str(SINE), "--partition", "a\nb", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --partition: 'a\\nb' contains '\\n'") and err.count("\n") == 1
+    rc = cli.main(["submit", str(tmp_path / "nope.yml"), "--dry-run"])
+    assert rc == 2 and "no such file" in capsys.readouterr().err
+
+
+# -- the script's own logic, with a stub coordinator (no Slurm) ------------------------------------
+
+STUB = """#!/bin/bash
+# A stand-in coordinator: records its argv and signals, exits 75 when signalled.
+echo "$@" > "$STUB_DIR/argv"
+trap 'echo USR1 >> "$STUB_DIR/signals"; exit 75' USR1
+trap 'echo TERM >> "$STUB_DIR/signals"; exit 75' TERM
+touch "$STUB_DIR/started"
+for _ in $(seq 1 300); do sleep 0.05; done
+exit "${STUB_RC:-0}"
+"""
+FAKE_TOOL = """#!/bin/bash
+echo "$(basename "$0") $* attempt=${ORCH_SUBMIT_ATTEMPT:-}" >> "$STUB_DIR/calls"
+echo 999
+"""
+
+
+def stub_job(tmp_path: Path, new: bool = False, **spec: Any) -> tuple[Path, dict[str, str]]:
+    """A rendered job script whose coordinator, scontrol and sbatch are stubs."""
+    tmp_path.mkdir(exist_ok=True)
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, text in (("coordinator", STUB), ("scontrol", FAKE_TOOL), ("sbatch", FAKE_TOOL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    sub = prepare(SINE, JobSpec(**spec), workdir=tmp_path / "w", python=str(bin_dir / "coordinator"), new=new)
+    write(sub)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "4242"}
+    return sub.script_path, env
+
+
+def run_stub_job(script: Path, env: dict[str, str], signal_to_send: int | None) -> int:
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    started = Path(env["STUB_DIR"]) / "started"
+    wait_for(started.exists, 10, "the stub coordinator to start")
+    if signal_to_send is not None:
+        proc.send_signal(signal_to_send)  # as Slurm does with --signal=B:USR1
+    out, _ = proc.communicate(timeout=30)
+    print(out.decode())
+    return proc.returncode
+
+
+def test_walltime_signal_is_forwarded_and_the_job_requeued(tmp_path: Path) -> None:
+    script, env = stub_job(tmp_path)
+    assert run_stub_job(script, env, signal.SIGUSR1) == 0
+    assert (tmp_path / "signals").read_text() == "USR1\n"
+    assert (tmp_path / "calls").read_text() == "scontrol requeue 4242 attempt=\n"
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[:3] == ["-m", "orchestrator", "run"] and "--new" not in argv
+
+
+def test_sigterm_is_forwarded_and_resubmit_mode_resubmits(tmp_path: Path) -> None:
+    script, env = stub_job(tmp_path, on_interrupt="resubmit")
+    assert run_stub_job(script, env, signal.SIGTERM) == 0
+    assert (tmp_path / "signals").read_text() == "TERM\n"
+    assert (tmp_path / "calls").read_text() == f"sbatch --export=ALL {script} attempt=1\n"
+
+
+def test_no_requeue_after_success_or_when_restarts_are_used_up(tmp_path: Path) -> None:
+    script, env = stub_job(tmp_path / "a")
+    assert run_stub_job(script, {**env, "STUB_RC": "0"}, None) == 0
+    assert not (tmp_path / "a" / "calls").exists()
+    script, env = stub_job(tmp_path / "b", max_restarts=2)
+    assert run_stub_job(script, {**env, "SLURM_RESTART_COUNT": "2"}, signal.SIGUSR1) == 75
+    assert not (tmp_path / "b" / "calls").exists()
+
+
+def test_new_is_passed_on_the_first_start_only(tmp_path: Path) -> None:
+    script, env = stub_job(tmp_path / "a", new=True, on_interrupt="none")
+    assert run_stub_job(script, {**env, "STUB_RC": "3"}, None) == 3  # the coordinator's code is the job's
+    assert "--new" in (tmp_path / "a" / "argv").read_text().split()
+    script, env = stub_job(tmp_path / "b", new=True)
+    assert run_stub_job(script, {**env, "SLURM_RESTART_COUNT": "1"}, None) == 0
+    assert "--new" not in (tmp_path / "b" / "argv").read_text().split()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
