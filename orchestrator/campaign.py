@@ -165,7 +165,7 @@ class Campaign:
 
     def checkpoint(self) -> None:
         """Rewrite state.json (atomically) with the RNG and elapsed time."""
-        self.state.rng = self.rng.bit_generator.state
+        self.state.rng = dict(self.rng.bit_generator.state)
         snapshot = asdict(self.state)
         snapshot["elapsed_s"] = self.elapsed
         snapshot["config"] = flat_dict(self.cfg)

@@ -333,7 +333,10 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
 
 _REWRITES = (
     (re.compile(r"^String should match pattern (.*)$"), r"expected a string matching the pattern \1"),
-    (re.compile(r"^List should have at least (\d+) items? after validation.*$"), r"expected a list with at least \1 item(s)"),
+    (
+        re.compile(r"^List should have at least (\d+) items? after validation.*$"),
+        r"expected a list with at least \1 item(s)",
+    ),
     (re.compile(r"^\w+ should be "), "expected "),
     (re.compile(r"^\w+ should have "), "expected "),
 )

@@ -77,10 +77,8 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
 async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
     """SIGTERM the process group, then SIGKILL it after ``grace`` seconds."""
     kill_group(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        pass
     kill_group(proc.pid, signal.SIGKILL)
     await proc.wait()
 

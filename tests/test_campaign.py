@@ -78,8 +78,9 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
     version = client.get_model_version("sine-test", "1")
     assert version.run_id == run.info.run_id
 
-    from orchestrator.tracking import load_registered_model
     import torch
+
+    from orchestrator.tracking import load_registered_model
 
     model = load_registered_model(f"sqlite:///{work}/mlflow.db", "sine-test")
     xs = torch.linspace(-3.1, 3.1, 50, dtype=torch.float32).reshape(-1, 1)

@@ -83,7 +83,7 @@ def test_override_of_unknown_key_is_caught(tmp_path: Path) -> None:
 @pytest.mark.parametrize("item", ["novalue", "=3", "seed"])
 def test_malformed_override(tmp_path: Path, item: str) -> None:
     path = write_loop(tmp_path, fast_loop())
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         load_config(path, [item])
 
 

@@ -169,7 +169,7 @@ def test_killed_dask_worker_does_not_fail_the_campaign(tmp_path: Path) -> None:
     assert workers, "no Dask worker process found"
     for w in workers:
         os.kill(w.pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     run_dir = run_dir_of(work)
     assert run_dir is not None

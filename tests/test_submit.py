@@ -125,9 +125,7 @@ def sbatch_directive_argument(line: str) -> str:
         elif ch in "\"'":
             quote = ch
             continue
-        elif ch == "#":
-            break
-        elif ch.isspace():
+        elif ch == "#" or ch.isspace():
             break
         out.append(ch)
     return "".join(out)
@@ -254,8 +252,9 @@ echo "$@" > "$STUB_DIR/argv"
 trap 'echo USR1 >> "$STUB_DIR/signals"; exit 75' USR1
 trap 'echo TERM >> "$STUB_DIR/signals"; exit 75' TERM
 touch "$STUB_DIR/started"
-for _ in $(seq 1 300); do sleep 0.05; done
-exit "${STUB_RC:-0}"
+[[ -n ${STUB_RC:-} ]] && exit "$STUB_RC"
+for _ in $(seq 1 300); do sleep 0.05; done  # until signalled (traps run between sleeps)
+exit 1
 """
 FAKE_TOOL = """#!/bin/bash
 echo "$(basename "$0") $* attempt=${ORCH_SUBMIT_ATTEMPT:-}" >> "$STUB_DIR/calls"
@@ -319,7 +318,7 @@ def test_new_is_passed_on_the_first_start_only(tmp_path: Path) -> None:
     assert run_stub_job(script, {**env, "STUB_RC": "3"}, None) == 3  # the coordinator's code is the job's
     assert "--new" in (tmp_path / "a" / "argv").read_text().split()
     script, env = stub_job(tmp_path / "b", new=True)
-    assert run_stub_job(script, {**env, "SLURM_RESTART_COUNT": "1"}, None) == 0
+    assert run_stub_job(script, {**env, "SLURM_RESTART_COUNT": "1", "STUB_RC": "0"}, None) == 0
     assert "--new" not in (tmp_path / "b" / "argv").read_text().split()
 
 
@@ -329,3 +328,157 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+# -- on the real test cluster -------------------------------------------------------------------
+
+JOB_WAIT_S = 420  # the shared test cluster may be busy with other jobs
+TERMINAL = ("target_met", "stopped", "failed")
+
+
+def squeue_state(job: str, env: dict[str, str]) -> str:
+    """'STATE|REASON' of a job, or '' once Slurm no longer lists it."""
+    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T|%r"], env=env, capture_output=True,
+                          text=True, check=False, timeout=30)
+    return proc.stdout.strip()
+
+
+def submit_job(loop: Path, workdir: Path, env: dict[str, str], *flags: str, cwd: Path) -> tuple[str, Path]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", str(loop), "--workdir", str(workdir), "--nodes", "1",
+         "--ntasks-per-node", "6", "--time", "10", "--partition", "debug", *flags],
+        env=env, capture_output=True, text=True, timeout=60, cwd=cwd, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("submitted batch job "), proc.stdout
+    job = first.split()[3].rstrip(":")
+    log = Path(next(line.split(":", 1)[1].strip() for line in proc.stdout.splitlines() if "job log:" in line))
+    return job, log
+
+
+def run_dir_of(workdir: Path) -> Path | None:
+    dirs = [d for d in workdir.glob("sine-*") if (d / "state.json").exists()]
+    return dirs[0] if len(dirs) == 1 else None
+
+
+def final_summary(workdir: Path) -> dict[str, Any] | None:
+    run_dir = run_dir_of(workdir)
+    if run_dir is None or not (run_dir / "summary.json").exists():
+        return None
+    summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    return summary if summary["status"] in TERMINAL else None  # "interrupted" is not the end
+
+
+def wait_for_summary(job: str, workdir: Path, log: Path, env: dict[str, str]) -> dict[str, Any]:
+    deadline = time.monotonic() + JOB_WAIT_S
+    while (summary := final_summary(workdir)) is None:
+        state = squeue_state(job, env)
+        if state.split("|")[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            time.sleep(1)  # the summary is written before the job ends; one last look
+            if (summary := final_summary(workdir)) is not None:
+                return summary
+            raise AssertionError(f"job {job} ended {state} without a summary:\n{read(log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job} ({state}) not done after {JOB_WAIT_S} s:\n{read(log)}")
+        time.sleep(0.2)
+    return summary
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.exists() else f"({path} not written)"
+
+
+def accepted_rows_are_all_on_disk(run_dir: Path, summary: dict[str, Any]) -> None:
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    accepted = sum(e["rows"] for e in events if e["event"] == "data_accepted")
+    on_disk = sum(np.load(f).shape[0] for f in (run_dir / "data").glob("*.npy"))
+    assert on_disk == accepted == summary["data_points"]
+
+
+@pytest.fixture
+def cancel_jobs(slurm_env: dict[str, str]) -> Any:
+    """Jobs a test submits; whatever is still queued at the end is cancelled (by id)."""
+    jobs: list[str] = []
+    yield jobs
+    for job in jobs:
+        subprocess.run(["scancel", job], env=slurm_client_env(slurm_env), check=False, capture_output=True)
+
+
+@pytest.mark.slurm
+def test_sbatch_reads_escaped_directive_values_back(tmp_path: Path, slurm_env: dict[str, str],
+                                                    cancel_jobs: list[str]) -> None:
+    env = slurm_client_env(slurm_env)
+    template = "#!/bin/bash\n#SBATCH --comment={{c|sbatch}}\n#SBATCH --job-name={{c|sbatch}}\ntrue\n"
+    for i, value in enumerate(v for v in HOSTILE if v):
+        script = tmp_path / f"h{i}.sh"
+        script.write_text(render(template, {"c": value}))
+        job = parse_job_id(subprocess.run(["sbatch", "--parsable", "--hold", str(script)], env=env,
+                                          capture_output=True, text=True, check=True).stdout)
+        cancel_jobs.append(job)
+        shown = subprocess.run(["squeue", "-h", "-j", job, "-o", "%k|%j"], env=env, capture_output=True,
+                               text=True, check=True).stdout.rstrip("\n")
+        assert shown == f"{value}|{value}"
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+def test_submitted_job_meets_its_target(tmp_path: Path, slurm_env: dict[str, str],
+                                        cancel_jobs: list[str]) -> None:
+    env = slurm_client_env(slurm_env)
+    loop = write_loop(tmp_path, fast_loop())
+    workdir = tmp_path / "runs $(touch pwned) it's 100%"  # the job must take this path literally
+    job, log = submit_job(loop, workdir, env, "--set", "seed=5", cwd=tmp_path)
+    cancel_jobs.append(job)
+    summary = wait_for_summary(job, workdir, log, env)
+    assert summary["status"] == "target_met", read(log)
+    run_dir = run_dir_of(workdir)
+    assert run_dir is not None
+    accepted_rows_are_all_on_disk(run_dir, summary)
+    assert yaml.safe_load((run_dir / "loop.yml").read_text())["seed"] == 5
+    text = read(log)
+    assert f"allocation: Slurm job {job}" in text and "coordinator exited 0" in text
+    assert not list(tmp_path.rglob("pwned"))
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+def test_walltime_warning_requeues_and_the_job_resumes(tmp_path: Path, slurm_env: dict[str, str],
+                                                       cancel_jobs: list[str]) -> None:
+    env = slurm_client_env(slurm_env)
+    cfg = fast_loop(**{"policy.pipeline": False, "policy.generates_per_round": 2, "policy.max_inflight": 1})
+    cfg["sims"]["generate"]["args"] += ["--work-ms", "1500"]  # slow enough to be caught mid-campaign
+    loop = write_loop(tmp_path, cfg)
+    workdir = tmp_path / "runs"
+    job, log = submit_job(loop, workdir, env, cwd=tmp_path)
+    cancel_jobs.append(job)
+
+    def first_data_accepted() -> bool:
+        run_dir = run_dir_of(workdir)
+        return run_dir is not None and '"data_accepted"' in read(run_dir / "events.jsonl")
+
+    wait_for(first_data_accepted, JOB_WAIT_S, "the first accepted generate run", interval=0.2)
+    # What Slurm sends --signal=B:USR1@N seconds before the time limit, sent now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+
+    def requeued() -> bool:
+        state = squeue_state(job, env)
+        if state == "PENDING|BeginTime":
+            # A requeued job is held ~120 s (Slurm's job credential lifetime); the test
+            # cluster has nothing to protect, so let it start now.
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            return True
+        return state.startswith(("PENDING", "RUNNING")) and "attempt 1" in read(log)
+
+    wait_for(requeued, 120, "the job to be requeued", interval=0.2)
+    summary = wait_for_summary(job, workdir, log, env)
+    text = read(log)
+    assert summary["status"] == "target_met", text
+    assert "coordinator exited 75" in text and f"requeueing job {job}" in text
+    assert "attempt 1" in text and "coordinator exited 0" in text
+    run_dir = run_dir_of(workdir)
+    assert run_dir is not None
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "campaign_start"]
+    assert [e["resumed"] for e in starts] == [False, True]
+    accepted_rows_are_all_on_disk(run_dir, summary)

@@ -116,6 +116,7 @@ class Launcher(ABC):
 
     async def close(self) -> None:
         """Release what the launcher holds between runs (an agent process); default: nothing."""
+        return None
 
     def environment(self, req: LaunchRequest) -> dict[str, str]:
         """The sim's environment: ours, the sim's extras, and the rank count simkit checks."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from orchestrator.errors import LaunchError
-from orchestrator.launchers.base import LaunchRequest, Launcher
+from orchestrator.launchers.base import Launcher, LaunchRequest
 
 
 def find_mpiexec() -> str:

@@ -1,10 +1,11 @@
 """Dask cluster backends and the trainer that submits to them.
 
 Training and evaluation are plain functions (:mod:`orchestrator.training.tasks`,
-submitted through the torch-free :mod:`orchestrator.training.remote`) submitted to Dask with the model state as bytes and the data as paths in the
-run directory. A worker that dies mid-task makes Dask rerun the task elsewhere
-(the nanny restarts the worker); a task that raises is retried ``task_retries``
-times, then surfaces as :class:`TrainingError`.
+reached through the torch-free :mod:`orchestrator.training.remote`) submitted to
+Dask with the model state as bytes and the data as paths in the run directory.
+A worker that dies mid-task makes Dask rerun the task elsewhere (the nanny
+restarts the worker); a task that raises is retried ``task_retries`` times, then
+surfaces as :class:`TrainingError`.
 
 Backends:
 - ``local``: a ``LocalCluster`` of worker processes, scheduler on loopback.
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 from distributed import Client, LocalCluster
 
@@ -55,7 +57,7 @@ class LocalBackend(Backend):
         self.cluster: LocalCluster | None = None
 
     async def start(self) -> Client:
-        self.cluster = await LocalCluster(
+        self.cluster = await cast(Awaitable[LocalCluster], LocalCluster(
             n_workers=self.cfg.workers,
             threads_per_worker=self.cfg.threads_per_worker,
             memory_limit=self.cfg.memory_limit,
@@ -63,17 +65,17 @@ class LocalBackend(Backend):
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             asynchronous=True,
-        )
-        self.client = await Client(self.cluster, asynchronous=True)
-        await self.client.wait_for_workers(self.cfg.workers)
+        ))
+        self.client = await cast(Awaitable[Client], Client(self.cluster, asynchronous=True))
+        await cast(Awaitable[None], self.client.wait_for_workers(self.cfg.workers))
         return self.client
 
     async def close(self) -> None:
         if self.client is not None:
-            await self.client.close()
+            await cast(Awaitable[None], self.client.close())
             self.client = None
         if self.cluster is not None:
-            await self.cluster.close()
+            await cast(Awaitable[None], self.cluster.close())
             self.cluster = None
 
 

@@ -316,7 +316,7 @@ def _polish_lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[s
         torch.autograd.backward(loss)
         return loss
 
-    optimizer.step(closure)  # type: ignore[no-untyped-call]
+    optimizer.step(closure)
     with torch.no_grad():
         after = float(_full_loss(model, x, y, hp))
     if not math.isfinite(after) or after > before:
@@ -537,7 +537,7 @@ def warm_up(model: str, model_kwargs: dict[str, Any], n_inputs: int, n_outputs: 
 
     def closure() -> torch.Tensor:
         lbfgs.zero_grad()
-        value = net(x).pow(2).mean()
+        value: torch.Tensor = net(x).pow(2).mean()
         value.backward()
         return value
 
