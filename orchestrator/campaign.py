@@ -142,7 +142,9 @@ class Campaign:
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
         self._t0 = time.monotonic()
-        self._services: asyncio.Future[None] | None = None
+        self._backend_ready: asyncio.Future[None] | None = None
+        self._tracking_ready: asyncio.Future[None] | None = None
+        self._pending_metrics: list[tuple[dict[str, float], int]] = []
 
     # -- bookkeeping ------------------------------------------------------
     @property
@@ -160,7 +162,7 @@ class Campaign:
             generates_inflight=self._inflight("generate"),
             untrained_runs=sum(1 for f in s.untrained if f not in self._training_files),
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
-            trainer_ready=self._services is not None and self._services.done(),
+            trainer_ready=self._backend_ready is not None and self._backend_ready.done(),
         )
 
     def checkpoint(self) -> None:
@@ -247,7 +249,7 @@ class Campaign:
 
     async def _check(self, x: list[float], version: int, model: bytes) -> CheckResult:
         values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
-        await self.services()
+        await self.trainer_ready()
         pred_task = asyncio.ensure_future(self.trainer.evaluate(model, [x]))
         try:
             sim = await self.run_sim("check", values)
@@ -274,7 +276,7 @@ class Campaign:
         return str(path.relative_to(self.store.root)), int(sim.table.shape[0])
 
     async def _train(self, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
-        await self.services()
+        await self.trainer_ready()
         paths = [str(self.store.root / f) for f in files]
         self.store.event("train_start", version=self.state.model_version + 1, files=len(files),
                          rows=self.state.data_points, workers=self.backend.describe().get("workers"))
@@ -356,8 +358,20 @@ class Campaign:
         self._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
 
     def _track(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.tracker is not None:
+        """Log to MLflow, or keep the metrics until its (concurrent) start is done."""
+        if self.tracker is None:
+            return
+        self._pending_metrics.append((dict(metrics), step))
+        if self._tracking_ready is not None and self._tracking_ready.done():
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        if self.tracker is None:
+            self._pending_metrics.clear()
+            return
+        for metrics, step in self._pending_metrics:
             self.tracker.log_metrics(metrics, step=step)
+        self._pending_metrics.clear()
 
     def _collect(self, task: asyncio.Task[Any], kind: str) -> None:
         result = task.result()  # a SimKindFailed or TrainingError propagates: the campaign stops
@@ -402,18 +416,21 @@ class Campaign:
                 self._show()
                 if reason is not None:
                     return reason
-                if not self._tasks and self._services is not None and self._services.done():
+                if not self._tasks and self._backend_ready is not None and self._backend_ready.done():
                     raise StoreError("the policy started nothing and nothing is in flight (a bug); state saved")
                 budget = self.cfg.target.time_budget_s
                 timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
                 waiting: list[asyncio.Future[Any]] = [*self._tasks, interrupt]
-                if self._services is not None and not self._services.done():
-                    waiting.append(self._services)  # ready workers change what the policy may start
-                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                # Ready workers change what the policy may start; a failed start stops the campaign.
+                services = [f for f in (self._backend_ready, self._tracking_ready) if f is not None and not f.done()]
+                done, _ = await asyncio.wait([*waiting, *services], timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if interrupt in done:
                     return None
-                if self._services in done:
-                    self._services.result()  # a failed start (MLflow unreachable, bad model) stops here
+                for service in done.intersection(services):
+                    service.result()
+                    if service is self._tracking_ready:
+                        self._flush_metrics()
                 for task in done:
                     if task in self._tasks:
                         self._collect(task, self._tasks.pop(task))
@@ -429,7 +446,8 @@ class Campaign:
                          sim_slots=self.pool.free)
         try:
             # Dask and MLflow start while the first sims already run.
-            self._services = asyncio.ensure_future(self._start_services())
+            self._backend_ready = asyncio.ensure_future(self._start_backend())
+            self._tracking_ready = asyncio.ensure_future(self._start_tracking())
             reason = await self.loop()
             status = (Status.INTERRUPTED if reason is None
                       else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
@@ -451,29 +469,37 @@ class Campaign:
             raise error
         return CampaignResult(status, summary)
 
-    async def _start_services(self) -> None:
-        await asyncio.gather(self._start_tracking(), self._start_backend())
-
     async def _start_backend(self) -> None:
         await self.backend.start()
         seconds = await self.trainer.warm_up()
         self.store.event("training_backend", warm_up_s=round(seconds, 3), **self.backend.describe())
 
-    async def services(self) -> None:
-        """Wait until Dask (warmed up) and MLflow are ready; raises what their start raised."""
-        assert self._services is not None
-        await asyncio.shield(self._services)
+    async def trainer_ready(self) -> None:
+        """Wait until the Dask workers are up and warm; raises what their start raised."""
+        assert self._backend_ready is not None
+        await asyncio.shield(self._backend_ready)
 
     async def _stop_services(self) -> None:
-        if self._services is not None and not self._services.done():
-            self._services.cancel()
-        if self._services is not None:
+        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run)."""
+        if self._backend_ready is not None and not self._backend_ready.done():
+            self._backend_ready.cancel()
             with contextlib.suppress(BaseException):
-                await self._services
+                await self._backend_ready
+        if self._tracking_ready is not None:
+            try:
+                await self._tracking_ready
+                self._flush_metrics()
+            except Exception as exc:  # already raised in the loop, or the campaign failed first
+                log.warning("MLflow tracking unavailable for this run: %s", exc)
+                self.tracker = None
 
     async def _start_tracking(self) -> None:
         if self.tracker is None:
             return
+        # MLflow's start is mostly imports, which hold the GIL: let the Dask start go first
+        # (metrics are kept until the tracker is up).
+        if self._backend_ready is not None:
+            await asyncio.wait([self._backend_ready])
         params = flat_dict(self.cfg)
         run_id = await asyncio.to_thread(self.tracker.start, params, self.state.mlflow_run_id)
         self.state.mlflow_run_id = run_id
