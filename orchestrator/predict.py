@@ -8,7 +8,8 @@
 
 The model is loaded from the MLflow registry (:func:`orchestrator.tracking.load_registered_model`;
 default tracking URI ``sqlite:///<workdir>/mlflow.db``, workdir ``./runs``). Each
-``--x`` is one query point, its inputs separated by commas; ``--input`` is an
+``--x`` is one query point, its inputs separated by commas (``--x=-1,0.2`` when
+the first is negative, or argparse takes it for a flag); ``--input`` is an
 ``.npy`` array of shape (points, n_inputs) (a 1-D array for a one-input model).
 The predictions are printed as a table, or written to ``--output`` as an array of
 shape (points, n_outputs). Every call is logged as a run of the ``predictions``
@@ -137,19 +138,27 @@ def _sqlite_file(uri: str) -> Path | None:
 
 
 def resolve_version(uri: str, ref: ModelRef) -> ModelRef:
-    """``ref`` with its version: the latest registered one when none was given."""
-    if ref.version is not None:
-        return ref
-    from orchestrator.tracking import TrackingError, _make_client, _model_versions
+    """``ref`` with its version checked, or the latest one when none was given.
+
+    An unknown name or version is a :class:`UsageError` that lists what exists.
+    """
+    from orchestrator.tracking import TrackingError, _make_client, _model_versions, _registered_names
 
     try:
-        versions = _model_versions(_make_client(uri), ref.name)
+        client = _make_client(uri)
+        versions = _model_versions(client, ref.name)
+        names = [] if versions else _registered_names(client)
     except TrackingError as exc:
         raise PredictError(str(exc)) from exc
-    except Exception as exc:  # MlflowException from the search: one line for the user
-        raise PredictError(f"cannot list versions of {ref.name!r} in {uri}: {exc}") from exc
-    # No versions: leave it to load_registered_model, whose error lists what exists.
-    return ModelRef(ref.name, versions[-1]) if versions else ref
+    except Exception as exc:  # MlflowException from a search: one line for the user
+        raise PredictError(f"cannot look up model {ref.name!r} in {uri}: {exc}") from exc
+    if not versions:
+        listing = ", ".join(names) if names else "(none)"
+        raise UsageError(f"no registered model named {ref.name!r} in {uri}; registered models: {listing}")
+    if ref.version is not None and ref.version not in versions:
+        raise UsageError(f"model {ref.name!r} has no version {ref.version} in {uri}; "
+                         f"versions: {', '.join(versions)}")
+    return ModelRef(ref.name, ref.version or versions[-1])
 
 
 def load(uri: str, ref: ModelRef) -> torch.nn.Module:
@@ -257,7 +266,8 @@ def add_parser(sub: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", type=Path, metavar="FILE.npy", help="points, shape (points, n_inputs)")
     src.add_argument("--x", action="append", metavar="V[,V...]",
-                     help="one query point, its inputs comma-separated (repeatable)")
+                     help="one query point, its inputs comma-separated (repeatable); "
+                          "write --x=-1,0.2 when it starts with a minus")
     p.add_argument("--output", type=Path, metavar="FILE.npy",
                    help="write the outputs here instead of printing a table")
     p.add_argument("--tracking-uri", help="MLflow URI (default: sqlite:///WORKDIR/mlflow.db)")

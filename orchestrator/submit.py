@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from orchestrator.errors import OrchestratorError, UsageError
+from orchestrator.errors import ConfigError, OrchestratorError, UsageError
 from orchestrator.templating import one_line, render
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _stamp(jobs: Path, name: str) -> str:
     raise UsageError(f"{jobs}: cannot find a free job script name")
 
 
-def snapshot_loop(loop_file: Path, overrides: Sequence[str]) -> tuple[str, str, str]:
+def snapshot_loop(loop_file: Path, overrides: Sequence[str], *, job_sets_up: bool = False) -> tuple[str, str, str]:
     """The loop.yml as it will run: validated, overrides applied, binary paths absolute.
 
     Returns (campaign name, default workdir, YAML text).
@@ -155,7 +155,13 @@ def snapshot_loop(loop_file: Path, overrides: Sequence[str]) -> tuple[str, str, 
     from orchestrator.config import LoopConfig, apply_overrides, load_config, read_yaml, resolve_binaries
 
     cfg: LoopConfig = load_config(loop_file, overrides)
-    resolve_binaries(cfg, loop_file)  # a typo fails now, not when the job starts
+    try:
+        resolve_binaries(cfg, loop_file)  # a typo fails now, not when the job starts
+    except ConfigError as exc:
+        if not job_sets_up:
+            raise
+        # The job's --setup lines (module load, a venv) may be what puts it on PATH.
+        log.warning("%s (the job's --setup may provide it; submitting anyway)", exc)
     raw = apply_overrides(read_yaml(loop_file), overrides)
     base = loop_file.resolve().parent
     for role in ("check", "generate"):
@@ -187,7 +193,7 @@ def prepare(
     stamp: str | None = None,
 ) -> Submission:
     """Validate the campaign and render its job script; writes nothing."""
-    name, default_workdir, loop_text = snapshot_loop(loop_file, overrides)
+    name, default_workdir, loop_text = snapshot_loop(loop_file, overrides, job_sets_up=bool(spec.setup))
     here = (cwd or Path.cwd()).absolute()
     root = (here / (workdir if workdir is not None else Path(default_workdir))).resolve()
     jobs = root / JOBS_DIR

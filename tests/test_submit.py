@@ -21,7 +21,7 @@ import yaml
 
 from orchestrator import cli
 from orchestrator.config import load_config
-from orchestrator.errors import UsageError
+from orchestrator.errors import ConfigError, UsageError
 from orchestrator.submit import JobSpec, SubmitError, directive, parse_job_id, prepare, write
 from orchestrator.templating import TemplateError, escape_sbatch, escape_sh, render
 from tests.conftest import REPO, fast_loop, sim, write_loop
@@ -214,6 +214,16 @@ def test_snapshot_applies_overrides_and_makes_binary_paths_absolute(tmp_path: Pa
     assert (sub.script_path.stat().st_mode & 0o777) == 0o700
 
 
+def test_a_missing_binary_fails_unless_the_job_sets_up_its_environment(tmp_path: Path) -> None:
+    cfg = fast_loop()
+    cfg["sims"]["check"]["binary"] = "sim-from-a-module"
+    loop = write_loop(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="executable 'sim-from-a-module' not found"):
+        prepare(loop, JobSpec(), workdir=tmp_path / "w")
+    sub = prepare(loop, JobSpec(setup=("module load my-sims",)), workdir=tmp_path / "w")
+    assert "binary: sim-from-a-module" in sub.loop_text
+
+
 def test_parse_job_id() -> None:
     assert parse_job_id("123\n") == "123"
     assert parse_job_id("4567;cluster\n") == "4567"
@@ -346,7 +356,7 @@ def squeue_state(job: str, env: dict[str, str]) -> str:
 def submit_job(loop: Path, workdir: Path, env: dict[str, str], *flags: str, cwd: Path) -> tuple[str, Path]:
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "submit", str(loop), "--workdir", str(workdir), "--nodes", "1",
-         "--ntasks-per-node", "6", "--time", "10", "--partition", "debug", *flags],
+         "--ntasks-per-node", "4", "--time", "10", "--partition", "debug", *flags],  # 4: fits beside others' jobs
         env=env, capture_output=True, text=True, timeout=60, cwd=cwd, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -383,6 +393,13 @@ def wait_for_summary(job: str, workdir: Path, log: Path, env: dict[str, str]) ->
             raise AssertionError(f"job {job} ({state}) not done after {JOB_WAIT_S} s:\n{read(log)}")
         time.sleep(0.2)
     return summary
+
+
+def job_log_when_done(job: str, log: Path, env: dict[str, str]) -> str:
+    """The job's log once Slurm says the job ended (the summary comes a moment before)."""
+    wait_for(lambda: squeue_state(job, env).split("|")[0] in ("", "COMPLETED", "FAILED", "CANCELLED"), 60,
+             f"job {job} to end", interval=0.2)
+    return read(log)
 
 
 def read(path: Path) -> str:
@@ -436,21 +453,22 @@ def test_submitted_job_meets_its_target(tmp_path: Path, slurm_env: dict[str, str
     assert run_dir is not None
     accepted_rows_are_all_on_disk(run_dir, summary)
     assert yaml.safe_load((run_dir / "loop.yml").read_text())["seed"] == 5
-    text = read(log)
+    text = job_log_when_done(job, log, env)
     assert f"allocation: Slurm job {job}" in text and "coordinator exited 0" in text
     assert not list(tmp_path.rglob("pwned"))
 
 
 @pytest.mark.slurm
 @pytest.mark.integration
-def test_walltime_warning_requeues_and_the_job_resumes(tmp_path: Path, slurm_env: dict[str, str],
-                                                       cancel_jobs: list[str]) -> None:
+@pytest.mark.parametrize("mode", ["requeue", "resubmit"])
+def test_walltime_warning_brings_the_job_back_and_it_resumes(tmp_path: Path, slurm_env: dict[str, str],
+                                                             cancel_jobs: list[str], mode: str) -> None:
     env = slurm_client_env(slurm_env)
     cfg = fast_loop(**{"policy.pipeline": False, "policy.generates_per_round": 2, "policy.max_inflight": 1})
     cfg["sims"]["generate"]["args"] += ["--work-ms", "1500"]  # slow enough to be caught mid-campaign
     loop = write_loop(tmp_path, cfg)
     workdir = tmp_path / "runs"
-    job, log = submit_job(loop, workdir, env, cwd=tmp_path)
+    job, log = submit_job(loop, workdir, env, "--on-interrupt", mode, cwd=tmp_path)
     cancel_jobs.append(job)
 
     def first_data_accepted() -> bool:
@@ -461,21 +479,33 @@ def test_walltime_warning_requeues_and_the_job_resumes(tmp_path: Path, slurm_env
     # What Slurm sends --signal=B:USR1@N seconds before the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
 
-    def requeued() -> bool:
+    def back() -> bool:
+        if mode == "resubmit":
+            return "Submitted batch job " in read(log)
         state = squeue_state(job, env)
         if state == "PENDING|BeginTime":
-            # A requeued job is held ~120 s (Slurm's job credential lifetime); the test
-            # cluster has nothing to protect, so let it start now.
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            # Slurm holds a requeued job ~120 s: its node keeps the revoked job credential
+            # that long and refuses to start it again ("Job credential revoked"). Any other
+            # node may start it now, which also shows the run resuming on another node.
+            first_node = read(log).split(" on ", 1)[1].split()[0]
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", f"ExcNodeList={first_node}"],
+                           env=env, check=True)
             return True
         return state.startswith(("PENDING", "RUNNING")) and "attempt 1" in read(log)
 
-    wait_for(requeued, 120, "the job to be requeued", interval=0.2)
+    wait_for(back, 120, f"the job to {mode}", interval=0.2)
+    if mode == "resubmit":
+        job = read(log).split("Submitted batch job ")[1].split()[0]
+        cancel_jobs.append(job)
     summary = wait_for_summary(job, workdir, log, env)
-    text = read(log)
+    text = job_log_when_done(job, log, env)
     assert summary["status"] == "target_met", text
-    assert "coordinator exited 75" in text and f"requeueing job {job}" in text
-    assert "attempt 1" in text and "coordinator exited 0" in text
+    assert "coordinator exited 75" in text and "coordinator exited 0" in text
+    assert (f"requeueing job {cancel_jobs[0]}" if mode == "requeue" else "resubmitting") in text
+    assert f"job {job} attempt 1" in text
+    if mode == "requeue":
+        hosts = [line.split(" on ")[1].split()[0] for line in text.splitlines() if " attempt " in line]
+        assert len(hosts) == 2 and hosts[0] != hosts[1]  # resumed on another node
     run_dir = run_dir_of(workdir)
     assert run_dir is not None
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]

@@ -210,8 +210,8 @@ class AllocationBackend(Backend):
         self.cfg = cfg
         self.allocation = allocation
         self.nodes = list(nodes)
-        self.run_dir = run_dir
-        self.dask_dir = run_dir / "dask"
+        self.run_dir = run_dir.absolute()
+        self.dask_dir = self.run_dir / "dask"
         self.step_name = f"{run_dir.name}-dask"
         self.scheduler: Scheduler | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -294,6 +294,8 @@ class AllocationBackend(Backend):
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update(backend="allocation", tls=self.listen.tls if self.listen else None)
+        if self.scheduler is not None:  # in-process: fresher than the client's cached identity
+            info.update(scheduler=self.scheduler.address, workers=sorted(self.scheduler.workers))
         with contextlib.suppress(OSError):
             step = parse_srun_log(self.log_path.read_text(errors="replace"))
             info.update(step_id=step.step_id, nodes=sorted({h for h, _ in step.per_host}))
@@ -357,7 +359,7 @@ class JobqueueBackend(Backend):
         self.cfg = cfg
         self.allocation = allocation
         self.nodes = list(nodes)
-        self.run_dir = run_dir
+        self.run_dir = run_dir.absolute()
         self.cluster: Any = None
         self.listen: ListenPlan | None = None
 
@@ -399,6 +401,9 @@ class JobqueueBackend(Backend):
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update(backend="jobqueue", tls=self.listen.tls if self.listen else None)
+        scheduler = getattr(self.cluster, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "workers"):
+            info["workers"] = sorted(scheduler.workers)
         if self.cluster is not None:
             info["jobs"] = sorted(str(job.job_id) for job in self.cluster.workers.values()
                                   if getattr(job, "job_id", None))

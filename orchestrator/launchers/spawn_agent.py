@@ -1,0 +1,545 @@
+"""The spawn agent: the one process that holds MPI for the ``spawn`` launcher.
+
+MPI stays out of the coordinator (it shares its process with Dask and torch
+threads), so :class:`~orchestrator.launchers.spawn.SpawnLauncher` starts this
+small process and talks to it over its stdin/stdout::
+
+    python -m orchestrator.launchers.spawn_agent --mode local     # a singleton MPI process
+    srun --mpi=pmi2 -N1 -n1 --overlap -u … python -m orchestrator.launchers.spawn_agent --mode slurm
+
+Protocol, one JSON object per line:
+
+* coordinator -> agent: ``{"op": "spawn", "id", "command", "args", "maxprocs",
+  "info": {key: value}, "wdir", "binary", "timeout_s"}`` or ``{"op": "exit"}``
+  (end of input also ends the agent);
+* agent -> coordinator: ``{"event": "ready", ...}`` once MPI is up; per request
+  ``{"event": "spawned", "pids": [[pid, start], ...], ...}`` as soon as the
+  children exist (so the coordinator can kill them even if the agent dies), then
+  ``{"event": "result", "status", "shape", "nbytes", "reusable", ...}``
+  followed by ``nbytes`` raw little-endian float64 bytes of the table.
+
+One request at a time: ``MPI_Comm_spawn`` from several threads of one process
+fails in this MPICH (UCX shared-memory errors), and a spawned rank that crashes
+or calls ``MPI_Abort`` makes hydra SIGKILL its singleton parent; so the
+launcher runs one agent per sim in flight and replaces any that dies.
+
+An agent answers ``reusable: false`` after any failure (a dangling
+intercommunicator cannot be disconnected): it then ends its children and exits
+without ``MPI_Finalize``. The agent never validates tables; the coordinator does
+(:func:`orchestrator.results.check_table`).
+
+Two ways to find the children it must watch and, on a timeout, end:
+
+* ``local``: the ranks are descendants of this process (under the hydra proxy
+  that MPICH's singleton init starts), found by working directory and binary;
+* ``slurm``: Slurm's PMI2 runs each spawn as ``srun --mpi=pmi2 --chdir=WDIR …``
+  forked by our slurmstepd; that srun is watched and signalled, plus any rank on
+  this host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+log = logging.getLogger(__name__)
+
+TAG_HEADER = 7701
+TAG_ROWS = 7702
+POLL_MIN_S = 0.0002
+POLL_MAX_S = 0.01
+POLL_LAG = 0.05
+KILL_GRACE_S = 2.0
+EXIT_WAIT_S = 5.0
+"""After a good run: how long ranks may take to exit before the agent kills them."""
+MAX_CELLS = 1 << 30
+
+Mode = Literal["local", "slurm"]
+
+
+# --------------------------------------------------------------------------
+# /proc: the agent's children, and killing exactly those
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    start: int
+    """Start time in clock ticks since boot: with the pid, a process identity that survives pid reuse."""
+    comm: str
+
+
+def read_stat(pid: int) -> ProcInfo | None:
+    """One process from /proc/<pid>/stat; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    if len(fields) < 20:
+        return None
+    return ProcInfo(pid, int(fields[1]), int(fields[19]), head.partition("(")[2])
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children, from /proc/<pid>/task/<tid>/children (no scan of all of /proc)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            found.extend(int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def descendants(root: int) -> list[ProcInfo]:
+    """Every process below ``root`` (not ``root`` itself), parents before children."""
+    found: list[ProcInfo] = []
+    todo = [root]
+    while todo:
+        for pid in children_of(todo.pop()):
+            if (info := read_stat(pid)) is not None:
+                found.append(info)
+                todo.append(pid)
+    return found
+
+
+def all_processes() -> list[ProcInfo]:
+    """Every process on this host (one read of /proc/<pid>/stat each)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (info := read_stat(int(entry.name))) is not None:
+            found.append(info)
+    return found
+
+
+def ancestors(pid: int, depth: int) -> list[ProcInfo]:
+    """Up to ``depth`` parents of ``pid``, nearest first."""
+    chain: list[ProcInfo] = []
+    info = read_stat(pid)
+    while info is not None and len(chain) < depth and info.ppid > 1:
+        info = read_stat(info.ppid)
+        if info is not None:
+            chain.append(info)
+    return chain
+
+
+def alive(pid: int, start: int) -> bool:
+    """Is this very process (pid and start time) still there and not a zombie?"""
+    info = read_stat(pid)
+    if info is None or info.start != start:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def signal_procs(procs: Iterable[tuple[int, int]], sig: int) -> None:
+    """Send ``sig`` to each (pid, start) that is still that process."""
+    for pid, start in procs:
+        if alive(pid, start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def kill_tree(root: int, known: Iterable[tuple[int, int]] = (), *, include_root: bool = True) -> list[int]:
+    """SIGKILL ``root``, everything below it and the ``known`` (pid, start) pairs.
+
+    The tree is frozen first (SIGSTOP, repeated until no new process appears) so
+    nothing forks or gets reparented away between listing and killing. Returns
+    the pids signalled.
+    """
+    targets: dict[int, int] = {pid: start for pid, start in known}
+    root_info = read_stat(root)
+    for _ in range(10):
+        found = {p.pid: p.start for p in descendants(root)}
+        if include_root and root_info is not None:
+            found[root] = root_info.start
+        new = {pid: start for pid, start in found.items() if targets.get(pid) != start}
+        targets.update(found)
+        signal_procs(new.items(), signal.SIGSTOP)
+        if not new:
+            break
+    signal_procs(targets.items(), signal.SIGKILL)
+    return sorted(targets)
+
+
+def kill_known(procs: Iterable[tuple[int, int]]) -> list[int]:
+    """SIGKILL each (pid, start) pair that is still that process; return those signalled."""
+    live = [(pid, start) for pid, start in procs if alive(pid, start)]
+    signal_procs(live, signal.SIGKILL)
+    return sorted(pid for pid, _ in live)
+
+
+def wait_gone(procs: Iterable[tuple[int, int]], timeout: float) -> bool:
+    """Wait (on pidfds, no polling) until every process has exited; True if they all did."""
+    fds: list[int] = []
+    try:
+        for pid, start in procs:
+            try:
+                fd = os.pidfd_open(pid)
+            except (ProcessLookupError, OSError):
+                continue
+            if alive(pid, start):
+                fds.append(fd)
+            else:
+                os.close(fd)
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for fd, _ in poller.poll(left * 1000):
+                pending.discard(fd)
+                poller.unregister(fd)
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def find_ranks(candidates: Iterable[ProcInfo], wdir: str, binary: str) -> list[ProcInfo]:
+    """The spawned ranks among ``candidates``: running ``binary`` in ``wdir``."""
+    want_exe, want_cwd = os.path.realpath(binary), os.path.realpath(wdir)  # /proc shows resolved paths
+    return [p for p in candidates if _cwd(p.pid) == want_cwd and _exe(p.pid) == want_exe]
+
+
+def find_spawned_sruns(agent: int, wdir: str) -> list[ProcInfo]:
+    """The ``srun --mpi=pmi2 … --chdir=WDIR …`` that Slurm's PMI2 forked for one spawn.
+
+    slurmstepd forks it, so it is a child of one of the agent's slurmstepd ancestors
+    (the outer srun only: srun forks a helper of itself).
+    """
+    flag = f"--chdir={wdir}"
+    found = []
+    for parent in ancestors(agent, 3):
+        if parent.comm != "slurmstepd":
+            continue
+        for pid in children_of(parent.pid):
+            argv = _argv(pid)
+            if argv and os.path.basename(argv[0]) == "srun" and flag in argv and (info := read_stat(pid)):
+                found.append(info)
+    return found
+
+
+# --------------------------------------------------------------------------
+# The channel to the coordinator
+
+
+class Channel:
+    """Requests in, events out; private copies of fds 0 and 1.
+
+    MPICH's singleton init starts hydra's ``mpiexec``, which inherits our fds:
+    its stdin would swallow requests and anything a rank prints would land in
+    our replies. So the protocol moves to duplicates (not inherited) and fds 0
+    and 1 become /dev/null and stderr (the agent log).
+    """
+
+    def __init__(self) -> None:
+        self._in: IO[bytes] = os.fdopen(os.dup(0), "rb", buffering=0)
+        self._out: IO[bytes] = os.fdopen(os.dup(1), "wb", buffering=0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    def requests(self, tidy: Callable[[], float | None]) -> Iterator[dict[str, Any]]:
+        """Requests until end of input; ``tidy`` runs while waiting and says when it wants to run again."""
+        buf = b""
+        fd = self._in.fileno()
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    yield json.loads(line)
+            ready, _, _ = select.select([fd], [], [], tidy())
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            buf += chunk
+
+    def send(self, message: dict[str, Any], payload: bytes = b"") -> None:
+        data = json.dumps(message).encode() + b"\n" + payload
+        view = memoryview(data)
+        while view:
+            n = os.write(self._out.fileno(), view)
+            view = view[n:]
+
+
+# --------------------------------------------------------------------------
+# One spawn
+
+
+@dataclass
+class Children:
+    """What one spawn started, as far as this host can see."""
+
+    watched: list[ProcInfo] = field(default_factory=list)
+    """Processes whose exit means the run is over: the ranks (local) or the spawned srun (slurm)."""
+    ranks: list[ProcInfo] = field(default_factory=list)
+    sruns: list[ProcInfo] = field(default_factory=list)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        seen = {(p.pid, p.start) for p in [*self.watched, *self.ranks, *self.sruns]}
+        return sorted(seen)
+
+
+class Agent:
+    """Serves spawn requests one after the other."""
+
+    def __init__(self, mode: Mode, channel: Channel) -> None:
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.mode = mode
+        self.chan = channel
+        self.pid = os.getpid()
+        self.lingering: list[tuple[str, list[tuple[int, int]], float]] = []
+        """Ranks of finished runs, still exiting: (run id, (pid, start) pairs, kill deadline)."""
+
+    def start(self) -> None:
+        MPI = self.MPI
+        # Forces MPICH's singleton init (it starts hydra) now rather than at the first spawn.
+        universe = MPI.COMM_WORLD.Get_attr(MPI.UNIVERSE_SIZE)
+        self.chan.send({
+            "event": "ready", "pid": self.pid, "mode": self.mode, "host": socket.gethostname(),
+            "universe_size": universe, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            "thread_level": MPI.Query_thread(), "pids": self.own_tree(),
+        })
+
+    def own_tree(self) -> list[tuple[int, int]]:
+        """Everything below the agent (hydra's mpiexec and proxy, ranks), for the coordinator to kill if need be."""
+        return [(p.pid, p.start) for p in descendants(self.pid)]
+
+    def serve(self) -> int:
+        self.start()
+        for request in self.chan.requests(self.tidy):
+            op = request.get("op")
+            if op == "exit":
+                break
+            if op != "spawn":
+                self.chan.send({"event": "error", "message": f"unknown op {op!r}"})
+                continue
+            if not self.handle(request):
+                # A failed run leaves an intercommunicator we cannot disconnect; MPI_Finalize could hang.
+                sys.stderr.flush()
+                os._exit(0)
+        self.tidy(final=True)
+        self.MPI.Finalize()
+        return 0
+
+    # -- one request -------------------------------------------------------
+    def find_children(self, wdir: str, binary: str) -> tuple[Children, list[tuple[int, int]]]:
+        """What a spawn started, and everything below the agent now (hydra included)."""
+        below = descendants(self.pid)
+        pairs = [(p.pid, p.start) for p in below]
+        if self.mode == "local":
+            ranks = find_ranks(below, wdir, binary)
+            return Children(watched=ranks, ranks=ranks), pairs
+        sruns = find_spawned_sruns(self.pid, wdir)
+        ranks = find_ranks(all_processes(), wdir, binary)  # those on this host: killed by pid if need be
+        return Children(watched=sruns or ranks, ranks=ranks, sruns=sruns), pairs
+
+    def wait(self, request: Any, children: Children, deadline: float) -> Literal["done", "gone", "timeout"]:
+        """Drive MPI progress until ``request`` completes, the children are gone, or the deadline."""
+        fds: list[int] = []
+        for p in children.watched:
+            with contextlib.suppress(OSError):
+                fds.append(os.pidfd_open(p.pid))
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        start = time.monotonic()
+        try:
+            while True:
+                if bool(request.Test()):
+                    return "done"
+                if not pending and children.watched:
+                    # Everything exited; give in-flight bytes one last chance, then call it.
+                    for _ in range(20):
+                        if bool(request.Test()):
+                            return "done"
+                        time.sleep(0.001)
+                    return "gone"
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout"
+                # Test() is the only way to see MPI progress: poll with a lag of at most ~5% of the wait so far.
+                interval = min(max((time.monotonic() - start) * POLL_LAG, POLL_MIN_S), POLL_MAX_S, left)
+                for fd, _ in poller.poll(interval * 1000):
+                    pending.discard(fd)
+                    poller.unregister(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def handle(self, req: dict[str, Any]) -> bool:
+        """Run one spawn request; send its result; return whether the agent is still usable."""
+        MPI = self.MPI
+        rid = req["id"]
+        t0 = time.monotonic()
+        deadline = t0 + float(req["timeout_s"])
+        info = MPI.Info.Create()
+        for key, value in req.get("info", {}).items():
+            info.Set(key, str(value))
+        try:
+            comm = MPI.COMM_SELF.Spawn(req["command"], req["args"], maxprocs=int(req["maxprocs"]), info=info)
+        except MPI.Exception as exc:
+            self.chan.send({"event": "result", "id": rid, "status": "spawn_error", "reusable": False,
+                            "message": f"MPI_Comm_spawn failed: {exc}"})
+            return False
+        finally:
+            info.Free()
+        t_spawn = time.monotonic()
+        remote = comm.Get_remote_size()
+        children, below = self.find_children(req["wdir"], req["binary"])
+        t_found = time.monotonic()
+        pids = sorted({*children.pairs(), *below})
+        self.chan.send({"event": "spawned", "id": rid, "remote_size": remote, "pids": pids,
+                        "ranks_here": len(children.ranks), "spawn_ms": _ms(t_spawn - t0)})
+        result, payload = self.collect(comm, children, deadline)
+        t_rows = time.monotonic()
+        reusable: bool = result.get("status") == "ok"
+        if reusable:
+            comm.Disconnect()
+        t_end = time.monotonic()
+        timing = {"spawn_ms": _ms(t_spawn - t0), "find_ms": _ms(t_found - t_spawn), "rows_ms": _ms(t_rows - t_found),
+                  "disconnect_ms": _ms(t_end - t_rows), "total_ms": _ms(t_end - t0)}
+        self.chan.send({"event": "result", "id": rid, "remote_size": remote, "reusable": reusable,
+                        "timing": timing, **result}, payload)
+        if reusable:
+            # They are past MPI_Finalize: let them exit while the next request runs; tidy() checks.
+            self.lingering.append((rid, children.pairs(), t_end + EXIT_WAIT_S))
+        else:
+            self.abandon(rid, children)
+        return reusable
+
+    def tidy(self, final: bool = False) -> float | None:
+        """Kill ranks of finished runs that outstay EXIT_WAIT_S; return seconds until the next check (None: none)."""
+        now = time.monotonic()
+        still: list[tuple[str, list[tuple[int, int]], float]] = []
+        for rid, pairs, deadline in self.lingering:
+            if final:
+                wait_gone(pairs, max(0.0, deadline - now))
+            live = [(pid, start) for pid, start in pairs if alive(pid, start)]
+            if not live:
+                continue
+            if final or now >= deadline:
+                log.warning("run %s: ranks %s still there %.0f s after disconnecting; killing them",
+                            rid, [pid for pid, _ in live], EXIT_WAIT_S)
+                signal_procs(live, signal.SIGKILL)
+                continue
+            still.append((rid, live, deadline))
+        self.lingering = still
+        return min(d for _, _, d in still) - now if still else None
+
+    def collect(self, comm: Any, children: Children, deadline: float) -> tuple[dict[str, Any], bytes]:
+        """Receive simkit's header and rows: (result fields, table bytes)."""
+        np = _numpy()
+        header = np.zeros(2, dtype=np.int64)
+        outcome = self.wait(comm.Irecv(header, source=0, tag=TAG_HEADER), children, deadline)
+        if outcome != "done":
+            return self._not_done(outcome), b""
+        nrows, ncols = int(header[0]), int(header[1])
+        if nrows < 0:
+            return {"status": "failed", "code": ncols,
+                    "message": f"the sim reported failure to its parent (exit code {ncols})"}, b""
+        if ncols <= 0 or nrows * ncols > MAX_CELLS:
+            nonsense = f"nonsense header from the sim: {nrows} rows x {ncols} columns"
+            return {"status": "malformed", "message": nonsense}, b""
+        rows = np.empty((nrows, ncols), dtype="<f8")
+        outcome = self.wait(comm.Irecv(rows, source=0, tag=TAG_ROWS), children, deadline)
+        if outcome != "done":
+            return self._not_done(outcome, f"after announcing {nrows} x {ncols}"), b""
+        return {"status": "ok", "shape": [nrows, ncols], "nbytes": rows.nbytes}, rows.tobytes()
+
+    @staticmethod
+    def _not_done(outcome: str, when: str = "") -> dict[str, Any]:
+        if outcome == "timeout":
+            return {"status": "timeout", "message": "timed out waiting for the sim's rows"}
+        suffix = f" {when}" if when else ""
+        return {"status": "no_result", "message": f"the sim's ranks exited without sending their rows{suffix}"}
+
+    def abandon(self, rid: str, children: Children) -> None:
+        """End what this spawn started (srun gets SIGTERM first, so it cancels its step)."""
+        if children.sruns:
+            signal_procs([(p.pid, p.start) for p in children.sruns], signal.SIGTERM)
+            if not wait_gone(children.pairs(), KILL_GRACE_S):
+                log.warning("run %s: still running %.0f s after SIGTERM to its srun; SIGKILL", rid, KILL_GRACE_S)
+        signal_procs(children.pairs(), signal.SIGKILL)
+        wait_gone(children.pairs(), KILL_GRACE_S)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 2)
+
+
+def _numpy() -> Any:
+    import numpy
+
+    return numpy
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.launchers.spawn_agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["local", "slurm"], default="local",
+                        help="how the agent finds the processes a spawn started (see above)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"spawn-agent[{os.getpid()}] %(levelname)s %(message)s")
+    channel = Channel()
+    return Agent(args.mode, channel).serve()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
