@@ -108,7 +108,8 @@ class PolicyConfig(_Strict):
     near_failures_width: float = Field(default=0.25, gt=0, le=1)
     """near-failures: window width as a fraction of each input's domain."""
     max_inflight: int = Field(default=2, ge=1, le=1024)
-    """Generate sims in flight at once; with ``pipeline``, kept full while a training runs."""
+    """Generate sims in flight at once; with ``pipeline``, also the most runs kept ahead of
+    a running training (in flight or finished, not yet trained on)."""
     pipeline: bool = True
     """Keep generate sims running while a training runs (False: one thing at a time)."""
     generates_per_round: int = Field(default=1, ge=1)

@@ -106,9 +106,11 @@ def generates_wanted(v: View, target: TargetConfig, policy: PolicyConfig) -> int
         return 0
     room = policy.max_inflight - v.generates_inflight
     if policy.pipeline and v.training:
-        # Pipelined: keep the sim slots busy while the surrogate trains; the data
-        # feeds the next round if one is needed. Nothing for a round that cannot come.
-        return max(0, room) if v.model_version + 1 < target.max_rounds else 0
+        # Pipelined: keep generate sims running while the surrogate trains, up to
+        # max_inflight runs ahead of it (in flight or done, not yet trained on); the
+        # data feeds the next round if one is needed. Nothing for a round that cannot come.
+        ahead = room - v.untrained_runs
+        return max(0, ahead) if v.model_version + 1 < target.max_rounds else 0
     needed_now = (v.model_version == 0 or v.failed_current) and not v.training
     if not needed_now or v.model_version >= target.max_rounds:
         return 0

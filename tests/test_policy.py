@@ -37,10 +37,11 @@ def test_data_in_trains_and_sequential_mode_waits() -> None:
 def test_pipelined_mode_prefetches_next_rounds_data_while_training() -> None:
     acts = decide(View(untrained_runs=2), T, PIPE)
     assert acts == [StartTraining(), StartGenerates(4)]
-    # and keeps max_inflight generate sims running while the training runs
-    assert decide(View(model_version=1, training=True, untrained_runs=3, generates_inflight=1), T, PIPE) == [
-        StartGenerates(3)
+    # and keeps up to max_inflight runs ahead of the training while it runs
+    assert decide(View(model_version=1, training=True, untrained_runs=1, generates_inflight=1), T, PIPE) == [
+        StartGenerates(2)
     ]
+    assert decide(View(model_version=1, training=True, untrained_runs=3, generates_inflight=1), T, PIPE) == []
     # bounded by the data budget
     budget = PolicyConfig(pipeline=True, max_inflight=4, max_data_points=100)
     assert decide(View(model_version=1, training=True, data_points=100), T, budget) == []
