@@ -67,7 +67,8 @@ def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
     if largest > total:
         raise ResourceError(
             f"a sim asks for {largest} ranks but only {total} sim slots remain in this allocation "
-            f"({', '.join(f'{n.name}:{n.cpus}' for n in nodes)}); lower `ranks` or ask for more nodes"
+            f"({', '.join(f'{n.name}:{n.cpus}' for n in nodes)}); lower `ranks` or ask Slurm for more CPUs "
+            "(e.g. salloc -N3 --ntasks-per-node=8, or --exclusive for whole nodes)"
         )
     return SlotPlan(nodes, training)
 

@@ -48,7 +48,7 @@ from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description
 from orchestrator.launchers.mpiexec import find_mpiexec
-from orchestrator.launchers.spawn_agent import kill_known, kill_tree, wait_gone
+from orchestrator.launchers.spawn_agent import end_ranks, kill_known, kill_tree, wait_gone
 from orchestrator.procs import tail
 from orchestrator.results import MalformedResult, check_table
 
@@ -293,6 +293,8 @@ class SpawnLauncher(Launcher):
                                      "agent_mode": self.mode, "agent_host": agent.ready.get("host")}
             reply, payload, reusable = await self._attempt(agent, message, facts, req, t0)
             await self._checkin(agent, reusable)
+            if not reusable:
+                await self._end_ranks(req)
             if reply.get("status") == "agent_died" and "remote_size" not in facts and not fresh and attempt == 1:
                 # An idle agent that died since its last run (nothing was spawned): once more on a fresh one.
                 log.info("sim %s: spawn agent %d was gone before spawning; starting another", req.run_id, agent.pid)
@@ -321,6 +323,7 @@ class SpawnLauncher(Launcher):
         except asyncio.CancelledError:
             self._busy.discard(agent)
             await asyncio.shield(agent.stop(grace=0))
+            await asyncio.shield(self._end_ranks(req))
             raise
         finally:
             if not reusable:
@@ -339,6 +342,11 @@ class SpawnLauncher(Launcher):
                 return event, payload
             else:
                 log.warning("spawn agent %d: unexpected %r", agent.pid, event)
+
+    async def _end_ranks(self, req: LaunchRequest) -> None:
+        killed = await asyncio.to_thread(end_ranks, str(req.workdir.absolute()), str(req.binary.absolute()))
+        if killed:
+            log.info("sim %s: killed ranks %s left after its agent ended", req.run_id, killed)
 
     def _keep_agent_log(self, agent: SpawnAgent, mark: int, req: LaunchRequest) -> None:
         text = agent.log_since(mark)

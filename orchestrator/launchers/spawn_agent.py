@@ -250,6 +250,18 @@ def find_ranks(candidates: Iterable[ProcInfo], wdir: str, binary: str) -> list[P
     return [p for p in candidates if _cwd(p.pid) == want_cwd and _exe(p.pid) == want_exe]
 
 
+def end_ranks(wdir: str, binary: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL any process on this host running ``binary`` in ``wdir`` (one run's ranks) and wait for them.
+
+    The last resort after an agent died: hydra may still be tearing down the
+    ranks it had, and an agent that died early never reported them.
+    """
+    ranks = [(p.pid, p.start) for p in find_ranks(all_processes(), wdir, binary)]
+    signal_procs(ranks, signal.SIGKILL)
+    wait_gone(ranks, timeout)
+    return [pid for pid, _ in ranks]
+
+
 def find_spawned_sruns(agent: int, wdir: str) -> list[ProcInfo]:
     """The ``srun --mpi=pmi2 … --chdir=WDIR …`` that Slurm's PMI2 forked for one spawn.
 
