@@ -262,7 +262,8 @@ def test_jobqueue_options_defaults_and_pass_through(tmp_path: Path) -> None:
     opts = ts.jobqueue_options(cfg, tmp_path / "sine-1", ts.LOOPBACK, None)
     assert opts["cores"] == 2 and opts["memory"] == "3GB" and opts["processes"] == 1
     assert opts["queue"] == "debug" and opts["walltime"] == "00:10:00"
-    assert opts["scheduler_options"] == {"dashboard": False, "host": "127.0.0.1", "port": 8786}
+    assert opts["scheduler_options"] == {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1",
+                                         "port": 8786}
     assert opts["job_name"] == "sine-1-dask"
     assert "security" not in opts
     secure = ts.jobqueue_options(cfg, tmp_path / "sine-1", ts.ListenPlan("10.0.0.5", tls=True), object())  # type: ignore[arg-type]

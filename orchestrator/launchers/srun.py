@@ -9,8 +9,9 @@ exactly: one node, an even split (``--ntasks-per-node``), or an uneven split
 The ranks' stdout/stderr go to the run's log files (written by slurmstepd);
 srun's own messages go to ``srun.log`` with ``-v``, which is where the step id
 and the hosts come from (:func:`parse_srun_log`). A timeout or a cancellation
-ends srun (SIGTERM, which cancels the step) and then makes sure Slurm lists no
-step of that name any more, cancelling it with ``scancel`` if needed.
+ends srun (SIGTERM, which cancels the step); after that, and after any failed
+run, the launcher makes sure Slurm lists no step of that name any more,
+cancelling it with ``scancel`` if needed, before the slots are handed out again.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ async def end_steps(job_id: str, name: str, timeout: float = STEP_GONE_TIMEOUT_S
     Returns the step ids that were still listed (and so were cancelled here): a
     plain ``scancel`` first (SIGTERM, then SIGKILL after Slurm's KillWait), then
     ``scancel --signal=KILL`` on later rounds. Slurm offers no event for a
-    step's end, so this polls ``squeue``, briefly and only on the timeout/cancel path.
+    step's end, so this polls ``squeue``, briefly and only after a failure, timeout or cancel.
     """
     cancelled: list[str] = []
     deadline = time.monotonic() + timeout

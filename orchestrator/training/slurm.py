@@ -38,7 +38,7 @@ from distributed.security import Security
 from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
-from orchestrator.launchers.srun import end_steps, parse_srun_log, srun_env, step_argv
+from orchestrator.launchers.srun import end_steps, parse_srun_log, srun_env, srun_errors, step_argv
 from orchestrator.procs import KILL_GRACE_S, kill_group, run_checked, tail
 from orchestrator.training.backends import Backend
 
@@ -56,6 +56,8 @@ WORKER_EXIT_TIMEOUT_S = 15.0
 """After the scheduler closed, the worker step has this long to end by itself."""
 WORKER_DEATH_TIMEOUT_S = 60
 """A worker whose scheduler vanished (coordinator killed) exits after this."""
+HTTP_ADDRESS = "127.0.0.1:0"
+"""The scheduler's HTTP server (health, metrics; no dashboard) stays on loopback, any free port."""
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class AllocationBackend(Backend):
         self.dask_dir.mkdir(parents=True, exist_ok=True)
         tls_flags = write_worker_tls(security, self.dask_dir / "tls") if security is not None else []
         self.scheduler = await Scheduler(host=self.listen.host, port=0, protocol=self.listen.protocol,
-                                         security=security, dashboard=False)
+                                         security=security, dashboard=False, dashboard_address=HTTP_ADDRESS)
         log.info("dask scheduler at %s (tls %s)", self.scheduler.address, self.listen.tls)
         argv = [
             *step_argv(self.cfg.workers, cpus_per_task=self.cfg.threads_per_worker, placement=placement,
@@ -262,8 +264,12 @@ class AllocationBackend(Backend):
             return
         what = (f"the worker step exited with {proc.returncode}" if exited in done
                 else f"not all {self.cfg.workers} workers connected within {WORKER_START_TIMEOUT_S:g} s")
-        raise TrainingError(f"dask workers did not start: {what}; {self.log_path}: "
-                            f"{tail(self.log_path, 8) or '(empty)'}")
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        shown = srun_errors(text) or [tail(self.log_path, 8) or "(empty)"]
+        raise TrainingError(f"dask workers did not start: {what}; {self.log_path}: {' | '.join(shown)}")
 
     async def close(self) -> None:
         if self.client is not None:
@@ -315,7 +321,7 @@ def jobqueue_options(
     the scheduler's host or interface.
     """
     user = dict(cfg.jobqueue)
-    scheduler: dict[str, Any] = {"dashboard": False}
+    scheduler: dict[str, Any] = {"dashboard": False, "dashboard_address": HTTP_ADDRESS}
     if listen is not None:
         scheduler["host"] = listen.host
     scheduler.update(user.pop("scheduler_options", None) or {})
