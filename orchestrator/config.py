@@ -121,9 +121,10 @@ class PolicyConfig(_Strict):
 class TrainingConfig(_Strict):
     """The surrogate and where it trains."""
 
-    backend: Literal["local", "allocation", "jobqueue"] = "local"
+    backend: Literal["auto", "local", "allocation", "jobqueue"] = "auto"
     """local: a Dask LocalCluster; allocation: ``dask worker`` started with srun
-    inside the Slurm allocation; jobqueue: dask_jobqueue.SLURMCluster jobs."""
+    inside the Slurm allocation; jobqueue: dask_jobqueue.SLURMCluster jobs;
+    auto: allocation inside Slurm, local outside."""
     workers: int = Field(default=1, ge=1)
     """Dask workers."""
     threads_per_worker: int = Field(default=1, ge=1)

@@ -99,6 +99,14 @@ def _cap(nodes: list[Node], slots: int) -> list[Node]:
     return out
 
 
+def resolve_auto(cfg: LoopConfig, alloc: Allocation) -> LoopConfig:
+    """The config with ``training.backend: auto`` made concrete for this allocation."""
+    if cfg.training.backend != "auto":
+        return cfg
+    backend = "allocation" if alloc.in_slurm else "local"
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"backend": backend})})
+
+
 def make_launcher(sim: SimConfig, alloc: Allocation) -> Launcher:
     """The launcher a sim asks for; ``auto`` is srun inside Slurm, mpiexec outside."""
     kind = sim.launcher
@@ -182,6 +190,7 @@ async def run(
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
     binaries = resolve_binaries(cfg, loop_file if loop_file is not None else store.root / LOOP)
     alloc = Allocation.detect()
+    cfg = resolve_auto(cfg, alloc)
     plan = plan_slots(alloc, cfg)
     launchers = {role: make_launcher(getattr(cfg.sims, role), alloc) for role in ("check", "generate")}
     backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)

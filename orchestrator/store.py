@@ -66,7 +66,12 @@ class RunStore:
 
     @classmethod
     def create(cls, workdir: Path, name: str, loop_file: Path) -> RunStore:
-        """Make a fresh run directory (mode 0700) with a copy of loop.yml."""
+        """Make a fresh run directory (mode 0700) with a copy of loop.yml.
+
+        The path is made absolute: sims run with their own directory as working
+        directory, so every path handed to them must not depend on ours.
+        """
+        workdir = workdir.resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         for i in range(1000):
@@ -87,6 +92,7 @@ class RunStore:
     @classmethod
     def open(cls, root: Path) -> RunStore:
         """An existing run directory (for resume, status, report)."""
+        root = root.resolve()
         if not (root / STATE).is_file():
             raise StoreError(f"{root} is not a run directory (no {STATE}); give the directory `run` printed")
         return cls(root)

@@ -115,3 +115,17 @@ def test_multi_input_placeholders(tmp_path: Path) -> None:
     cfg["sims"]["generate"]["args"] = ["--lo", "{lo}"]  # {lo} exists for one input only
     with pytest.raises(ConfigError, match=r"unknown placeholder \{lo\}"):
         load_config(write_loop(tmp_path, cfg))
+
+
+def test_auto_backend_follows_the_allocation(tmp_path: Path) -> None:
+    from orchestrator.allocation import Allocation, Node
+    from orchestrator.runner import resolve_auto
+
+    cfg = load_config(write_loop(tmp_path, fast_loop()))
+    assert cfg.training.backend == "auto"
+    local = Allocation(nodes=(Node("box", 2),), in_slurm=False, job_id=None)
+    slurm = Allocation(nodes=(Node("n1", 8), Node("n2", 8)), in_slurm=True, job_id="7")
+    assert resolve_auto(cfg, local).training.backend == "local"
+    assert resolve_auto(cfg, slurm).training.backend == "allocation"
+    pinned = load_config(write_loop(tmp_path, fast_loop(**{"training.backend": "jobqueue"})))
+    assert resolve_auto(pinned, slurm).training.backend == "jobqueue"
