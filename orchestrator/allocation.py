@@ -332,15 +332,16 @@ class SlotPool:
         if max_nodes is not None and max_nodes < 1:
             raise ValueError(f"max_nodes must be at least 1, got {max_nodes}")
 
-    def _plan(self, n: int, max_nodes: int | None) -> list[tuple[str, int]] | None:
-        """Greedy most-free-first plan; it uses the fewest nodes possible."""
+    def _plan(self, n: int, max_nodes: int | None, per_node: int | None = None) -> list[tuple[str, int]] | None:
+        """Greedy most-free-first plan; it uses the fewest nodes possible (at most
+        ``per_node`` slots on each)."""
         order = sorted(self._free.items(), key=lambda kv: -kv[1])  # stable on ties
         plan: list[tuple[str, int]] = []
         remaining = n
         for name, free in order:
             if remaining == 0 or free == 0:
                 break
-            take = min(free, remaining)
+            take = min(free, remaining, per_node or free)
             plan.append((name, take))
             remaining -= take
         if remaining > 0:
@@ -349,10 +350,13 @@ class SlotPool:
             return None
         return plan
 
-    def try_acquire(self, n: int, *, max_nodes: int | None = None) -> Placement | None:
-        """Take ``n`` slots now on at most ``max_nodes`` nodes, or return None."""
+    def try_acquire(
+        self, n: int, *, max_nodes: int | None = None, per_node: int | None = None
+    ) -> Placement | None:
+        """Take ``n`` slots now on at most ``max_nodes`` nodes (``per_node`` at most on
+        each), or return None."""
         self._check_request(n, max_nodes)
-        plan = self._plan(n, max_nodes)
+        plan = self._plan(n, max_nodes, per_node)
         if plan is None:
             return None
         for name, count in plan:
@@ -378,8 +382,8 @@ class SlotPool:
 
     # -- asyncio API
 
-    def _max_possible(self, max_nodes: int | None) -> int:
-        sizes = sorted(self._capacity.values(), reverse=True)
+    def _max_possible(self, max_nodes: int | None, per_node: int | None = None) -> int:
+        sizes = sorted((min(c, per_node or c) for c in self._capacity.values()), reverse=True)
         return sum(sizes if max_nodes is None else sizes[:max_nodes])
 
     def _condition(self) -> asyncio.Condition:
@@ -389,17 +393,19 @@ class SlotPool:
             self._loop = loop
         return self._cond
 
-    async def acquire(self, n: int, *, max_nodes: int | None = None) -> Placement:
+    async def acquire(self, n: int, *, max_nodes: int | None = None, per_node: int | None = None) -> Placement:
         """Wait until ``n`` slots are free, take them and return the placement.
 
         Raises ValueError at once when ``n`` can never fit in the pool.
         """
         self._check_request(n, max_nodes)
-        possible = self._max_possible(max_nodes)
+        possible = self._max_possible(max_nodes, per_node)
         if n > possible:
             where = f"{len(self._capacity)} node(s)"
             if max_nodes is not None:
                 where = f"at most {max_nodes} of {where}"
+            if per_node is not None:
+                where += f" with at most {per_node} per node"
             raise ValueError(
                 f"asked for {n} slots but only {possible} exist on {where} "
                 f"(capacity {self.capacity}); lower the number of ranks or ask "
@@ -407,7 +413,7 @@ class SlotPool:
             )
         cond = self._condition()
         async with cond:
-            while (placement := self.try_acquire(n, max_nodes=max_nodes)) is None:
+            while (placement := self.try_acquire(n, max_nodes=max_nodes, per_node=per_node)) is None:
                 await cond.wait()
             return placement
 

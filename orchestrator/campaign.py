@@ -25,7 +25,7 @@ import numpy as np
 from orchestrator import policy as pol
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, SimConfig, flat_dict, render_args
-from orchestrator.errors import Interrupted, OrchestratorError, SimKindFailed, StoreError
+from orchestrator.errors import Interrupted, OrchestratorError, ResourceError, SimKindFailed, StoreError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
 from orchestrator.progress import Progress, Snapshot
 from orchestrator.store import LOOP, RunStore
@@ -208,7 +208,10 @@ class Campaign:
         self.state.launch_counter += 1
         run_id = f"{role}-{self.state.launch_counter:06d}"
         fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks}
-        placement = await self.pool.acquire(sim.ranks)
+        try:
+            placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
+        except ValueError as exc:
+            raise ResourceError(f"sims.{role}: {exc}") from exc
         try:
             req = LaunchRequest(
                 run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),

@@ -350,3 +350,12 @@ def test_release_from_another_thread_wakes_waiter() -> None:
         assert got.ntasks == 1
 
     asyncio.run(main())
+
+
+def test_per_node_cap_spreads_a_request() -> None:
+    pool = SlotPool([Node("n1", 8), Node("n2", 8), Node("n3", 8)])
+    placement = pool.try_acquire(6, per_node=2)
+    assert placement is not None and placement.per_node == (("n1", 2), ("n2", 2), ("n3", 2))
+    assert pool.try_acquire(7, per_node=2) is None  # only 6 more at 2 per node
+    with pytest.raises(ValueError, match="with at most 2 per node"):
+        asyncio.run(pool.acquire(7, per_node=2))

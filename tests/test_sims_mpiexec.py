@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchestrator import shm
 from orchestrator.launchers.base import LaunchRequest, Outcome, SimResult
 from orchestrator.launchers.mpiexec import MpiexecLauncher
 from tests.conftest import pids_of, sim
@@ -88,19 +89,30 @@ def faulty(tmp_path: Path, fault: str, *, timeout: float = 30, ranks: int = 2) -
     return run(request(tmp_path, "sim-faulty", args, ranks, timeout=timeout, run_id=fault))
 
 
-def test_segfault_is_a_failed_run(tmp_path: Path) -> None:
-    r = faulty(tmp_path, "crash")
+def leaked_segments(before: set[str]) -> set[str]:
+    """MPI shared-memory segments that appeared since ``before`` and nobody maps."""
+    mapped = shm.mapped_paths()
+    return {n for n in shm.snapshot() - before if str(shm.SHM_DIR / n) not in mapped}
+
+
+def test_segfault_is_a_failed_run_and_leaves_no_shared_memory(tmp_path: Path) -> None:
+    before = shm.snapshot()
+    r = faulty(tmp_path, "crash", ranks=3)
     assert r.outcome is Outcome.FAILED
     assert "injected segfault" in r.message
     assert r.table is None
+    assert r.info.get("shm_removed"), "the killed ranks' segment should have been swept"
+    assert leaked_segments(before) == set()
 
 
 def test_hung_sim_is_killed_at_its_timeout_with_no_process_left(tmp_path: Path) -> None:
+    before = shm.snapshot()
     t0 = time.monotonic()
     r = faulty(tmp_path, "hang", timeout=2.0, ranks=3)
     assert r.outcome is Outcome.TIMEOUT
     assert time.monotonic() - t0 < 10
     assert pids_of(str(tmp_path / "hang")) == [], "ranks of the hung sim survived"
+    assert leaked_segments(before) == set(), "the killed ranks' shared memory was left in /dev/shm"
 
 
 @pytest.mark.parametrize(("fault", "message"), [

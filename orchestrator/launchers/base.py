@@ -7,6 +7,7 @@ Subclasses only say how the command is built (:meth:`Launcher.command`).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import os
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from orchestrator import shm
 from orchestrator.allocation import Placement
 from orchestrator.errors import LaunchError
 from orchestrator.procs import ProcessOutcome, supervise, tail
@@ -133,6 +135,7 @@ class Launcher(ABC):
         """Run one attempt to its end and classify it."""
         req.workdir.mkdir(parents=True, exist_ok=True)
         argv = self.command(req)
+        segments = shm.snapshot()
         started = time.time()
         try:
             proc = await supervise(
@@ -141,9 +144,21 @@ class Launcher(ABC):
             )
         except FileNotFoundError as exc:
             raise LaunchError(f"sim {req.run_id}: cannot start {argv[0]!r}: {exc.strerror}") from exc
+        except asyncio.CancelledError:
+            shm.sweep(segments, started, time.time())
+            raise
         result = self.classify(req, proc, started)
         result.info.update(self.launch_info(req, proc))
+        self.sweep_segments(result, segments)
         return result
+
+    @staticmethod
+    def sweep_segments(result: SimResult, before: set[str]) -> None:
+        """After a crash or timeout, remove the shared-memory segments the run's killed ranks left."""
+        if result.outcome in (Outcome.FAILED, Outcome.TIMEOUT):
+            removed = shm.sweep(before, result.started_wall, time.time())
+            if removed:
+                result.info["shm_removed"] = removed
 
     def classify(self, req: LaunchRequest, proc: ProcessOutcome, started: float) -> SimResult:
         """Turn a finished process into a SimResult, reading and checking the table."""

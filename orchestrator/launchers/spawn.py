@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from orchestrator import shm
 from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description
@@ -286,6 +287,7 @@ class SpawnLauncher(Launcher):
         message = {"op": "spawn", "id": req.run_id, "command": spawn[0], "args": spawn[1:],
                    "maxprocs": req.ranks, "info": self.spawn_info(req), "wdir": str(req.workdir.absolute()),
                    "binary": str(req.binary.absolute()), "timeout_s": req.timeout_s}
+        segments = shm.snapshot()
         started, t0 = time.time(), time.monotonic()
         for attempt in (1, 2):
             agent, fresh = await self._checkout()
@@ -302,6 +304,7 @@ class SpawnLauncher(Launcher):
             break
         result = self._classify(req, reply, payload, started, time.monotonic() - t0)
         result.info.update(facts)
+        self.sweep_segments(result, segments)
         if "timing" in reply:
             result.info["agent_timing"] = reply["timing"]
         return result

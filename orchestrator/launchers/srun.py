@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from orchestrator import shm
 from orchestrator.allocation import Allocation, Placement
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
@@ -208,6 +209,7 @@ class SrunLauncher(Launcher):
         for path in (req.stdout_path, req.stderr_path):
             path.write_bytes(b"")  # slurmstepd appends (several nodes share the files)
         argv = self.command(req)
+        segments = shm.snapshot()
         started = time.time()
         try:
             proc = await supervise(argv, env=self.environment(req), stdout=Path(os.devnull),
@@ -216,6 +218,7 @@ class SrunLauncher(Launcher):
             raise LaunchError(f"sim {req.run_id}: cannot start {argv[0]!r}: {exc.strerror}") from exc
         except asyncio.CancelledError:
             await asyncio.shield(end_steps(self.job_id, req.run_id))
+            shm.sweep(segments, started, time.time())
             raise
         result = self.classify(req, proc, started)
         result.info.update(self.launch_info(req, proc))
@@ -225,6 +228,7 @@ class SrunLauncher(Launcher):
             cancelled = await end_steps(self.job_id, req.run_id)
             if cancelled:
                 result.info["scancelled"] = cancelled
+        self.sweep_segments(result, segments)
         return result
 
     def _srun_log(self, req: LaunchRequest) -> str:
