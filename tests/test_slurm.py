@@ -131,9 +131,7 @@ def test_campaign_in_allocation_spreads_sims_and_trains_on_allocation_workers(
 ) -> None:
     cfg = fast_loop(**{"sims.generate.ranks": 6, "policy.max_inflight": 2, "training.backend": "allocation",
                        "training.workers": 1})
-    cfg["sims"]["generate"]["args"] += ["--work-ms", "500"]
-    for role in ("check", "generate"):
-        cfg["sims"][role]["env"] = MPI_ENV
+    cfg["sims"]["generate"]["args"] += ["--work-ms", "500"]  # no MPI_ENV: the launcher's multi-node default
     loop = write_loop(tmp_path, cfg)
     work = tmp_path / "runs"
     proc, probed = in_allocation(slurm_env, tmp_path / "probe", [

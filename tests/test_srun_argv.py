@@ -283,3 +283,14 @@ def test_backends_do_no_work_when_built(tmp_path: Path) -> None:
         assert isinstance(backend, cls)
         assert backend.describe() == {"backend": kind, "tls": None}
     assert not (tmp_path / "r").exists()
+
+
+def test_multi_node_steps_default_to_the_ofi_netmod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MPIR_CVAR_CH4_NETMOD", raising=False)
+    launcher = SrunLauncher(ALLOC)
+    multi = launcher.environment(req(tmp_path, 6, (("n1", 3), ("n2", 3))))
+    single = launcher.environment(req(tmp_path, 6, (("n1", 6),)))
+    mine = launcher.environment(req(tmp_path, 6, (("n1", 3), ("n2", 3)), env={"MPIR_CVAR_CH4_NETMOD": "ucx"}))
+    assert multi["MPIR_CVAR_CH4_NETMOD"] == "ofi"
+    assert "MPIR_CVAR_CH4_NETMOD" not in single
+    assert mine["MPIR_CVAR_CH4_NETMOD"] == "ucx"

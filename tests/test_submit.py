@@ -356,7 +356,7 @@ def squeue_state(job: str, env: dict[str, str]) -> str:
 def submit_job(loop: Path, workdir: Path, env: dict[str, str], *flags: str, cwd: Path) -> tuple[str, Path]:
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "submit", str(loop), "--workdir", str(workdir), "--nodes", "1",
-         "--ntasks-per-node", "4", "--time", "10", "--partition", "debug", *flags],  # 4: fits beside others' jobs
+         "--ntasks-per-node", "5", "--time", "10", "--partition", "debug", *flags],  # 5: 4 sim ranks + 1 Dask worker
         env=env, capture_output=True, text=True, timeout=60, cwd=cwd, check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -133,6 +133,14 @@ def step_argv(
     return [*argv, *extra]
 
 
+# Machine fact (Slurm 22.05 pmi2 + the PyPI mpich's UCX netmod): ranks on different
+# nodes fail to wire up ("addr version 4" assertions, hangs in MPI_Init); the
+# libfabric netmod works. Only a default for multi-node steps, so a user's own
+# setting wins and single-node steps (and spawned sims, whose parent must use the
+# same netmod) keep MPICH's choice. Other MPIs ignore MPIR_CVAR_* variables.
+MULTI_NODE_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
+
+
 def srun_env(base: dict[str, str]) -> dict[str, str]:
     """``base`` minus the srun input variables that could override our placement."""
     return {k: v for k, v in base.items() if k not in SRUN_INPUT_ENV}
@@ -201,7 +209,11 @@ class SrunLauncher(Launcher):
         return [*head, str(req.binary.absolute()), *req.args, "--out", str(req.out_path.absolute())]
 
     def environment(self, req: LaunchRequest) -> dict[str, str]:
-        return srun_env(super().environment(req))
+        env = srun_env(super().environment(req))
+        if req.placement is not None and len(req.placement.nodes) > 1:
+            for key, value in MULTI_NODE_ENV.items():
+                env.setdefault(key, value)
+        return env
 
     async def run(self, req: LaunchRequest) -> SimResult:
         """Run the step; after a timeout, failure or cancellation make sure Slurm ended it."""
