@@ -34,6 +34,8 @@ from orchestrator.training.backends import Backend, Trainer
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+BACKEND_HEAD_START_S = 2.0
+"""The longest the first sims wait for the Dask workers' processes to be up (not warm)."""
 
 
 class Status(enum.Enum):
@@ -448,9 +450,14 @@ class Campaign:
         self.store.event("campaign_start", resumed=self.resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
                          sim_slots=self.pool.free)
         try:
-            # Dask and MLflow start while the first sims already run.
-            self._backend_ready = asyncio.ensure_future(self._start_backend())
+            # Dask and MLflow start while the first sims already run. The Dask workers get a
+            # short head start: on a small box, starting many MPI ranks at the same moment
+            # slows the worker processes' start far more than the head start delays the sims.
+            backend_up = asyncio.Event()
+            self._backend_ready = asyncio.ensure_future(self._start_backend(backend_up))
             self._tracking_ready = asyncio.ensure_future(self._start_tracking())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(backend_up.wait(), BACKEND_HEAD_START_S)
             reason = await self.loop()
             status = (Status.INTERRUPTED if reason is None
                       else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
@@ -472,8 +479,11 @@ class Campaign:
             raise error
         return CampaignResult(status, summary)
 
-    async def _start_backend(self) -> None:
-        await self.backend.start()
+    async def _start_backend(self, up: asyncio.Event) -> None:
+        try:
+            await self.backend.start()
+        finally:
+            up.set()
         seconds = await self.trainer.warm_up()
         self.store.event("training_backend", warm_up_s=round(seconds, 3), **self.backend.describe())
 
