@@ -93,6 +93,8 @@ class CheckResult:
     version: int
     predicted: list[float] | None
     truth: list[float] | None
+    prechecked: bool = False
+    """The truth came from a check sim run ahead, while the model trained."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Campaign:
         self.hi = np.array([i.hi for i in cfg.inputs])
         self._tasks: dict[asyncio.Task[Any], str] = {}
         self._training_files: set[str] = set()
+        self._known: list[tuple[list[float], list[float] | None]] = []
+        """Query points whose check sim already ran (prechecks), with their truth."""
         """Data files the in-flight training uses; they leave ``untrained`` only when it ends."""
         self._consecutive_failures = {"check": 0, "generate": 0}
         self._interrupt = asyncio.Event()
@@ -161,6 +165,7 @@ class Campaign:
         return pol.View(
             model_version=s.model_version, training=self._inflight("train") > 0,
             checks_inflight=self._inflight("check"), failed_current=s.failed_current,
+            checks_known=len(self._known), prechecks_inflight=self._inflight("precheck"),
             generates_inflight=self._inflight("generate"),
             untrained_runs=sum(1 for f in s.untrained if f not in self._training_files),
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
@@ -179,7 +184,7 @@ class Campaign:
         s = self.state
         self.progress.update(Snapshot(
             self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self.cfg.target.successes,
-            s.data_points, self._inflight("check"), self._inflight("generate"), self._inflight("train") > 0,
+            s.data_points, self._inflight("check") + self._inflight("precheck"), self._inflight("generate"), self._inflight("train") > 0,
             s.sims_launched, s.sims_failed, s.last_error, self.elapsed,
         ))
 
@@ -247,17 +252,32 @@ class Campaign:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks[task] = kind
 
-    def _next_query(self) -> list[float]:
-        if self.state.recheck:
-            return self.state.recheck.pop(0)
+    def _random_point(self) -> list[float]:
         return [float(v) for v in self.rng.uniform(self.lo, self.hi)]
 
-    async def _check(self, x: list[float], version: int, model: bytes) -> CheckResult:
+    def _next_query(self) -> tuple[list[float], list[float] | None]:
+        """A failed point again first, then a point whose truth a precheck already knows."""
+        if self.state.recheck:
+            return self.state.recheck.pop(0), None
+        if self._known:
+            return self._known.pop(0)
+        return self._random_point(), None
+
+    @staticmethod
+    def _truth_of(sim: SimResult | None, x: list[float]) -> list[float] | None:
+        return None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
+
+    async def _precheck(self, x: list[float]) -> tuple[list[float], list[float] | None]:
+        """The check sim at a future query point: its truth does not depend on the model."""
+        values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
+        return x, self._truth_of(await self.run_sim("check", values), x)
+
+    async def _check(self, x: list[float], version: int, model: bytes, known: list[float] | None) -> CheckResult:
         values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
         await self.trainer_ready()
         pred_task = asyncio.ensure_future(self.trainer.evaluate(model, [x]))
         try:
-            sim = await self.run_sim("check", values)
+            sim = None if known is not None else await self.run_sim("check", values)
             predicted = (await pred_task)[0]
         except asyncio.CancelledError:
             if x in self.state.failed_points:  # a re-check: keep it for the resumed run
@@ -265,8 +285,8 @@ class Campaign:
             raise
         finally:
             pred_task.cancel()
-        truth = None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
-        return CheckResult(x, version, predicted, truth)
+        return CheckResult(x, version, predicted, known if known is not None else self._truth_of(sim, x),
+                           prechecked=known is not None)
 
     async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
         values: dict[str, float | int] = {"seed": seed}
@@ -305,8 +325,11 @@ class Campaign:
             elif isinstance(action, pol.StartChecks):
                 assert self.model_state is not None
                 for _ in range(action.count):
-                    self._spawn("check", self._check(self._next_query(), self.state.model_version,
-                                                     self.model_state))
+                    x, known = self._next_query()
+                    self._spawn("check", self._check(x, self.state.model_version, self.model_state, known))
+            elif isinstance(action, pol.StartPrechecks):
+                for _ in range(action.count):
+                    self._spawn("precheck", self._precheck(self._random_point()))
         return None
 
     # -- results ----------------------------------------------------------
@@ -328,7 +351,7 @@ class Campaign:
                 s.failed_points.append(r.x)
                 s.recheck.append(r.x)
         self.store.event("check", x=r.x, version=r.version, predicted=r.predicted, truth=r.truth, error=error,
-                         success=success, stale=stale, successes=s.successes)
+                         success=success, stale=stale, successes=s.successes, prechecked=r.prechecked)
         mark = "ok  " if success else "FAIL"
         self.progress.note(f"check {mark} x={_fmt(r.x)} surrogate={_fmt(r.predicted)} truth={_fmt(r.truth)} "
                            f"error={error:.4f} (model v{r.version}, successes {s.successes}/"
@@ -382,6 +405,9 @@ class Campaign:
         result = task.result()  # a SimKindFailed or TrainingError propagates: the campaign stops
         if kind == "check":
             self._on_check(result)
+        elif kind == "precheck":
+            if result[1] is not None:
+                self._known.append(result)
         elif kind == "generate":
             self._on_generate(result)
         elif kind == "train":

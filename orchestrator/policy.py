@@ -51,6 +51,9 @@ class View:
     elapsed_s: float = 0.0
     trainer_ready: bool = True
     """Dask workers are up (training waits for them; sims do not)."""
+    checks_known: int = 0
+    """Query points whose check sim already ran ahead of the model (prechecks)."""
+    prechecks_inflight: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,14 @@ class StartTraining:
     pass
 
 
-Action = Stop | StartChecks | StartGenerates | StartTraining
+@dataclass(frozen=True)
+class StartPrechecks:
+    """Run check sims at fresh query points before the model they will check exists."""
+
+    count: int
+
+
+Action = Stop | StartChecks | StartGenerates | StartTraining | StartPrechecks
 
 
 def stop_reason(v: View, target: TargetConfig, policy: PolicyConfig) -> StopReason | None:
@@ -125,6 +135,16 @@ def checks_wanted(v: View, policy: PolicyConfig) -> int:
     return max(0, policy.checks_per_round - v.checks_inflight)
 
 
+def prechecks_wanted(v: View, policy: PolicyConfig) -> int:
+    """Pipelined: while the next model is on its way, run its checks' sims already, so
+    checking it takes only an evaluation the moment it exists."""
+    # Before the first model, only once the workers are up: on a small box, many ranks
+    # starting at once would slow the workers' start, which is on the critical path.
+    if not policy.pipeline or not (v.training or (v.model_version == 0 and v.trainer_ready)):
+        return 0
+    return max(0, policy.checks_per_round - v.checks_known - v.prechecks_inflight)
+
+
 def decide(v: View, target: TargetConfig, policy: PolicyConfig) -> list[Action]:
     """The next actions for this state; a Stop, if any, comes alone."""
     reason = stop_reason(v, target, policy)
@@ -141,6 +161,9 @@ def decide(v: View, target: TargetConfig, policy: PolicyConfig) -> list[Action]:
     n_chk = checks_wanted(v, policy)
     if n_chk:
         actions.append(StartChecks(n_chk))
+    n_pre = prechecks_wanted(v, policy)
+    if n_pre:
+        actions.append(StartPrechecks(n_pre))
     return actions
 
 

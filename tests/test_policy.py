@@ -9,6 +9,7 @@ from orchestrator.config import PolicyConfig, TargetConfig
 from orchestrator.policy import (
     StartChecks,
     StartGenerates,
+    StartPrechecks,
     StartTraining,
     Stop,
     StopReason,
@@ -35,20 +36,20 @@ def test_data_in_trains_and_sequential_mode_waits() -> None:
 
 
 def test_pipelined_mode_prefetches_next_rounds_data_while_training() -> None:
-    acts = decide(View(untrained_runs=2), T, PIPE)
+    acts = decide(View(untrained_runs=2, checks_known=1), T, PIPE)
     assert acts == [StartTraining(), StartGenerates(4)]
     # and keeps up to max_inflight runs ahead of the training while it runs
-    assert decide(View(model_version=1, training=True, untrained_runs=1, generates_inflight=1), T, PIPE) == [
+    assert decide(View(model_version=1, training=True, untrained_runs=1, generates_inflight=1, checks_known=1), T, PIPE) == [
         StartGenerates(2)
     ]
-    assert decide(View(model_version=1, training=True, untrained_runs=3, generates_inflight=1), T, PIPE) == []
+    assert decide(View(model_version=1, training=True, untrained_runs=3, generates_inflight=1, checks_known=1), T, PIPE) == []
     # bounded by the data budget
     budget = PolicyConfig(pipeline=True, max_inflight=4, max_data_points=100)
-    assert decide(View(model_version=1, training=True, data_points=100), T, budget) == []
+    assert decide(View(model_version=1, training=True, data_points=100, checks_known=1), T, budget) == []
 
 
 def test_pipelined_mode_waits_for_a_rounds_worth_of_data() -> None:
-    assert decide(View(untrained_runs=1, generates_inflight=1), T, PIPE) == []
+    assert decide(View(untrained_runs=1, generates_inflight=1, checks_known=1), T, PIPE) == []
 
 
 def test_trained_model_gets_checked() -> None:
@@ -95,7 +96,7 @@ def test_last_round_model_is_still_checked() -> None:
 
 
 def test_last_round_training_does_not_prefetch() -> None:
-    v = View(model_version=3, training=True)
+    v = View(model_version=3, training=True, checks_known=1)
     assert decide(v, T, PIPE) == []
 
 
@@ -127,6 +128,18 @@ def test_near_failures_window_is_inside_the_domain() -> None:
 
 
 def test_training_waits_for_workers_but_sims_do_not() -> None:
-    v = View(untrained_runs=1, trainer_ready=False)
+    v = View(untrained_runs=1, trainer_ready=False, checks_known=1)
     assert decide(v, T, PIPE) == [StartGenerates(1)]
-    assert decide(View(untrained_runs=2, trainer_ready=False), T, PIPE) == []
+    assert decide(View(untrained_runs=2, trainer_ready=False, checks_known=1), T, PIPE) == []
+
+
+def test_prechecks_run_the_next_models_check_sims_while_it_trains() -> None:
+    p = PolicyConfig(pipeline=True, checks_per_round=3, max_inflight=1)
+    assert StartPrechecks(3) in decide(View(model_version=1, training=True), T, p)
+    assert StartPrechecks(1) in decide(View(model_version=1, training=True, checks_known=1, prechecks_inflight=1),
+                                       T, p)
+    assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1, training=True,
+                                                                     checks_known=3), T, p))
+    # not while a trained model is being checked, and never in sequential mode
+    assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1), T, p))
+    assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1, training=True), T, SEQ))
