@@ -184,7 +184,8 @@ class Campaign:
         s = self.state
         self.progress.update(Snapshot(
             self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self.cfg.target.successes,
-            s.data_points, self._inflight("check") + self._inflight("precheck"), self._inflight("generate"), self._inflight("train") > 0,
+            s.data_points, self._inflight("check") + self._inflight("precheck"), self._inflight("generate"),
+            self._inflight("train") > 0,
             s.sims_launched, s.sims_failed, s.last_error, self.elapsed,
         ))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -39,10 +41,9 @@ def test_pipelined_mode_prefetches_next_rounds_data_while_training() -> None:
     acts = decide(View(untrained_runs=2, checks_known=1), T, PIPE)
     assert acts == [StartTraining(), StartGenerates(4)]
     # and keeps up to max_inflight runs ahead of the training while it runs
-    assert decide(View(model_version=1, training=True, untrained_runs=1, generates_inflight=1, checks_known=1), T, PIPE) == [
-        StartGenerates(2)
-    ]
-    assert decide(View(model_version=1, training=True, untrained_runs=3, generates_inflight=1, checks_known=1), T, PIPE) == []
+    training = View(model_version=1, training=True, generates_inflight=1, checks_known=1)
+    assert decide(replace(training, untrained_runs=1), T, PIPE) == [StartGenerates(2)]
+    assert decide(replace(training, untrained_runs=3), T, PIPE) == []
     # bounded by the data budget
     budget = PolicyConfig(pipeline=True, max_inflight=4, max_data_points=100)
     assert decide(View(model_version=1, training=True, data_points=100, checks_known=1), T, budget) == []
