@@ -128,9 +128,11 @@ def bench_cpu_share(record: Record) -> None:
 
 def bench_near_failures(record: Record) -> None:
     # Little data per run and a tight tolerance, so the target takes several rounds.
-    common = ["sims.generate.ranks=2", "sims.generate.args=[--points-per-rank, '6', --lo, '{lo}', --hi, '{hi}', "
-              "--seed, '{seed}']", "sims.check.args=[--x, '{x}']", "target.tolerance=0.01",
-              "policy.checks_per_round=2", "target.max_rounds=40", "policy.near_failures_width=0.3"]
+    # Sequential rounds, so every generate run after the first answers a failed check.
+    common = ["sims.generate.ranks=2", "sims.generate.args=[--points-per-rank, '3', --lo, '{lo}', --hi, '{hi}', "
+              "--seed, '{seed}']", "sims.check.args=[--x, '{x}']", "target.tolerance=0.003",
+              "policy.checks_per_round=2", "policy.pipeline=false", "target.max_rounds=60",
+              "policy.near_failures_width=0.3"]
     points: dict[str, list[int]] = {"uniform": [], "near-failures": []}
     with tempfile.TemporaryDirectory() as tmp:
         for sampling in points:
