@@ -140,7 +140,7 @@ def prechecks_wanted(v: View, policy: PolicyConfig) -> int:
     checking it takes only an evaluation the moment it exists."""
     # Before the first model, only once the workers are up: on a small box, many ranks
     # starting at once would slow the workers' start, which is on the critical path.
-    if not policy.pipeline or not (v.training or (v.model_version == 0 and v.trainer_ready)):
+    if not (policy.pipeline and policy.precheck) or not (v.training or (v.model_version == 0 and v.trainer_ready)):
         return 0
     return max(0, policy.checks_per_round - v.checks_known - v.prechecks_inflight)
 

@@ -113,3 +113,20 @@ def test_seed_makes_a_campaign_reproducible(tmp_path: Path) -> None:
         queries.append(([e["x"] for e in events(run_dir) if e["event"] == "check"], np.load(first)))
     assert queries[0][0] == queries[1][0] and np.array_equal(queries[0][1], queries[1][1])
     assert queries[0][0] != queries[2][0]
+
+
+def test_prechecks_have_truths_ready_when_the_model_arrives(tmp_path: Path) -> None:
+    cfg = fast_loop(**{"policy.precheck": True, "policy.checks_per_round": 3})
+    cfg["sims"]["generate"]["args"] += ["--work-ms", "800"]
+    loop = write_loop(tmp_path, cfg)
+    work = tmp_path / "runs"
+    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = events(only_run_dir(work))
+    checks = [e for e in ev if e["event"] == "check"]
+    prechecked = [e for e in checks if e.get("prechecked")]
+    assert prechecked, "no check used a truth computed while the model trained"
+    assert all(abs(e["truth"][0] - np.sin(e["x"][0])) < 1e-12 for e in prechecked)
+    first_model = next(e["t"] for e in ev if e["event"] == "train_end")
+    check_sims = {e["run_id"]: e["t"] for e in ev if e["event"] == "sim_start" and e["role"] == "check"}
+    assert any(t < first_model for t in check_sims.values()), "check sims should start before the model exists"

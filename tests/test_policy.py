@@ -135,8 +135,9 @@ def test_training_waits_for_workers_but_sims_do_not() -> None:
 
 
 def test_prechecks_run_the_next_models_check_sims_while_it_trains() -> None:
-    p = PolicyConfig(pipeline=True, checks_per_round=3, max_inflight=1)
+    p = PolicyConfig(pipeline=True, precheck=True, checks_per_round=3, max_inflight=1)
     assert StartPrechecks(3) in decide(View(model_version=1, training=True), T, p)
+    assert StartPrechecks(3) not in decide(View(model_version=1, training=True), T, PolicyConfig(checks_per_round=3))
     assert StartPrechecks(1) in decide(View(model_version=1, training=True, checks_known=1, prechecks_inflight=1),
                                        T, p)
     assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1, training=True,
