@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -30,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.cluster import cluster_env  # noqa: E402
+
 SAMPLES = 40
 WARMUP = 3
-CLUSTER = ROOT / "scripts" / "slurm-test-cluster.sh"
 
 
 def _noop() -> Path:
@@ -85,30 +85,13 @@ def inside(out: Path, samples: int) -> None:
     out.write_text(json.dumps({"raw": raw, "ours": ours, "job": os.environ.get("SLURM_JOB_ID")}))
 
 
-def _cluster_env() -> dict[str, str]:
-    """The environment for Slurm clients of the test cluster (``make bench`` starts it)."""
-    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300,
-                             check=False)
-    if started.returncode != 0:
-        raise RuntimeError(f"{CLUSTER.name} start exited {started.returncode}: {started.stderr.strip()}")
-    exported = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True, timeout=30,
-                              check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    for line in exported.stdout.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export":
-            key, _, value = words[1].partition("=")
-            env[key] = value
-    return env
-
-
 def run(record: Callable[[str, float, str], None]) -> None:
     """Start an allocation on the test cluster, measure inside it, record the figures."""
     with tempfile.TemporaryDirectory(prefix="bench_launch_") as tmp:
         out = Path(tmp) / "samples.json"
         argv = ["salloc", "-N1", "-n2", "-t", "5", "-J", "bench-launch",
                 "timeout", "240", sys.executable, str(Path(__file__).resolve()), "--inside", str(out)]
-        proc = subprocess.run(argv, env=_cluster_env(), capture_output=True, text=True, timeout=600, check=False)
+        proc = subprocess.run(argv, env=cluster_env(), capture_output=True, text=True, timeout=600, check=False)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         data = json.loads(out.read_text())

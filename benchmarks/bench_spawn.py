@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -40,12 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.cluster import cluster_env  # noqa: E402
+
 RANKS = 4
 BLOCKS = 4
 PER_BLOCK = 6  # BLOCKS * PER_BLOCK = 24 samples per launcher
 WARMUP = 2
 SRUN_SAMPLES = 24
-CLUSTER = ROOT / "scripts" / "slurm-test-cluster.sh"
 TAG_HEADER, TAG_ROWS = 7701, 7702
 
 
@@ -158,19 +158,10 @@ def inside_srun(out: Path, samples: int) -> None:
 
 def _cluster_env() -> dict[str, str] | str:
     """Env for the test cluster's clients, or why it cannot run here."""
-    started = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300,
-                             check=False)
-    if started.returncode != 0:
-        return f"{CLUSTER.name} start exited {started.returncode}: {started.stderr.strip()[-300:]}"
-    exported = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True, timeout=30,
-                              check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    for line in exported.stdout.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export":
-            key, _, value = words[1].partition("=")
-            env[key] = value
-    return env
+    try:
+        return cluster_env()
+    except RuntimeError as exc:
+        return str(exc)
 
 
 def _srun(tmp: Path) -> tuple[list[float], str] | str:
