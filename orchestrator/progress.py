@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -41,7 +40,6 @@ class Progress:
         self.console = Console(stderr=True)
         self.live_enabled = self.console.is_terminal if enabled is None else enabled
         self._live: Live | None = None
-        self._last_line = 0.0
 
     def __enter__(self) -> Progress:
         if self.live_enabled:
@@ -76,7 +74,3 @@ class Progress:
         t.add_row("last check error", err)
         t.add_row("elapsed", f"{s.elapsed_s:.1f} s")
         return t
-
-    @staticmethod
-    def now() -> float:
-        return time.monotonic()
