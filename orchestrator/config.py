@@ -29,7 +29,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True)
 
 
 class InputSpec(_Strict):
@@ -56,8 +56,10 @@ class SimConfig(_Strict):
     """Executable: a name found next to the Python interpreter or on PATH, or a path
     (relative paths are relative to loop.yml)."""
     args: list[str] = []
-    """argv template. Placeholders in braces are filled from a fixed set of fields
-    (see :data:`CHECK_FIELDS`, :data:`GENERATE_FIELDS`); never through a shell."""
+    """argv template, never run through a shell. Placeholders in braces: ``{seed}``,
+    ``{run_id}``, ``{attempt}``, ``{ranks}``; for the check sim each input by name (``{x}``);
+    for the generate sim a window per input (``{x_lo}``, ``{x_hi}``; ``{lo}``, ``{hi}``
+    when there is one input). Format specs work: ``{x:.3f}``."""
     ranks: int = Field(default=1, ge=1, le=100_000)
     """MPI ranks per run."""
     ranks_per_node: int | None = Field(default=None, ge=1)
