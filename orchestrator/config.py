@@ -159,7 +159,8 @@ class ResourcesConfig(_Strict):
     """Whole nodes kept for training (allocation backend); overrides training_cores."""
     sim_slots: int | None = Field(default=None, ge=1)
     """Cap on sim slots; None: every CPU not kept for training. Outside Slurm the
-    local box may be oversubscribed up to this number (default: 2 x its CPUs)."""
+    local box may be oversubscribed up to this number (default: 2 x its CPUs, or
+    enough for one check and one generate sim side by side if that is more)."""
 
 
 class TrackingConfig(_Strict):

@@ -57,20 +57,36 @@ def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
             training = nodes[-cfg.resources.training_nodes:]
             nodes = nodes[: -cfg.resources.training_nodes]
         else:
-            cores = cfg.resources.training_cores
-            if cores is None:
-                cores = cfg.training.workers * cfg.training.threads_per_worker
-            nodes, training = _take_cores(nodes, cores)
+            nodes, training = _take_cores(nodes, training_cores(cfg))
     if cfg.resources.sim_slots:
         nodes = _cap(nodes, cfg.resources.sim_slots)
     total = sum(n.cpus for n in nodes)
     if largest > total:
+        kept = sum(n.cpus for n in training)
+        where = f"{alloc.total_cpus} CPUs in the allocation"
+        if kept:
+            where += f", {kept} kept for the Dask worker(s) (resources.training_cores)"
         raise ResourceError(
-            f"a sim asks for {largest} ranks but only {total} sim slots remain in this allocation "
-            f"({', '.join(f'{n.name}:{n.cpus}' for n in nodes)}); lower `ranks` or ask Slurm for more CPUs "
-            "(e.g. salloc -N3 --ntasks-per-node=8, or --exclusive for whole nodes)"
+            f"a sim asks for {largest} ranks but only {total} sim slots remain ({where}; sim slots: "
+            f"{', '.join(f'{n.name}:{n.cpus}' for n in nodes) or 'none'}); ask Slurm for at least "
+            f"{largest + kept} CPUs (e.g. salloc -N1 --ntasks-per-node={largest + kept}, or -N3 "
+            "--ntasks-per-node=8), or lower `ranks`"
         )
     return SlotPlan(nodes, training)
+
+
+def training_cores(cfg: LoopConfig) -> int:
+    """CPUs the allocation backend keeps for its Dask workers (none for other backends)."""
+    if cfg.training.backend not in ("auto", "allocation") or cfg.resources.training_nodes:
+        return 0
+    if cfg.resources.training_cores is not None:
+        return cfg.resources.training_cores
+    return cfg.training.workers * cfg.training.threads_per_worker
+
+
+def cpus_needed(cfg: LoopConfig) -> int:
+    """The fewest CPUs (in one allocation, outside training_nodes) a campaign can start with."""
+    return max(cfg.sims.check.ranks, cfg.sims.generate.ranks) + training_cores(cfg)
 
 
 def _take_cores(nodes: list[Node], cores: int) -> tuple[list[Node], list[Node]]:

@@ -24,7 +24,7 @@ import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -308,9 +308,43 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     )
 
 
+def _first_count(nodes: str | None) -> int:
+    return int(nodes.split("-", 1)[0]) if nodes else 1
+
+
+def fit_request(spec: JobSpec, needed: int) -> tuple[JobSpec, str | None]:
+    """Size a job that asks for no CPUs, refuse one that can never start the campaign.
+
+    ``needed`` is the fewest CPUs the campaign starts with (its largest sim plus the
+    cores kept for Dask workers, :func:`orchestrator.runner.cpus_needed`). Whole nodes
+    (``--exclusive``) are taken as enough: their size is the site's.
+    """
+    if spec.exclusive:
+        return spec, None
+    nodes = _first_count(spec.nodes)
+    if spec.ntasks_per_node is None:
+        per_node = -(-needed // nodes)
+        note = (f"sizing the job: --nodes={spec.nodes or 1} --ntasks-per-node={per_node} "
+                f"(the campaign needs {needed} CPUs; give --ntasks-per-node or --exclusive for more)")
+        return replace(spec, nodes=spec.nodes or "1", ntasks_per_node=per_node), note
+    have = nodes * spec.ntasks_per_node
+    if have < needed:
+        raise UsageError(
+            f"--nodes={spec.nodes or 1} --ntasks-per-node={spec.ntasks_per_node} gives {have} CPUs but the campaign "
+            f"needs at least {needed} (its largest sim plus the Dask worker's cores); raise --ntasks-per-node to "
+            f"{-(-needed // nodes)}, or use --exclusive"
+        )
+    return spec, None
+
+
 def main(args: argparse.Namespace) -> int:
     """``python -m orchestrator submit``."""
-    spec = spec_from_args(args)
+    from orchestrator.config import load_config
+    from orchestrator.runner import cpus_needed
+
+    spec, note = fit_request(spec_from_args(args), cpus_needed(load_config(args.loop, args.overrides)))
+    if note:
+        print(f"submit: {note}", file=sys.stderr)
     sub = prepare(args.loop, spec, workdir=args.workdir, overrides=args.overrides, new=args.new,
                   template=args.template)
     if args.dry_run:

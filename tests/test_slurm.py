@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -47,14 +49,15 @@ exit $rc
 
 def in_allocation(
     slurm_env: dict[str, str], probe_dir: Path, argv: Sequence[str], *, nodes: int = 3, per_node: int = 5,
-    extra_env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None, salloc: Sequence[str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """``salloc -N nodes --ntasks-per-node per_node`` running argv, then :func:`probe` inside it."""
+    """``salloc -N nodes --ntasks-per-node per_node`` (or ``salloc`` as given) running argv, then
+    :func:`probe` inside it."""
     probe_dir.mkdir(parents=True, exist_ok=True)
     env = {**slurm_client_env(slurm_env), "ORCH_PROBE": str(probe_dir), "ORCH_LIMIT": str(LIMIT_S),
            "ORCH_PYTHON": sys.executable, "PYTHONPATH": str(REPO), **(extra_env or {})}
-    cmd = ["salloc", "-N", str(nodes), f"--ntasks-per-node={per_node}", "-t", "10", "-J", "orch-test",
-           "bash", "-c", WRAPPER, "wrapper", *argv]
+    head = list(salloc) if salloc else ["salloc", "-N", str(nodes), f"--ntasks-per-node={per_node}", "-t", "10"]
+    cmd = [*head, "-J", "orch-test", "bash", "-c", WRAPPER, "wrapper", *argv]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=LIMIT_S + 300)
     probed = probe_dir / "probe.json"
     assert probed.exists(), f"salloc exited {proc.returncode} before the probe ran: {proc.stderr[-3000:]}"
@@ -181,6 +184,21 @@ def test_campaign_in_allocation_spreads_sims_and_trains_on_allocation_workers(
     # nothing left: no step listed, no slurmstepd of the job alive, no sim or worker process
     assert probed["steps"] == [] and probed["stepds"] == []
     assert pids_of(str(run_dir)) == []
+
+
+def test_readme_slurm_line_runs_the_sine_example(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """The README's salloc line, then its `run` of the sine example, exactly as a user types them."""
+    readme = (REPO / "README.md").read_text()
+    line = re.search(r"`(salloc [^`]+)` then the same `run`", readme)
+    assert line, "the README no longer shows its salloc line where this test looks"
+    work = tmp_path / "runs"
+    proc, probed = in_allocation(slurm_env, tmp_path / "probe", [
+        sys.executable, "-m", "orchestrator", "run", "examples/sine/loop.yml", "--workdir", str(work), "--no-live"],
+        salloc=shlex.split(line.group(1)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((only_run_dir(work) / "summary.json").read_text())
+    assert summary["target_met"] is True and summary["registered_model"] is not None
+    assert probed["steps"] == [] and probed["stepds"] == []
 
 
 # ---------------------------------------------------------------- a hung sim

@@ -24,7 +24,7 @@ from orchestrator.launchers.srun import (
     srun_errors,
     step_argv,
 )
-from orchestrator.runner import make_launcher, plan_slots
+from orchestrator.runner import cpus_needed, make_launcher, plan_slots
 from orchestrator.training import slurm as ts
 from orchestrator.training.backends import make_backend
 from tests.conftest import fast_loop
@@ -201,6 +201,19 @@ def test_plan_slots_keeps_training_cores_on_the_last_node() -> None:
     assert plan.training_nodes == [Node("n3", 1, 0)]
     jq = LoopConfig.model_validate(fast_loop(**{"training.backend": "jobqueue"}))
     assert plan_slots(alloc, jq).training_nodes == []
+
+
+def test_too_small_allocation_says_where_the_cpus_went_and_what_to_ask_for() -> None:
+    # `salloc -N1 --ntasks-per-node=4` for an 8-rank generate sim: one CPU kept for the Dask worker
+    alloc = Allocation(nodes=(Node("n1", 4),), in_slurm=True, job_id="9")
+    cfg = LoopConfig.model_validate(fast_loop(**{"training.backend": "allocation", "sims.generate.ranks": 8}))
+    with pytest.raises(ResourceError) as err:
+        plan_slots(alloc, cfg)
+    msg = str(err.value)
+    assert "asks for 8 ranks but only 3 sim slots remain" in msg
+    assert "4 CPUs in the allocation, 1 kept for the Dask worker(s)" in msg
+    assert "at least 9 CPUs (e.g. salloc -N1 --ntasks-per-node=9" in msg
+    assert cpus_needed(cfg) == 9
 
 
 def test_worker_placement_too_small() -> None:

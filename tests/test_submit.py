@@ -246,6 +246,25 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "w").exists()
 
 
+def test_a_job_that_asks_for_no_cpus_is_sized_for_the_campaign(capsys: pytest.CaptureFixture[str]) -> None:
+    # the sine example: an 8-rank generate sim, plus one core for the Dask worker
+    rc, out = run_cli("submit", str(SINE), "--time", "30", "--dry-run")
+    assert rc == 0
+    assert "#SBATCH --nodes=1\n" in out and "#SBATCH --ntasks-per-node=9\n" in out
+    assert "submit: sizing the job: --nodes=1 --ntasks-per-node=9 (the campaign needs 9 CPUs" in capsys.readouterr().err
+    rc, out = run_cli("submit", str(SINE), "--nodes", "3", "--dry-run")
+    assert rc == 0 and "#SBATCH --ntasks-per-node=3\n" in out
+    rc, out = run_cli("submit", str(SINE), "--exclusive", "--dry-run")
+    assert rc == 0 and "--ntasks-per-node" not in out
+
+
+def test_a_job_that_cannot_start_the_campaign_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["submit", str(SINE), "--nodes", "1", "--ntasks-per-node", "4", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "gives 4 CPUs but the campaign needs at least 9" in err and "--ntasks-per-node to 9" in err
+
+
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli.main(["submit", str(SINE), "--partition", "a\nb", "--dry-run"])
     err = capsys.readouterr().err
