@@ -20,6 +20,17 @@ log = logging.getLogger("orchestrator")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 
+DESCRIPTION = """\
+AI-in-the-loop campaigns: MPI simulations, a PyTorch surrogate trained on Dask,
+MLflow tracking; inside a Slurm allocation or on a laptop.
+
+  python -m orchestrator validate loop.yml     check a campaign file and its sims
+  python -m orchestrator run loop.yml          run (or resume) it until its target is met
+  python -m orchestrator status runs/NAME-...  where a run stands
+
+Every loop.yml key: docs/loop-yml.md. Exit codes of run: 0 target met, 3 stopped by a
+budget, 2 bad config or usage, 75 interrupted after a checkpoint (resumable), 1 other."""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (no usage dump) on a bad command line."""
@@ -29,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m orchestrator", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m orchestrator", description=DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

@@ -30,7 +30,11 @@ if [[ -f $stamp ]] && [[ -z $(find "${inputs[@]}" -newer "$stamp" 2>/dev/null) ]
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-echo "bootstrap: installing into $VENV (first time: a few minutes)" >&2
+if [[ -f $stamp ]]; then
+    echo "bootstrap: pyproject.toml, CMakeLists.txt or sims/ changed: updating $VENV" >&2
+else
+    echo "bootstrap: installing into $VENV (first time: a few minutes)" >&2
+fi
 # The build needs the MPI compiler wrappers of the mpich wheel in this venv:
 # the sims are then linked against the very libmpi they run with.
 pip install "scikit-build-core>=0.10" "cmake>=3.20" ninja "mpich==5.0.2"
