@@ -17,7 +17,8 @@ BAD = sorted((Path(__file__).parent / "configs" / "bad").glob("*.yml"))
 
 
 def expectation(path: Path) -> str:
-    first = path.read_text().splitlines()[0] if path.read_text() else ""
+    text = path.read_bytes().decode("utf-8", errors="replace")  # one file in the corpus is not UTF-8
+    first = text.splitlines()[0] if text else ""
     assert first.startswith("# expect: "), f"{path} lacks its '# expect:' line"
     return first.removeprefix("# expect: ")
 
