@@ -75,7 +75,15 @@ class SimConfig(_Strict):
     max_consecutive_failures: int = Field(default=10, ge=1)
     """Stop the campaign when this many runs of this kind fail in a row."""
     env: dict[str, str] = {}
-    """Extra environment variables for the sim's ranks."""
+    """Extra environment variables for the sim's ranks (names: letters, digits, ``_``)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _IDENT.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
+        return v
 
 
 class SimsConfig(_Strict):
