@@ -8,8 +8,10 @@ the target; 75 interrupted by a signal after checkpointing (resumable).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from orchestrator.errors import OrchestratorError
 log = logging.getLogger("orchestrator")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+"""OSErrors that are the machine's state, not a bug: one line, no traceback."""
 
 DESCRIPTION = """\
 AI-in-the-loop campaigns: MPI simulations, a PyTorch surrogate trained on Dask,
@@ -169,10 +173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+        return code
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `status RUN | head`: the reader has gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror}{where} (free space, fix permissions, or choose another --workdir)",
+              file=sys.stderr)
+        return EXIT_ERROR

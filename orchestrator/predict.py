@@ -281,6 +281,8 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.tracking import default_tracking_uri
 
     ref = ModelRef.parse(args.model)
+    if args.output is not None and not args.output.parent.is_dir():
+        raise UsageError(f"--output {args.output}: no directory {args.output.parent}; create it first")
     if args.tracking_uri and args.workdir:
         raise UsageError("give --tracking-uri or --workdir, not both")
     uri = args.tracking_uri or default_tracking_uri(args.workdir or Path("runs"))

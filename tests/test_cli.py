@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -15,3 +17,24 @@ def test_help_speaks_to_a_user_not_a_developer() -> None:
     assert "argument parsing" not in head and "logging setup" not in head
     assert "python -m orchestrator run loop.yml" in head and "docs/loop-yml.md" in head
     assert "75 interrupted" in head
+
+
+def test_a_closed_pipe_is_no_traceback() -> None:
+    """`python -m orchestrator validate loop.yml | head -0`: the reader is gone before we write."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", "examples/sine/loop.yml"],
+                              cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_predict_output_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "predict", "--model", "m", "--x", "1",
+                           "--output", str(tmp_path / "nope" / "out.npy")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: --output {tmp_path}/nope/out.npy: no directory {tmp_path}/nope; create it first\n"
