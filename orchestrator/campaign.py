@@ -25,6 +25,7 @@ import numpy as np
 from orchestrator import policy as pol
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, SimConfig, flat_dict, render_args
+from orchestrator.continual import ContinualState, DataFile
 from orchestrator.errors import Interrupted, OrchestratorError, ResourceError, SimKindFailed, StoreError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
 from orchestrator.progress import Progress, Snapshot
@@ -80,6 +81,8 @@ class State:
     last_error: float | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Metrics of each finished training."""
+    continual: dict[str, Any] = field(default_factory=dict)
+    """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:
@@ -131,6 +134,7 @@ class Campaign:
         self.progress = progress or Progress(enabled=False)
         self.resumed = state is not None
         self.state = state or State()
+        self.continual = ContinualState.from_json(self.state.continual)
         self.rng = np.random.default_rng(cfg.seed)
         if self.state.rng:
             self.rng.bit_generator.state = self.state.rng
@@ -175,6 +179,7 @@ class Campaign:
     def checkpoint(self) -> None:
         """Rewrite state.json (atomically) with the RNG and elapsed time."""
         self.state.rng = dict(self.rng.bit_generator.state)
+        self.state.continual = self.continual.to_json()
         snapshot = asdict(self.state)
         snapshot["elapsed_s"] = self.elapsed
         snapshot["config"] = flat_dict(self.cfg)
@@ -215,7 +220,8 @@ class Campaign:
     ) -> SimResult:
         self.state.launch_counter += 1
         run_id = f"{role}-{self.state.launch_counter:06d}"
-        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks}
+        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks,
+                  "campaign_time": self.continual.clock}
         try:
             placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
         except ValueError as exc:
@@ -486,6 +492,8 @@ class Campaign:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(backend_up.wait(), BACKEND_HEAD_START_S)
             reason = await self.loop()
+            if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled:
+                reason = await self._keep_current()
             status = (Status.INTERRUPTED if reason is None
                       else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
         except OrchestratorError as exc:
@@ -505,6 +513,44 @@ class Campaign:
         if error is not None:
             raise error
         return CampaignResult(status, summary)
+
+    async def _keep_current(self) -> pol.StopReason | None:
+        """Continual mode (:mod:`orchestrator.twin`) until its end (TARGET_MET) or a signal (None)."""
+        from orchestrator.twin import CampaignPorts, Twin
+
+        twin = Twin(self.cfg, self.continual, CampaignPorts(self), self.rng, lambda: self.elapsed)
+        if not self.continual.active:
+            assert self.model_state is not None
+            reg = await self.register_model(self.model_state)
+            twin.begin(self.state.model_version, None if reg is None else reg["version"], self._data_so_far())
+        task = asyncio.ensure_future(twin.run())
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return None
+        task.result()
+        return pol.StopReason.TARGET_MET
+
+    def _data_so_far(self) -> list[DataFile]:
+        out = []
+        for f in self.state.data_files:
+            path = self.store.root / f
+            out.append(DataFile(f, int(np.load(path, mmap_mode="r").shape[0]), path.stat().st_mtime))
+        return out
+
+    async def register_model(self, model: bytes) -> dict[str, str] | None:
+        """Register ``model`` under ``tracking.register_as`` (None without tracking)."""
+        if self.tracker is None or not self.cfg.tracking.register_as:
+            return None
+        if self._tracking_ready is not None:
+            await self._tracking_ready
+        return await asyncio.to_thread(self._register, model)
 
     async def _start_backend(self, up: asyncio.Event) -> None:
         try:
@@ -547,8 +593,13 @@ class Campaign:
 
     async def _finish(self, status: Status, reason: pol.StopReason | None) -> dict[str, Any]:
         registered = None
-        if status is Status.TARGET_MET and self.tracker is not None and self.cfg.tracking.register_as:
-            registered = await asyncio.to_thread(self._register)
+        c = self.continual
+        if c.active:
+            registered = None if c.champion_registered is None else {
+                "name": str(self.cfg.tracking.register_as), "version": c.champion_registered}
+        elif status is Status.TARGET_MET and self.tracker is not None and self.cfg.tracking.register_as:
+            assert self.model_state is not None
+            registered = await asyncio.to_thread(self._register, self.model_state)
         s = self.state
         summary = {
             "target_met": status is Status.TARGET_MET,
@@ -563,6 +614,10 @@ class Campaign:
             "wall_s": round(self.elapsed, 3),
             "registered_model": registered,
             "mlflow_run_id": s.mlflow_run_id,
+            "retrains": c.retrains,
+            "promotions": c.promotions,
+            "champion_version": c.champion_registered if c.champion_registered is not None else c.champion_model,
+            "drift_events": c.drift_events,
             "run_dir": str(self.store.root),
         }
         path = self.store.write_summary(summary)
@@ -572,11 +627,11 @@ class Campaign:
             await asyncio.to_thread(self._close_tracking, status, path)
         return summary
 
-    def _register(self) -> dict[str, str] | None:
+    def _register(self, model: bytes) -> dict[str, str] | None:
         from orchestrator.training import tasks
 
-        assert self.model_state is not None and self.tracker is not None
-        module = tasks.load_model(self.model_state, self.cfg.training.model, dict(self.cfg.training.model_kwargs))
+        assert self.tracker is not None
+        module = tasks.load_model(model, self.cfg.training.model, dict(self.cfg.training.model_kwargs))
         name = self.cfg.tracking.register_as
         assert name is not None
         reg = self.tracker.register_model(module, name)

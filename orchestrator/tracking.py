@@ -72,6 +72,7 @@ __all__ = [
     "default_tracking_uri",
     "flatten_params",
     "load_registered_model",
+    "model_alias",
 ]
 
 logger = logging.getLogger(__name__)
@@ -616,6 +617,16 @@ class Tracker:
         logger.info("registered model %s version %s", name, registered.version)
         return registered
 
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point registry alias ``alias`` of model ``name`` at ``version`` (e.g. the champion).
+
+        Raises:
+            TrackingError: MLflow failed (unknown name or version).
+        """
+        client, _ = self._require_run("set a model alias")
+        with _wrap(f"set alias {alias!r} of model {name!r} to version {version}", self.tracking_uri):
+            client.set_registered_model_alias(name, alias, str(version))
+
     def finish(self, status: _RunStatus) -> None:
         """Close the run with ``status``. A no-op if :meth:`start` never succeeded.
 
@@ -654,6 +665,24 @@ def _model_versions(client: MlflowClient, name: str) -> list[str]:
     escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     versions = client.search_model_versions(f"name='{escaped}'")
     return [str(v) for v in sorted(int(mv.version) for mv in versions if mv.name == name)]
+
+
+def model_alias(tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version registry alias ``alias`` of model ``name`` points at, or None if it is not set.
+
+    Raises:
+        TrackingError: The store is unusable.
+    """
+    client = _make_client(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    with _wrap(f"look up alias {alias!r} of model {name!r}", tracking_uri):
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise
 
 
 def load_registered_model(tracking_uri: str, name: str, version: str | int | None = None) -> torch.nn.Module:

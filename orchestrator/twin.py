@@ -86,18 +86,24 @@ class Twin:
                        reason="target_met")
         self.ports.checkpoint()
 
-    async def run(self, wait: Callable[[float], Awaitable[None]]) -> None:
-        """Monitoring rounds until the phase's round limit or time budget."""
+    async def run(self) -> None:
+        """Monitoring rounds until the phase's round limit or time budget (cancel it to stop)."""
         if self.s.champion_registered is not None:
             await self.ports.set_champion(self.s.champion_registered)
         while not ct.phase_over(self.s, self.ccfg, self.elapsed()):
-            await self.round()
+            saved = self.s.to_json()
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                # A round counts only whole: a resume runs it again from its start.
+                self.s.__dict__.update(ct.ContinualState.from_json(saved).__dict__)
+                raise
             if self.ccfg.cadence_s > 0 and not ct.phase_over(self.s, self.ccfg, self.elapsed()):
-                await wait(self.ccfg.cadence_s)
+                await asyncio.sleep(self.ccfg.cadence_s)  # a timer, cancelled by a signal like the rest
 
     async def round(self) -> None:
         s = self.s
-        clock = s.clock + 1
+        clock = s.rounds_done + 1
         s.clock = clock  # the sims of this round see the new campaign time
         checks = await self._checks()
         self._record_checks(clock, checks)
@@ -199,3 +205,73 @@ class Twin:
 def _error(predicted: list[float], truth: list[float] | None) -> float:
     assert truth is not None
     return max(abs(p - t) for p, t in zip(predicted, truth, strict=True))
+
+
+class CampaignPorts:
+    """:class:`TwinPorts` on a :class:`~orchestrator.campaign.Campaign`'s sims, workers, store and tracker."""
+
+    def __init__(self, campaign: Any) -> None:
+        self.c = campaign
+
+    async def check_truth(self, x: list[float]) -> list[float] | None:
+        values = {spec.name: v for spec, v in zip(self.c.cfg.inputs, x, strict=True)}
+        sim = await self.c.run_sim("check", values)
+        return None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
+
+    async def generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
+        accepted: tuple[str, int] | None = await self.c._generate(seed, lo, hi)
+        self.c._on_generate(accepted)
+        return accepted
+
+    async def evaluate(self, model: bytes, xs: list[list[float]]) -> list[list[float]]:
+        await self.c.trainer_ready()
+        result: list[list[float]] = await self.c.trainer.evaluate(model, xs)
+        return result
+
+    async def train(self, model: bytes | None, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
+        await self.c.trainer_ready()
+        rows = sum(d["rows"] for d in self.c.continual.data if d["path"] in files)
+        self.c.store.event("train_start", version=self.c.state.model_version + 1, files=len(files), rows=rows,
+                           challenger=True)
+        result: tuple[bytes, dict[str, float]] = await self.c.trainer.train(
+            model, [str(self.c.store.root / f) for f in files], seed)
+        return result
+
+    async def register(self, model: bytes) -> str | None:
+        if self.c.tracker is None or not self.c.cfg.tracking.register_as:
+            return None
+        reg: dict[str, str] | None = await self.c.register_model(model)
+        return None if reg is None else reg["version"]
+
+    async def set_champion(self, registered: str) -> None:
+        name = self.c.cfg.tracking.register_as
+        if self.c.tracker is None or not name:
+            return
+        await asyncio.to_thread(self.c.tracker.set_alias, name, self.c.cfg.continual.champion_alias, registered)
+
+    def model_bytes(self, version: int) -> bytes:
+        data: bytes = (self.c.store.models_dir / f"model-{version:04d}.pt").read_bytes()
+        return data
+
+    def save_model(self, model: bytes, metrics: dict[str, float], files: list[str]) -> int:
+        s = self.c.state
+        version = int(s.model_version) + 1
+        self.c.store.save_model(version, model)
+        s.model_version = version
+        metrics = {**metrics, "data_points": sum(d["rows"] for d in self.c.continual.data if d["path"] in files)}
+        s.rounds.append({"round": version, **metrics})
+        self.c.store.event("train_end", version=version, challenger=True, **metrics)
+        self.c._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        return version
+
+    def log(self, kind: str, **fields: Any) -> None:
+        self.c.store.event(kind, **fields)
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.c._track(metrics, step)
+
+    def note(self, text: str) -> None:
+        self.c.progress.note(text)
+
+    def checkpoint(self) -> None:
+        self.c.checkpoint()

@@ -1,0 +1,66 @@
+"""Continual mode end to end: the drifting example on real sims, real Dask, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_drifting_twin_retrains_on_recent_rows_and_promotes_only_a_winner(tmp_path: Path) -> None:
+    work = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(REPO / "examples/drift/loop.yml"),
+                           "--workdir", str(work), "--no-live"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [d for d in work.iterdir() if d.name.startswith("drift-")]
+    ev = events(run_dir)
+    initial_data = {e["path"] for e in ev if e["event"] == "data_accepted"
+                    and e["t"] < next(x["t"] for x in ev if x["event"] == "champion")}
+
+    # drift detected at the glitch (time 2) and after the shift (time 4), never before
+    drifts = [e for e in ev if e["event"] == "drift"]
+    assert [d["clock"] for d in drifts] == [2, 4]
+    ok_before = [e for e in ev if e["event"] == "monitor_check" and e["clock"] == 1]
+    assert ok_before and all(e["success"] for e in ok_before)
+
+    # each retrain used only the rows generated after its drift, none of the initial data
+    retrains = [e for e in ev if e["event"] == "retrain"]
+    assert len(retrains) == 2
+    for r in retrains:
+        assert r["rows"] <= 128 and not set(r["files"]) & initial_data
+
+    # the glitch's challenger lost on the next round's checks; the shift's won and is the champion
+    verdicts = [(e["clock"], e["verdict"]) for e in ev if e["event"] == "challenger"]
+    assert verdicts == [(3, "kept"), (5, "promoted")]
+    lost, won = (e for e in ev if e["event"] == "challenger")
+    assert lost["challenger_error"] > lost["champion_error"] and won["challenger_error"] < won["champion_error"]
+    after = [e for e in ev if e["event"] == "monitor_check" and e["clock"] == 6]
+    assert after and all(e["success"] for e in after), "the promoted champion tracks the shifted truth"
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["retrains"], summary["promotions"], summary["drift_events"]) == (2, 1, 2)
+    assert summary["champion_version"] == won["registered"] == "3"
+
+    from orchestrator.tracking import load_registered_model, model_alias
+
+    uri = f"sqlite:///{work}/mlflow.db"
+    assert model_alias(uri, "drift-surrogate", "champion") == "3"
+    assert lost["registered"] == "2"  # registered as a version, never promoted
+    load_registered_model(uri, "drift-surrogate", "2")
+
+    status = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(run_dir)], capture_output=True,
+                            text=True, timeout=60)
+    assert "champion   model 3 (drift-surrogate v3)" in status.stdout, status.stdout
+    assert "drift      none" in status.stdout
