@@ -28,6 +28,7 @@ from orchestrator.config import LoopConfig, SimConfig, flat_dict, render_args
 from orchestrator.continual import ContinualState, DataFile
 from orchestrator.errors import Interrupted, OrchestratorError, ResourceError, SimKindFailed, StoreError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
 from orchestrator.store import LOOP, RunStore
 from orchestrator.training.backends import Backend, Trainer
@@ -155,6 +156,7 @@ class Campaign:
         self._backend_ready: asyncio.Future[None] | None = None
         self._tracking_ready: asyncio.Future[None] | None = None
         self._pending_metrics: list[tuple[dict[str, float], int]] = []
+        self.pictures = Pictures(cfg, store.root, self.trainer, self._upload, self.trainer_ready)
 
     # -- bookkeeping ------------------------------------------------------
     @property
@@ -357,6 +359,7 @@ class Campaign:
                 s.failed_current = True
                 s.failed_points.append(r.x)
                 s.recheck.append(r.x)
+        self.pictures.add_check(r.x, r.truth, success)
         self.store.event("check", x=r.x, version=r.version, predicted=r.predicted, truth=r.truth, error=error,
                          success=success, stale=stale, successes=s.successes, prechecked=r.prechecked)
         mark = "ok  " if success else "FAIL"
@@ -383,6 +386,8 @@ class Campaign:
         s.model_file = str(path.relative_to(self.store.root))
         s.failed_current = False
         s.untrained = [f for f in s.untrained if f not in self._training_files]
+        self.pictures.round(version, model, [f for f in s.data_files if f in self._training_files],
+                            f"{self.cfg.name}: round {version}, {s.data_points} rows")
         self._training_files = set()
         metrics = {**metrics, "data_points": s.data_points, "successes": s.successes}
         s.rounds.append({"round": version, **metrics})
@@ -391,6 +396,15 @@ class Campaign:
                            f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
                            f"{metrics.get('train_seconds', 0):.1f} s")
         self._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        self.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
+
+    async def _upload(self, path: Path, artifact_path: str) -> None:
+        """A file into the campaign's MLflow run, once its start is done."""
+        if self.tracker is None:
+            return
+        if self._tracking_ready is not None:
+            await asyncio.shield(self._tracking_ready)
+        await asyncio.to_thread(self.tracker.log_artifact, path, artifact_path)
 
     def _track(self, metrics: Mapping[str, float], step: int) -> None:
         """Log to MLflow, or keep the metrics until its (concurrent) start is done."""
@@ -501,6 +515,7 @@ class Campaign:
             self.store.event("campaign_error", error=type(exc).__name__, message=str(exc))
         finally:
             remove_signals()
+            await self.pictures.drain()
             await self._cancel_all()
             await self._stop_services()
             self.state.status = status.value

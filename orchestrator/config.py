@@ -183,6 +183,12 @@ class TrackingConfig(_Strict):
     """Experiment name."""
     register_as: str | None = Field(default=None, pattern=NAME_PATTERN)
     """Register the final model under this name when the target is met."""
+    figures: bool = True
+    """Draw every training round (surrogate against truth on a slice, checked points, data so far):
+    ``<run dir>/figures/round-NNNN.png``, uploaded to the MLflow run under ``figures/``."""
+    tensorboard_dir: str | None = None
+    """Also write the round scalars and figures as TensorBoard event files here (relative: to the
+    run dir); view with ``tensorboard --logdir DIR``."""
 
 
 class ContinualConfig(_Strict):

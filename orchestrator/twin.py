@@ -48,6 +48,7 @@ class TwinPorts(Protocol):
     def log(self, kind: str, **fields: Any) -> None: ...
     def metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def note(self, text: str) -> None: ...
+    def checked(self, x: list[float], truth: list[float], ok: bool, clock: int) -> None: ...
     def checkpoint(self) -> None: ...
 
 
@@ -148,6 +149,7 @@ class Twin:
         for i, x in enumerate(c.xs):
             failed = c.champion[i] >= tol
             s.recent_failures.append(failed)
+            self.ports.checked(x, c.truths[i], not failed, clock)
             self.ports.log("monitor_check", clock=clock, x=x, truth=c.truths[i], champion=s.champion_model,
                            error=c.champion[i], success=not failed,
                            challenger=s.challenger_model, challenger_error=c.challenger[i] if c.challenger else None)
@@ -262,6 +264,11 @@ class CampaignPorts:
         s.rounds.append({"round": version, **metrics})
         self.c.store.event("train_end", version=version, challenger=True, **metrics)
         self.c._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        self.c.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
+        clock = self.c.continual.clock
+        title = (f"{self.c.cfg.name}: challenger {version} at campaign time {clock}, "
+                 f"{metrics['data_points']:.0f} recent rows; the champion's checks then")
+        self.c.pictures.round(version, model, files, title, clock=clock)
         return version
 
     def log(self, kind: str, **fields: Any) -> None:
@@ -272,6 +279,9 @@ class CampaignPorts:
 
     def note(self, text: str) -> None:
         self.c.progress.note(text)
+
+    def checked(self, x: list[float], truth: list[float], ok: bool, clock: int) -> None:
+        self.c.pictures.add_check(x, truth, ok, clock)
 
     def checkpoint(self) -> None:
         self.c.checkpoint()

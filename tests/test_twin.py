@@ -22,7 +22,8 @@ def events(run_dir: Path) -> list[dict[str, Any]]:
 def test_drifting_twin_retrains_on_recent_rows_and_promotes_only_a_winner(tmp_path: Path) -> None:
     work = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(REPO / "examples/drift/loop.yml"),
-                           "--workdir", str(work), "--no-live"], capture_output=True, text=True, timeout=300)
+                           "--workdir", str(work), "--no-live", "--set", "tracking.tensorboard_dir=tb"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [d for d in work.iterdir() if d.name.startswith("drift-")]
     ev = events(run_dir)
@@ -59,6 +60,32 @@ def test_drifting_twin_retrains_on_recent_rows_and_promotes_only_a_winner(tmp_pa
     assert model_alias(uri, "drift-surrogate", "champion") == "3"
     assert lost["registered"] == "2"  # registered as a version, never promoted
     load_registered_model(uri, "drift-surrogate", "2")
+
+    # a picture of every training round: in the run dir, in MLflow, in TensorBoard
+    trainings = [e["version"] for e in ev if e["event"] == "train_end"]
+    pngs = sorted(p.name for p in (run_dir / "figures").glob("round-*.png"))
+    assert pngs == [f"round-{v:04d}.png" for v in trainings]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "figures")}
+    assert logged == {f"figures/{p}" for p in pngs}
+    from orchestrator.tbevents import read_events
+
+    (tb_file,) = (run_dir / "tb").glob("events.out.tfevents.*")
+    tb = read_events(tb_file)
+    assert sorted(e["step"] for e in tb if "round" in e["images"]) == trainings
+    assert all(e["images"]["round"].startswith(b"\x89PNG") for e in tb if e["images"])
+    assert {e["step"] for e in tb if "round/train_rmse" in e["scalars"]} == set(trainings)
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:  # the optional extra `tensorboard` is not installed: our own reader checked it
+        pass
+    else:
+        acc = EventAccumulator(str(tb_file), size_guidance={"images": 0})
+        acc.Reload()
+        assert [i.step for i in acc.Images("round")] == trainings
+        assert [s.step for s in acc.Scalars("round/train_rmse")] == trainings
 
     status = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(run_dir)], capture_output=True,
                             text=True, timeout=60)

@@ -16,3 +16,10 @@ def call(name: str, *args: Any) -> Any:
     from orchestrator.training import tasks
 
     return getattr(tasks, name)(*args)
+
+
+def figure(*args: Any) -> bytes:
+    """Run ``orchestrator.training.figures.round_figure(*args)`` on the worker."""
+    from orchestrator.training import figures
+
+    return figures.round_figure(*args)
