@@ -73,6 +73,7 @@ __all__ = [
     "flatten_params",
     "load_registered_model",
     "model_alias",
+    "registered_versions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -665,6 +666,18 @@ def _model_versions(client: MlflowClient, name: str) -> list[str]:
     escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     versions = client.search_model_versions(f"name='{escaped}'")
     return [str(v) for v in sorted(int(mv.version) for mv in versions if mv.name == name)]
+
+
+def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[str]]:
+    """The versions registered under ``name`` (ascending) and, when there are none, every registered name.
+
+    Raises:
+        TrackingError: The store is unusable or the lookup failed.
+    """
+    client = _make_client(tracking_uri)
+    with _wrap(f"list versions of model {name!r}", tracking_uri):
+        versions = _model_versions(client, name)
+        return versions, [] if versions else _registered_names(client)
 
 
 def model_alias(tracking_uri: str, name: str, alias: str) -> str | None:
