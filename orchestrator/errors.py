@@ -7,24 +7,53 @@ back as data (:class:`orchestrator.launchers.base.SimResult`).
 
 from __future__ import annotations
 
+import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.runlog import Status
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit code the CLI returns; the sbatch template requeues on INTERRUPTED."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    STOPPED = 3
+    """max_rounds, the time or the data budget ended the campaign before its target."""
+    INTERRUPTED = 75
+    """EX_TEMPFAIL: signalled and checkpointed; resumable."""
+    KEYBOARD = 130
+    SIGPIPE = 141
+    """128 + SIGPIPE: the reader of our output went away (``status RUN | head``); no error of ours."""
+
+    @classmethod
+    def of_status(cls, status: Status) -> ExitCode:
+        """The exit code of a campaign that ended in ``status``."""
+        from orchestrator.runlog import Status
+
+        return {Status.TARGET_MET: cls.OK, Status.STOPPED: cls.STOPPED,
+                Status.INTERRUPTED: cls.INTERRUPTED}.get(status, cls.ERROR)
+
 
 class OrchestratorError(Exception):
     """Base class: a failure with a message fit for a user."""
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.ERROR
     transient: bool = False
 
 
 class ConfigError(OrchestratorError):
     """loop.yml or a ``--set`` override is malformed. Exit code 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class UsageError(OrchestratorError):
     """The command line is wrong (missing file, bad flag combination). Exit code 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class LaunchError(OrchestratorError):
@@ -50,5 +79,13 @@ class StoreError(OrchestratorError):
 class Interrupted(OrchestratorError):
     """The coordinator was signalled (SIGTERM, SIGINT, SIGUSR1) and checkpointed."""
 
-    exit_code = 75  # EX_TEMPFAIL: the sbatch template requeues on this code
+    exit_code = ExitCode.INTERRUPTED
     transient = True
+
+
+class TrackingError(OrchestratorError):
+    """A tracking operation failed; the message is meant for the user.
+
+    It names the tracking URI involved and what to do about the problem. The
+    original MLflow exception, if any, is chained as ``__cause__``.
+    """

@@ -256,7 +256,7 @@ def _refuse_silent_resume(sub_workdir: Path, name: str, overrides: Sequence[str]
     """`run` refuses --set on a run it resumes; the snapshot hides --set, so check here."""
     if not overrides or new:
         return
-    from orchestrator.runner import find_unfinished
+    from orchestrator.store import find_unfinished
 
     found = find_unfinished(sub_workdir, name)
     if found is not None:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import TrackingError
 
 if TYPE_CHECKING:
     import torch
@@ -99,14 +99,6 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ :]")
 _HTTP_PROBE_TIMEOUT_S = 5.0
 _RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _T = TypeVar("_T")
-
-
-class TrackingError(OrchestratorError):
-    """A tracking operation failed; the message is meant for the user.
-
-    It names the tracking URI involved and what to do about the problem. The
-    original MLflow exception, if any, is chained as ``__cause__``.
-    """
 
 
 @dataclass(frozen=True)
@@ -339,6 +331,18 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._run_id: str | None = None
+
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> Tracker:
+        """A tracker bound to an existing, started run (e.g. on a worker that registers its model)."""
+        client = _make_client(tracking_uri)
+        with _wrap(f"fetch run {run_id}", tracking_uri):
+            run = client.get_run(run_id)
+        tracker = cls(tracking_uri, "", str(run.info.run_name or ""))
+        tracker._client = client
+        tracker._experiment_id = str(run.info.experiment_id)
+        tracker._run_id = run_id
+        return tracker
 
     @property
     def run_id(self) -> str | None:

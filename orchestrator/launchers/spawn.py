@@ -210,7 +210,7 @@ class SpawnLauncher(Launcher):
                 "--job-name=spawn-agent", *agent]
 
     def agent_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the agent is Python: its lines must not wait in a buffer
         if self.mode == "local":
             hydra = str(Path(find_mpiexec()).parent)  # singleton init runs `mpiexec` from PATH
             env["PATH"] = os.pathsep.join([hydra, env.get("PATH", "")])

@@ -23,7 +23,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from orchestrator.config import TrainingConfig
-from orchestrator.errors import TrainingError
+from orchestrator.errors import OrchestratorError, TrainingError
 from orchestrator.training import remote
 
 log = logging.getLogger(__name__)
@@ -152,4 +152,23 @@ class Trainer:
             result: list[list[float]] = await future
         except Exception as exc:
             raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
+        return result
+
+    async def register(self, state: bytes, tracking_uri: str, run_id: str, name: str) -> tuple[str, str]:
+        """Register the model in ``state`` under ``name`` in MLflow run ``run_id``, from a worker.
+
+        Loading the model needs torch, which only workers import; the worker logs and
+        registers through :mod:`orchestrator.tracking` with the campaign's URI and run.
+        """
+        future = self.client.submit(
+            remote.call, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id, name,
+            pure=False,
+        )
+        try:
+            result: tuple[str, str] = await future
+        except OrchestratorError:
+            raise
+        except Exception as exc:
+            raise TrainingError(f"registering the model as {name!r} failed on a Dask worker: "
+                                f"{type(exc).__name__}: {exc}") from exc
         return result

@@ -244,7 +244,7 @@ class AllocationBackend(Backend):
         log.debug("exec: %s", argv)
         with self.log_path.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, env=srun_env(dict(os.environ)), stdout=out, stderr=subprocess.STDOUT,
+                *argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1"}), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)

@@ -543,3 +543,13 @@ def warm_up(model: str, model_kwargs: dict[str, Any], n_inputs: int, n_outputs: 
 
     lbfgs.step(closure)
     return time.perf_counter() - t0
+
+
+def register_model(
+    state: bytes, model: str, model_kwargs: dict[str, Any], tracking_uri: str, run_id: str, name: str,
+) -> tuple[str, str]:
+    """Load the checkpoint and register it under ``name`` in the campaign's MLflow run."""
+    from orchestrator.tracking import Tracker
+
+    registered = Tracker.attach(tracking_uri, run_id).register_model(load_model(state, model, model_kwargs), name)
+    return registered.name, registered.version
