@@ -8,10 +8,6 @@ back as data (:class:`orchestrator.launchers.base.SimResult`).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from orchestrator.runlog import Status
 
 
 class ExitCode(enum.IntEnum):
@@ -27,14 +23,6 @@ class ExitCode(enum.IntEnum):
     KEYBOARD = 130
     SIGPIPE = 141
     """128 + SIGPIPE: the reader of our output went away (``status RUN | head``); no error of ours."""
-
-    @classmethod
-    def of_status(cls, status: Status) -> ExitCode:
-        """The exit code of a campaign that ended in ``status``."""
-        from orchestrator.runlog import Status
-
-        return {Status.TARGET_MET: cls.OK, Status.STOPPED: cls.STOPPED,
-                Status.INTERRUPTED: cls.INTERRUPTED}.get(status, cls.ERROR)
 
 
 class OrchestratorError(Exception):
@@ -70,6 +58,10 @@ class ResourceError(OrchestratorError):
 
 class TrainingError(OrchestratorError):
     """Training or evaluation failed on the Dask workers in a way retries did not fix."""
+
+
+class SlurmError(OrchestratorError):
+    """Slurm printed something we cannot read (the message quotes it)."""
 
 
 class StoreError(OrchestratorError):

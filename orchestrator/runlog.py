@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from orchestrator.errors import ExitCode
+
 log = logging.getLogger(__name__)
 
 
@@ -51,10 +53,10 @@ class Status(enum.StrEnum):
         return self in (Status.RUNNING, Status.INTERRUPTED)
 
     @property
-    def exit_code(self) -> int:
-        from orchestrator.errors import ExitCode
-
-        return int(ExitCode.of_status(self))
+    def exit_code(self) -> ExitCode:
+        """What the CLI returns for a campaign that ended in this state."""
+        return {Status.TARGET_MET: ExitCode.OK, Status.STOPPED: ExitCode.STOPPED,
+                Status.INTERRUPTED: ExitCode.INTERRUPTED}.get(self, ExitCode.ERROR)
 
 
 # -- events written ---------------------------------------------------------

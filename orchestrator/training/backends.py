@@ -15,7 +15,6 @@ Backends:
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable
 from typing import Any, cast
 
@@ -25,8 +24,11 @@ from distributed import Client, LocalCluster
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, TrainingError
 from orchestrator.training import remote
+from orchestrator.training.base import Backend
 
 log = logging.getLogger(__name__)
+
+__all__ = ["QUIET_DASK", "Backend", "LocalBackend", "Trainer", "make_backend"]
 
 # The scheduler and nannies live in the coordinator's event loop: their periodic
 # housekeeping (a 20 ms loop-tick probe, 100-500 ms psutil polls) is most of an idle
@@ -37,27 +39,6 @@ QUIET_DASK = {
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
-
-
-class Backend(ABC):
-    """Owns a Dask cluster for the campaign's lifetime."""
-
-    client: Client | None = None
-
-    @abstractmethod
-    async def start(self) -> Client:
-        """Start the cluster and return an asynchronous client with workers ready."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Stop every worker and the scheduler this backend started."""
-
-    def describe(self) -> dict[str, Any]:
-        """Facts for events.jsonl and the summary."""
-        if self.client is None:
-            return {}
-        info = self.client.scheduler_info()
-        return {"scheduler": info.get("address"), "workers": sorted(info.get("workers", {}))}
 
 
 class LocalBackend(Backend):
