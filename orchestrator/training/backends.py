@@ -92,7 +92,7 @@ class Trainer:
         self.model_kwargs = dict(cfg.model_kwargs)
         self.n_inputs = n_inputs
         self.n_outputs = n_outputs
-        self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams}
+        self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams.model_dump(exclude_unset=True)}
 
     @property
     def client(self) -> Client:
