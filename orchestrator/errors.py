@@ -8,6 +8,7 @@ back as data (:class:`orchestrator.launchers.base.SimResult`).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 
 class ExitCode(enum.IntEnum):
@@ -81,3 +82,29 @@ class TrackingError(OrchestratorError):
     It names the tracking URI involved and what to do about the problem. The
     original MLflow exception, if any, is chained as ``__cause__``.
     """
+
+
+class PredictError(OrchestratorError):
+    """The model could not be loaded or evaluated, or its run not logged."""
+
+
+class SubmitError(OrchestratorError):
+    """sbatch refused the job or answered something we cannot read."""
+
+    transient = True
+
+
+class TemplateError(OrchestratorError):
+    """A template is malformed or names a value that is not there (a bug in the template)."""
+
+
+class CommandError(OrchestratorError):
+    """An external command failed; the message carries argv, exit code and output."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        tail = (stderr.strip() or stdout.strip())[-800:]
+        super().__init__(f"command {' '.join(argv)!r} exited with {returncode}: {tail}")

@@ -19,23 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import CommandError
 
 log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 2.0
 
-
-class CommandError(OrchestratorError):
-    """An external command failed; the message carries argv, exit code and output."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        tail = (stderr.strip() or stdout.strip())[-800:]
-        super().__init__(f"command {' '.join(argv)!r} exited with {returncode}: {tail}")
 
 
 def run_checked(

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.allocation import Placement
-from orchestrator.errors import SlurmError
-from orchestrator.procs import CommandError, run_checked
+from orchestrator.errors import CommandError, SlurmError
+from orchestrator.procs import run_checked
 
 log = logging.getLogger(__name__)
 

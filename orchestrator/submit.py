@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from orchestrator.errors import ConfigError, OrchestratorError, UsageError
+from orchestrator.errors import ConfigError, SubmitError, UsageError
 from orchestrator.templating import one_line, render
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ JOBS_DIR = "jobs"
 EXIT_CHECKPOINTED = 75
 OnInterrupt = Literal["requeue", "resubmit", "none"]
 
-
-class SubmitError(OrchestratorError):
-    """sbatch refused the job or answered something we cannot read."""
-
-    transient = True
 
 
 # -- what the user asks for ---------------------------------------------------------
