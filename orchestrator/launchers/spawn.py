@@ -49,8 +49,7 @@ from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description
 from orchestrator.launchers.mpiexec import find_mpiexec
-from orchestrator.launchers.spawn_agent import end_ranks, kill_known, kill_tree, wait_gone
-from orchestrator.procs import tail
+from orchestrator.procs import end_ranks, kill_known, kill_tree, tail, wait_gone
 from orchestrator.results import MalformedResult, check_table
 
 log = logging.getLogger(__name__)
