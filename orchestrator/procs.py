@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -78,6 +79,27 @@ async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
     await proc.wait()
 
 
+async def start(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    stdout: IO[bytes] | int | None,
+    stderr: IO[bytes] | int | None,
+    stdin: int | None = subprocess.DEVNULL,
+    cwd: Path | None = None,
+    limit: int = 1 << 16,
+) -> asyncio.subprocess.Process:
+    """Start argv (no shell) in its own session, so its whole tree can be ended by group.
+
+    The one place the orchestrator starts a long-lived child: sims (:func:`supervise`),
+    spawn agents, srun'd Dask workers. Raises FileNotFoundError if argv[0] does not exist.
+    """
+    log.debug("exec: %s", list(argv))
+    return await asyncio.create_subprocess_exec(
+        *argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True, limit=limit,
+    )
+
+
 async def supervise(
     argv: Sequence[str],
     *,
@@ -94,13 +116,9 @@ async def supervise(
     SIGKILL), so no rank outlives its run. Raises FileNotFoundError if argv[0]
     does not exist.
     """
-    log.debug("exec: %s", argv)
     t0 = time.monotonic()
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=dict(env), stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd,
-            start_new_session=True,
-        )
+        proc = await start(argv, env=env, stdout=out, stderr=err, cwd=cwd)
     try:
         rc = await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:

@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from orchestrator import shm
+from orchestrator import procs, shm
 from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description
@@ -95,10 +95,8 @@ class SpawnAgent:
         log.info("spawn agent: starting %s (log %s)", argv, log_path)
         with log_path.open("ab") as err:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                    start_new_session=True, limit=1 << 24,
-                )
+                proc = await procs.start(argv, env=env, stdin=asyncio.subprocess.PIPE,
+                                         stdout=asyncio.subprocess.PIPE, stderr=err, limit=1 << 24)
             except FileNotFoundError as exc:
                 raise LaunchError(f"cannot start the spawn agent {argv[0]!r}: {exc.strerror}") from exc
         agent = cls(proc, log_path, {})

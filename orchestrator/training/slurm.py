@@ -35,7 +35,7 @@ from typing import Any, cast
 from distributed import Client, Scheduler
 from distributed.security import Security
 
-from orchestrator import slurm
+from orchestrator import procs, slurm
 from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, SlurmError, TrainingError
@@ -242,12 +242,9 @@ class AllocationBackend(Backend):
                        job_name=self.step_name, mpi="none", extra=["-v", "--kill-on-bad-exit=0"]),
             *worker_argv(self.scheduler.address, self.cfg, self.dask_dir, tls_flags),
         ]
-        log.debug("exec: %s", argv)
         with self.log_path.open("wb") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1"}), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
+            self.proc = await procs.start(argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1"}), stdout=out,
+                                          stderr=subprocess.STDOUT)
         self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)
         await self._wait_for_workers(self.client, self.proc)
         return self.client
