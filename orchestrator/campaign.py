@@ -10,85 +10,60 @@ loses no accepted data and no finished training (``run --resume``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from orchestrator import policy as pol
 from orchestrator.allocation import SlotPool
-from orchestrator.config import LoopConfig, SimConfig, flat_dict, render_args
+from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
-from orchestrator.errors import Interrupted, OrchestratorError, ResourceError, SimKindFailed, StoreError
-from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.errors import OrchestratorError, StoreError
+from orchestrator.launchers.base import Launcher, SimResult
 from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
-from orchestrator.store import LOOP, RunStore
+from orchestrator.runlog import (
+    CampaignEnd,
+    CampaignError,
+    CampaignStart,
+    Check,
+    DataAccepted,
+    State,
+    Status,
+    TrainEnd,
+    TrainStart,
+    build_summary,
+)
+from orchestrator.services import Services
+from orchestrator.simrunner import SimRunner
+from orchestrator.store import EVENTS, LOOP, RunStore
+from orchestrator.tracksink import TrackingSink
 from orchestrator.training.backends import Backend, Trainer
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-BACKEND_HEAD_START_S = 2.0
-"""The longest the first sims wait for the Dask workers' processes to be up (not warm)."""
+
+__all__ = ["Campaign", "CampaignResult", "State", "Status", "TaskKind"]
 
 
-class Status(enum.Enum):
-    """A campaign's terminal state (RUNNING until it ends). INTERRUPTED is not failure."""
+class TaskKind(enum.Enum):
+    """What an in-flight task of the campaign does."""
 
-    RUNNING = "running"
-    TARGET_MET = "target_met"
-    STOPPED = "stopped"  # max_rounds, time or data budget
-    INTERRUPTED = "interrupted"  # signalled; resumable
-    FAILED = "failed"
-
-    @property
-    def exit_code(self) -> int:
-        return {Status.TARGET_MET: 0, Status.STOPPED: 3, Status.INTERRUPTED: Interrupted.exit_code}.get(self, 1)
-
-
-@dataclass
-class State:
-    """Everything a resume needs; state.json is this, rewritten after every step."""
-
-    model_version: int = 0
-    model_file: str | None = None
-    successes: int = 0
-    checks_done: int = 0
-    failed_current: bool = False
-    data_files: list[str] = field(default_factory=list)
-    """Accepted generate results, relative to the run dir, in acceptance order."""
-    untrained: list[str] = field(default_factory=list)
-    data_points: int = 0
-    sims_launched: int = 0
-    sims_failed: int = 0
-    launch_counter: int = 0
-    failed_points: list[list[float]] = field(default_factory=list)
-    recheck: list[list[float]] = field(default_factory=list)
-    """Query points whose check failed: checked again against the next model."""
-    rng: dict[str, Any] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-    """Wall time of earlier sessions of this campaign (resume adds to it)."""
-    mlflow_run_id: str | None = None
-    status: str = Status.RUNNING.value
-    stop_reason: str | None = None
-    last_error: float | None = None
-    rounds: list[dict[str, float]] = field(default_factory=list)
-    """Metrics of each finished training."""
-    continual: dict[str, Any] = field(default_factory=dict)
-    """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> State:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    CHECK = "check"
+    PRECHECK = "precheck"
+    GENERATE = "generate"
+    TRAIN = "train"
 
 
 @dataclass(frozen=True)
@@ -99,6 +74,28 @@ class CheckResult:
     truth: list[float] | None
     prechecked: bool = False
     """The truth came from a check sim run ahead, while the model trained."""
+
+
+@dataclass(frozen=True)
+class PrecheckResult:
+    x: list[float]
+    truth: list[float] | None
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    path: str | None
+    """The accepted data file, relative to the run dir; None when every attempt failed."""
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: bytes
+    metrics: dict[str, float]
+
+
+TaskResult = CheckResult | PrecheckResult | GenerateResult | TrainResult
 
 
 @dataclass(frozen=True)
@@ -120,18 +117,16 @@ class Campaign:
         launchers: Mapping[str, Launcher],
         pool: SlotPool,
         backend: Backend,
-        tracker: Any | None = None,
+        tracker: Tracker | None = None,
         progress: Progress | None = None,
         state: State | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
-        self.binaries = binaries
         self.launchers = launchers
         self.pool = pool
         self.backend = backend
         self.trainer = Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs))
-        self.tracker = tracker
         self.progress = progress or Progress(enabled=False)
         self.resumed = state is not None
         self.state = state or State()
@@ -144,45 +139,45 @@ class Campaign:
             self.model_state = (store.root / self.state.model_file).read_bytes()
         self.lo = np.array([i.lo for i in cfg.inputs])
         self.hi = np.array([i.hi for i in cfg.inputs])
-        self._tasks: dict[asyncio.Task[Any], str] = {}
+        self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
+                              clock=lambda: self.continual.clock)
+        self.sink = TrackingSink(tracker, store, self.state, self.checkpoint)
+        self.services = Services(backend, self.trainer, store, self.sink)
+        self.pictures = Pictures(cfg, store.root, self.trainer, self.sink.upload, self.services.trainer_ready)
+        self._tasks: dict[asyncio.Task[TaskResult], TaskKind] = {}
         self._training_files: set[str] = set()
+        """Data files the in-flight training uses; they leave ``untrained`` only when it ends."""
         self._known: list[tuple[list[float], list[float] | None]] = []
         """Query points whose check sim already ran (prechecks), with their truth."""
-        """Data files the in-flight training uses; they leave ``untrained`` only when it ends."""
-        self._consecutive_failures = {"check": 0, "generate": 0}
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
         self._t0 = time.monotonic()
-        self._backend_ready: asyncio.Future[None] | None = None
-        self._tracking_ready: asyncio.Future[None] | None = None
-        self._pending_metrics: list[tuple[dict[str, float], int]] = []
-        self.pictures = Pictures(cfg, store.root, self.trainer, self._upload, self.trainer_ready)
 
     # -- bookkeeping ------------------------------------------------------
     @property
     def elapsed(self) -> float:
         return self.state.elapsed_s + time.monotonic() - self._t0
 
-    def _inflight(self, kind: str) -> int:
-        return sum(1 for k in self._tasks.values() if k == kind)
+    def _inflight(self, kind: TaskKind) -> int:
+        return sum(1 for k in self._tasks.values() if k is kind)
 
     def view(self) -> pol.View:
         s = self.state
         return pol.View(
-            model_version=s.model_version, training=self._inflight("train") > 0,
-            checks_inflight=self._inflight("check"), failed_current=s.failed_current,
-            checks_known=len(self._known), prechecks_inflight=self._inflight("precheck"),
-            generates_inflight=self._inflight("generate"),
+            model_version=s.model_version, training=self._inflight(TaskKind.TRAIN) > 0,
+            checks_inflight=self._inflight(TaskKind.CHECK), failed_current=s.failed_current,
+            checks_known=len(self._known), prechecks_inflight=self._inflight(TaskKind.PRECHECK),
+            generates_inflight=self._inflight(TaskKind.GENERATE),
             untrained_runs=sum(1 for f in s.untrained if f not in self._training_files),
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
-            trainer_ready=self._backend_ready is not None and self._backend_ready.done(),
+            trainer_ready=self.services.trainer_up,
         )
 
     def checkpoint(self) -> None:
         """Rewrite state.json (atomically) with the RNG and elapsed time."""
         self.state.rng = dict(self.rng.bit_generator.state)
         self.state.continual = self.continual.to_json()
-        snapshot = asdict(self.state)
+        snapshot = self.state.to_json()
         snapshot["elapsed_s"] = self.elapsed
         snapshot["config"] = flat_dict(self.cfg)
         self.store.write_state(snapshot)
@@ -191,75 +186,14 @@ class Campaign:
         s = self.state
         self.progress.update(Snapshot(
             self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self.cfg.target.successes,
-            s.data_points, self._inflight("check") + self._inflight("precheck"), self._inflight("generate"),
-            self._inflight("train") > 0,
+            s.data_points, self._inflight(TaskKind.CHECK) + self._inflight(TaskKind.PRECHECK),
+            self._inflight(TaskKind.GENERATE), self._inflight(TaskKind.TRAIN) > 0,
             s.sims_launched, s.sims_failed, s.last_error, self.elapsed,
         ))
 
-    # -- sims -------------------------------------------------------------
-    async def run_sim(self, role: str, values: Mapping[str, float | int]) -> SimResult | None:
-        """Run one sim with retries; None when every attempt failed."""
-        sim: SimConfig = getattr(self.cfg.sims, role)
-        nrows = 1 if role == "check" else None
-        last: SimResult | None = None
-        for attempt in range(sim.retries + 1):
-            if attempt:
-                await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
-            last = await self._attempt(role, sim, values, attempt, nrows)
-            if last.ok:
-                self._consecutive_failures[role] = 0
-                return last
-            self._consecutive_failures[role] += 1
-            if self._consecutive_failures[role] >= sim.max_consecutive_failures:
-                raise SimKindFailed(
-                    f"sim kind {role!r} ({sim.binary}) failed {self._consecutive_failures[role]} times in a row; "
-                    f"last failure ({last.request.run_id}): {last.message}"
-                )
-        return None
-
-    async def _attempt(
-        self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int, nrows: int | None
-    ) -> SimResult:
-        self.state.launch_counter += 1
-        run_id = f"{role}-{self.state.launch_counter:06d}"
-        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks,
-                  "campaign_time": self.continual.clock}
-        try:
-            placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
-        except ValueError as exc:
-            raise ResourceError(f"sims.{role}: {exc}") from exc
-        try:
-            req = LaunchRequest(
-                run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),
-                ranks=sim.ranks, workdir=self.store.sim_dir(run_id), timeout_s=sim.timeout_s,
-                ncols=self.cfg.n_columns, nrows=nrows, placement=placement, ranks_per_node=sim.ranks_per_node,
-                env=sim.env,
-            )
-            launcher = self.launchers[role]
-            self.state.sims_launched += 1
-            self.store.event("sim_start", run_id=run_id, role=role, attempt=attempt, ranks=sim.ranks,
-                             launcher=launcher.name, placement=placement.per_node, argv=launcher.command(req))
-            self._show()
-            try:
-                result = await launcher.run(req)
-            except asyncio.CancelledError:
-                self.store.event("sim_end", run_id=run_id, role=role, outcome=Outcome.CANCELLED.value)
-                raise
-        finally:
-            self.pool.release(placement)
-        if not result.ok:
-            self.state.sims_failed += 1
-            log.warning("sim %s: %s: %s", run_id, result.outcome.value, result.message)
-            self.progress.note(f"sim {run_id} {result.outcome.value}: {result.message.splitlines()[0][:160]}")
-        self.store.event("sim_end", run_id=run_id, role=role, attempt=attempt, outcome=result.outcome.value,
-                         returncode=result.returncode, wall_s=round(result.wall_s, 4), message=result.message,
-                         rows=None if result.table is None else int(result.table.shape[0]), **result.info)
-        return result
-
     # -- actions ----------------------------------------------------------
-    def _spawn(self, kind: str, coro: Awaitable[Any]) -> None:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks[task] = kind
+    def _spawn(self, kind: TaskKind, coro: Coroutine[Any, Any, TaskResult]) -> None:
+        self._tasks[asyncio.ensure_future(coro)] = kind
 
     def _random_point(self) -> list[float]:
         return [float(v) for v in self.rng.uniform(self.lo, self.hi)]
@@ -272,21 +206,22 @@ class Campaign:
             return self._known.pop(0)
         return self._random_point(), None
 
+    def _values(self, x: list[float]) -> dict[str, float | int]:
+        return {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
+
     @staticmethod
     def _truth_of(sim: SimResult | None, x: list[float]) -> list[float] | None:
         return None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
 
-    async def _precheck(self, x: list[float]) -> tuple[list[float], list[float] | None]:
+    async def _precheck(self, x: list[float]) -> PrecheckResult:
         """The check sim at a future query point: its truth does not depend on the model."""
-        values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
-        return x, self._truth_of(await self.run_sim("check", values), x)
+        return PrecheckResult(x, self._truth_of(await self.sims.run("check", self._values(x)), x))
 
     async def _check(self, x: list[float], version: int, model: bytes, known: list[float] | None) -> CheckResult:
-        values = {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
-        await self.trainer_ready()
+        await self.services.trainer_ready()
         pred_task = asyncio.ensure_future(self.trainer.evaluate(model, [x]))
         try:
-            sim = None if known is not None else await self.run_sim("check", values)
+            sim = None if known is not None else await self.sims.run("check", self._values(x))
             predicted = (await pred_task)[0]
         except asyncio.CancelledError:
             if x in self.state.failed_points:  # a re-check: keep it for the resumed run
@@ -297,24 +232,24 @@ class Campaign:
         return CheckResult(x, version, predicted, known if known is not None else self._truth_of(sim, x),
                            prechecked=known is not None)
 
-    async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
+    async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> GenerateResult:
         values: dict[str, float | int] = {"seed": seed}
         for spec, a, b in zip(self.cfg.inputs, lo, hi, strict=True):
             values[f"{spec.name}_lo"], values[f"{spec.name}_hi"] = a, b
         if len(self.cfg.inputs) == 1:
             values["lo"], values["hi"] = lo[0], hi[0]
-        sim = await self.run_sim("generate", values)
+        sim = await self.sims.run("generate", values)
         if sim is None or sim.table is None:
-            return None
+            return GenerateResult(None)
         path = self.store.accept_data(sim.request.run_id, sim.table)
-        return str(path.relative_to(self.store.root)), int(sim.table.shape[0])
+        return GenerateResult(str(path.relative_to(self.store.root)), int(sim.table.shape[0]))
 
-    async def _train(self, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
-        await self.trainer_ready()
+    async def _train(self, files: list[str], seed: int) -> TrainResult:
+        await self.services.trainer_ready()
         paths = [str(self.store.root / f) for f in files]
-        self.store.event("train_start", version=self.state.model_version + 1, files=len(files),
-                         rows=self.state.data_points, workers=self.backend.describe().get("workers"))
-        return await self.trainer.train(self.model_state, paths, seed)
+        self.store.log(TrainStart(self.state.model_version + 1, len(files), self.state.data_points,
+                                  self.backend.describe().get("workers")))
+        return TrainResult(*await self.trainer.train(self.model_state, paths, seed))
 
     def _apply(self, actions: list[pol.Action]) -> pol.StopReason | None:
         for action in actions:
@@ -323,29 +258,30 @@ class Campaign:
             if isinstance(action, pol.StartTraining):
                 files = list(self.state.data_files)
                 self._training_files = set(files)
-                self._spawn("train", self._train(files, int(self.rng.integers(2**31))))
+                self._spawn(TaskKind.TRAIN, self._train(files, int(self.rng.integers(2**31))))
             elif isinstance(action, pol.StartGenerates):
                 for _ in range(action.count):
                     wlo, whi = pol.sampling_window(self.lo, self.hi, self.state.failed_points,
                                                    self.cfg.policy.sampling, self.cfg.policy.near_failures_width,
                                                    self.rng)
                     seed = int(self.rng.integers(2**31))
-                    self._spawn("generate", self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi]))
+                    self._spawn(TaskKind.GENERATE,
+                                self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi]))
             elif isinstance(action, pol.StartChecks):
                 assert self.model_state is not None
                 for _ in range(action.count):
                     x, known = self._next_query()
-                    self._spawn("check", self._check(x, self.state.model_version, self.model_state, known))
+                    self._spawn(TaskKind.CHECK, self._check(x, self.state.model_version, self.model_state, known))
             elif isinstance(action, pol.StartPrechecks):
                 for _ in range(action.count):
-                    self._spawn("precheck", self._precheck(self._random_point()))
+                    self._spawn(TaskKind.PRECHECK, self._precheck(self._random_point()))
         return None
 
     # -- results ----------------------------------------------------------
     def _on_check(self, r: CheckResult) -> None:
         s = self.state
         if r.truth is None or r.predicted is None:
-            self.store.event("check", x=r.x, version=r.version, outcome="no_truth")
+            self.store.log(Check(r.x, r.version, outcome="no_truth"))
             return
         error = max(abs(p - t) for p, t in zip(r.predicted, r.truth, strict=True))
         success = error < self.cfg.target.tolerance
@@ -360,79 +296,57 @@ class Campaign:
                 s.failed_points.append(r.x)
                 s.recheck.append(r.x)
         self.pictures.add_check(r.x, r.truth, success)
-        self.store.event("check", x=r.x, version=r.version, predicted=r.predicted, truth=r.truth, error=error,
-                         success=success, stale=stale, successes=s.successes, prechecked=r.prechecked)
+        self.store.log(Check(r.x, r.version, predicted=r.predicted, truth=r.truth, error=error, success=success,
+                             stale=stale, successes=s.successes, prechecked=r.prechecked))
         mark = "ok  " if success else "FAIL"
         self.progress.note(f"check {mark} x={_fmt(r.x)} surrogate={_fmt(r.predicted)} truth={_fmt(r.truth)} "
                            f"error={error:.4f} (model v{r.version}, successes {s.successes}/"
                            f"{self.cfg.target.successes})")
-        self._track({"check_error": error, "successes": s.successes}, s.checks_done)
+        self.sink.metrics({"check_error": error, "successes": s.successes}, s.checks_done)
 
-    def _on_generate(self, accepted: tuple[str, int] | None) -> None:
-        if accepted is None:
+    def _on_precheck(self, r: PrecheckResult) -> None:
+        if r.truth is not None:
+            self._known.append((r.x, r.truth))
+
+    def _on_generate(self, r: GenerateResult) -> None:
+        if r.path is None:
             return
-        path, rows = accepted
-        self.state.data_files.append(path)
-        self.state.untrained.append(path)
-        self.state.data_points += rows
-        self.store.event("data_accepted", path=path, rows=rows, data_points=self.state.data_points)
+        self.state.data_files.append(r.path)
+        self.state.untrained.append(r.path)
+        self.state.data_points += r.rows
+        self.store.log(DataAccepted(r.path, r.rows, self.state.data_points))
 
-    def _on_train(self, model: bytes, metrics: dict[str, float]) -> None:
+    def _on_train(self, r: TrainResult) -> None:
         s = self.state
         version = s.model_version + 1
-        path = self.store.save_model(version, model)
-        self.model_state = model
+        path = self.store.save_model(version, r.model)
+        self.model_state = r.model
         s.model_version = version
         s.model_file = str(path.relative_to(self.store.root))
         s.failed_current = False
         s.untrained = [f for f in s.untrained if f not in self._training_files]
-        self.pictures.round(version, model, [f for f in s.data_files if f in self._training_files],
+        self.pictures.round(version, r.model, [f for f in s.data_files if f in self._training_files],
                             f"{self.cfg.name}: round {version}, {s.data_points} rows")
         self._training_files = set()
-        metrics = {**metrics, "data_points": s.data_points, "successes": s.successes}
+        metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes}
         s.rounds.append({"round": version, **metrics})
-        self.store.event("train_end", version=version, **metrics)
+        self.store.log(TrainEnd(version, extra=metrics))
         self.progress.note(f"training round {version} done: {s.data_points} rows, "
                            f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
                            f"{metrics.get('train_seconds', 0):.1f} s")
-        self._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        self.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
         self.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
 
-    async def _upload(self, path: Path, artifact_path: str) -> None:
-        """A file into the campaign's MLflow run, once its start is done."""
-        if self.tracker is None:
-            return
-        if self._tracking_ready is not None:
-            await asyncio.shield(self._tracking_ready)
-        await asyncio.to_thread(self.tracker.log_artifact, path, artifact_path)
-
-    def _track(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log to MLflow, or keep the metrics until its (concurrent) start is done."""
-        if self.tracker is None:
-            return
-        self._pending_metrics.append((dict(metrics), step))
-        if self._tracking_ready is not None and self._tracking_ready.done():
-            self._flush_metrics()
-
-    def _flush_metrics(self) -> None:
-        if self.tracker is None:
-            self._pending_metrics.clear()
-            return
-        for metrics, step in self._pending_metrics:
-            self.tracker.log_metrics(metrics, step=step)
-        self._pending_metrics.clear()
-
-    def _collect(self, task: asyncio.Task[Any], kind: str) -> None:
+    def _collect(self, task: asyncio.Task[TaskResult]) -> None:
         result = task.result()  # a SimKindFailed or TrainingError propagates: the campaign stops
-        if kind == "check":
+        if isinstance(result, CheckResult):
             self._on_check(result)
-        elif kind == "precheck":
-            if result[1] is not None:
-                self._known.append(result)
-        elif kind == "generate":
+        elif isinstance(result, PrecheckResult):
+            self._on_precheck(result)
+        elif isinstance(result, GenerateResult):
             self._on_generate(result)
-        elif kind == "train":
-            self._on_train(*result)
+        else:
+            self._on_train(result)
         self.checkpoint()
 
     # -- the loop ---------------------------------------------------------
@@ -459,8 +373,12 @@ class Campaign:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
+    def _timeout(self) -> float | None:
+        budget = self.cfg.target.time_budget_s
+        return None if budget is None else max(0.0, budget - self.elapsed) + 0.01
+
     async def loop(self) -> pol.StopReason | None:
-        """Decide, start, wait for the next completion; until a Stop or a signal."""
+        """Decide, start, wait for the next completion; until a Stop or a signal (None)."""
         interrupt = asyncio.ensure_future(self._interrupt.wait())
         try:
             while not self._interrupt.is_set():
@@ -468,24 +386,19 @@ class Campaign:
                 self._show()
                 if reason is not None:
                     return reason
-                if not self._tasks and self._backend_ready is not None and self._backend_ready.done():
+                if not self._tasks and self.services.trainer_up:
                     raise StoreError("the policy started nothing and nothing is in flight (a bug); state saved")
-                budget = self.cfg.target.time_budget_s
-                timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
-                waiting: list[asyncio.Future[Any]] = [*self._tasks, interrupt]
                 # Ready workers change what the policy may start; a failed start stops the campaign.
-                services = [f for f in (self._backend_ready, self._tracking_ready) if f is not None and not f.done()]
-                done, _ = await asyncio.wait([*waiting, *services], timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                starting = self.services.pending
+                waiting: list[asyncio.Future[Any]] = [*self._tasks, interrupt, *starting]
+                done, _ = await asyncio.wait(waiting, timeout=self._timeout(), return_when=asyncio.FIRST_COMPLETED)
                 if interrupt in done:
                     return None
-                for service in done.intersection(services):
-                    service.result()
-                    if service is self._tracking_ready:
-                        self._flush_metrics()
-                for task in done:
-                    if task in self._tasks:
-                        self._collect(task, self._tasks.pop(task))
+                for service in [f for f in starting if f in done]:
+                    self.services.started(service)
+                for task in [t for t in self._tasks if t in done]:
+                    del self._tasks[task]
+                    self._collect(task)
             return None
         finally:
             interrupt.cancel()
@@ -493,38 +406,31 @@ class Campaign:
     async def run(self) -> CampaignResult:
         """The whole campaign: start everything, loop, end cleanly whatever happens."""
         remove_signals = self._install_signals()
-        status, reason, error = Status.FAILED, None, None
-        self.store.event("campaign_start", resumed=self.resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
-                         sim_slots=self.pool.free)
+        status, reason, error, registered = Status.FAILED, None, None, None
+        self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free))
         try:
-            # Dask and MLflow start while the first sims already run. The Dask workers get a
-            # short head start: on a small box, starting many MPI ranks at the same moment
-            # slows the worker processes' start far more than the head start delays the sims.
-            backend_up = asyncio.Event()
-            self._backend_ready = asyncio.ensure_future(self._start_backend(backend_up))
-            self._tracking_ready = asyncio.ensure_future(self._start_tracking())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(backend_up.wait(), BACKEND_HEAD_START_S)
+            await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
             reason = await self.loop()
             if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled:
                 reason = await self._keep_current()
             status = (Status.INTERRUPTED if reason is None
                       else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
+            registered = await self._register(status)
         except OrchestratorError as exc:
             error = exc
-            self.store.event("campaign_error", error=type(exc).__name__, message=str(exc))
+            self.store.log(CampaignError(type(exc).__name__, str(exc)))
         finally:
             remove_signals()
             await self.pictures.drain()
             await self._cancel_all()
-            await self._stop_services()
-            self.state.status = status.value
+            await self.services.stop()
+            self.state.status = status
             self.state.stop_reason = reason.value if reason else self._signal
             self.checkpoint()
             for launcher in {id(x): x for x in self.launchers.values()}.values():
                 await launcher.close()
             await self.backend.close()
-        summary = await self._finish(status, reason)
+        summary = await self._finish(status, registered)
         if error is not None:
             raise error
         return CampaignResult(status, summary)
@@ -560,108 +466,31 @@ class Campaign:
         return out
 
     async def register_model(self, model: bytes) -> dict[str, str] | None:
-        """Register ``model`` under ``tracking.register_as`` (None without tracking)."""
-        if self.tracker is None or not self.cfg.tracking.register_as:
-            return None
-        if self._tracking_ready is not None:
-            await self._tracking_ready
-        return await asyncio.to_thread(self._register, model)
-
-    async def _start_backend(self, up: asyncio.Event) -> None:
-        try:
-            await self.backend.start()
-        finally:
-            up.set()
-        seconds = await self.trainer.warm_up()
-        self.store.event("training_backend", warm_up_s=round(seconds, 3), **self.backend.describe())
-
-    async def trainer_ready(self) -> None:
-        """Wait until the Dask workers are up and warm; raises what their start raised."""
-        assert self._backend_ready is not None
-        await asyncio.shield(self._backend_ready)
-
-    async def _stop_services(self) -> None:
-        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run)."""
-        if self._backend_ready is not None and not self._backend_ready.done():
-            self._backend_ready.cancel()
-            with contextlib.suppress(BaseException):
-                await self._backend_ready
-        if self._tracking_ready is not None:
-            try:
-                await self._tracking_ready
-                self._flush_metrics()
-            except Exception as exc:  # already raised in the loop, or the campaign failed first
-                log.warning("MLflow tracking unavailable for this run: %s", exc)
-                self.tracker = None
-
-    async def _start_tracking(self) -> None:
-        if self.tracker is None:
-            return
-        # MLflow's start is mostly imports, which hold the GIL: let the Dask start go first
-        # (metrics are kept until the tracker is up).
-        if self._backend_ready is not None:
-            await asyncio.wait([self._backend_ready])
-        params = flat_dict(self.cfg)
-        run_id = await asyncio.to_thread(self.tracker.start, params, self.state.mlflow_run_id)
-        self.state.mlflow_run_id = run_id
-        self.checkpoint()
-
-    async def _finish(self, status: Status, reason: pol.StopReason | None) -> dict[str, Any]:
-        registered = None
-        c = self.continual
-        if c.active:
-            registered = None if c.champion_registered is None else {
-                "name": str(self.cfg.tracking.register_as), "version": c.champion_registered}
-        elif status is Status.TARGET_MET and self.tracker is not None and self.cfg.tracking.register_as:
-            assert self.model_state is not None
-            registered = await asyncio.to_thread(self._register, self.model_state)
-        s = self.state
-        summary = {
-            "target_met": status is Status.TARGET_MET,
-            "status": status.value,
-            "stop_reason": s.stop_reason,
-            "rounds": s.model_version,
-            "successes": s.successes,
-            "checks": s.checks_done,
-            "data_points": s.data_points,
-            "sims_launched": s.sims_launched,
-            "sims_failed": s.sims_failed,
-            "wall_s": round(self.elapsed, 3),
-            "registered_model": registered,
-            "mlflow_run_id": s.mlflow_run_id,
-            "retrains": c.retrains,
-            "promotions": c.promotions,
-            "champion_version": c.champion_registered if c.champion_registered is not None else c.champion_model,
-            "drift_events": c.drift_events,
-            "run_dir": str(self.store.root),
-        }
-        path = self.store.write_summary(summary)
-        self.store.event("campaign_end", **{k: v for k, v in summary.items() if k != "run_dir"})
-        self.store.close()
-        if self.tracker is not None:
-            await asyncio.to_thread(self._close_tracking, status, path)
-        return summary
-
-    def _register(self, model: bytes) -> dict[str, str] | None:
-        from orchestrator.training import tasks
-
-        assert self.tracker is not None
-        module = tasks.load_model(model, self.cfg.training.model, dict(self.cfg.training.model_kwargs))
+        """Register ``model`` under ``tracking.register_as``, from a Dask worker (None without tracking)."""
         name = self.cfg.tracking.register_as
-        assert name is not None
-        reg = self.tracker.register_model(module, name)
-        self.store.event("model_registered", name=reg.name, version=reg.version)
-        return {"name": reg.name, "version": str(reg.version)}
+        if not self.sink.enabled or not name:
+            return None
+        await self.services.trainer_ready()
+        return await self.sink.register(self.trainer, model, name)
 
-    def _close_tracking(self, status: Status, summary: Path) -> None:
-        assert self.tracker is not None
-        for artifact in (self.store.root / LOOP, self.store.root / "events.jsonl", summary):
-            if artifact.exists():
-                self.tracker.log_artifact(artifact)
-        mlflow_status = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED",
-                         Status.INTERRUPTED: "KILLED"}.get(status, "FAILED")
-        with contextlib.suppress(Exception):
-            self.tracker.finish(mlflow_status)
+    async def _register(self, status: Status) -> dict[str, str] | None:
+        """On success, the final model into MLflow's registry (from a Dask worker: torch lives there)."""
+        if self.continual.active:  # registered when the phase began; the champion is what counts
+            c = self.continual
+            return None if c.champion_registered is None else {"name": str(self.cfg.tracking.register_as),
+                                                               "version": c.champion_registered}
+        name = self.cfg.tracking.register_as
+        if status is not Status.TARGET_MET or not self.sink.enabled or not name or self.model_state is None:
+            return None
+        return await self.sink.register(self.trainer, self.model_state, name)
+
+    async def _finish(self, status: Status, registered: dict[str, str] | None) -> dict[str, Any]:
+        summary = build_summary(self.state, self.elapsed, str(self.store.root), registered)
+        path = self.store.write_summary(summary)
+        self.store.log(CampaignEnd(extra={k: v for k, v in summary.items() if k != "run_dir"}))
+        self.store.close()
+        await self.sink.close(status, [self.store.root / LOOP, self.store.root / EVENTS, path])
+        return summary
 
 
 def _fmt(v: list[float] | None) -> str:

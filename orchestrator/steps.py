@@ -28,14 +28,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from orchestrator.config import LoopConfig, flat_dict, load_config, resolve_binaries
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.progress import Progress
+from orchestrator.runlog import Check, DataAccepted, Evaluate, StepsEnd, StepsStart, TrainEnd, TrainStart
 from orchestrator.store import RunStore, atomic_write_json
+
+if TYPE_CHECKING:
+    from orchestrator.campaign import Campaign
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,8 @@ class StepsResult:
     data_files: list[str] = field(default_factory=list)
     data_points: int = 0
     model_file: str | None = None
+    train_data: list[str] = field(default_factory=list)
+    """The .npy files the train step read."""
     registered_model: dict[str, str] | None = None
     evaluation: dict[str, Any] | None = None
 
@@ -140,7 +146,7 @@ async def run_steps(args: argparse.Namespace, progress: Progress) -> StepsResult
     tracker = runner._tracker(cfg, root, store.root.name) if "train" in steps else None
     c = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress)
     result = StepsResult(steps, str(store.root))
-    store.event("steps_start", steps=steps)
+    store.log(StepsStart(steps))
     try:
         with progress:
             await _run(c, steps, cli_data, args.loop, wanted, result)
@@ -155,13 +161,13 @@ async def run_steps(args: argparse.Namespace, progress: Progress) -> StepsResult
                  c.state.sims_launched, "sims_failed": c.state.sims_failed, "model_version": 1 if result.model_file
                  else 0, "mlflow_run_id": c.state.mlflow_run_id}
         store.write_state(state)
-        store.event("steps_end", **{k: v for k, v in result.__dict__.items() if k != "run_dir"})
+        store.log(StepsEnd({k: v for k, v in result.__dict__.items() if k != "run_dir"}))
         store.close()
     atomic_write_json(store.root / "summary.json", result.__dict__)
     return result
 
 
-async def _run(c: Any, steps: list[str], cli_data: list[Path], loop_file: Path,
+async def _run(c: Campaign, steps: list[str], cli_data: list[Path], loop_file: Path,
                wanted: tuple[str, str | None] | None, result: StepsResult) -> None:
     generated: list[Path] | None = None
     model: bytes | None = None
@@ -190,67 +196,62 @@ async def _run(c: Any, steps: list[str], cli_data: list[Path], loop_file: Path,
             await _evaluate(c, result, registered=wanted)
 
 
-async def _start_services(c: Any, need_tracking: bool) -> None:
-    backend_start = asyncio.ensure_future(c.backend.start())
-    if need_tracking and c.tracker is not None:
-        await asyncio.wait([backend_start])  # MLflow's imports hold the GIL: Dask first
-        run_id = await asyncio.to_thread(c.tracker.start, flat_dict(c.cfg), None)
-        c.state.mlflow_run_id = run_id
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        c._tracking_ready = done
-    await backend_start
-    c._backend_ready = asyncio.ensure_future(c.trainer.warm_up())
-    await c._backend_ready
+async def _start_services(c: Campaign, need_tracking: bool) -> None:
+    """Dask (and MLflow, for a training to register) as a campaign starts them."""
+    if not need_tracking:
+        c.sink.tracker = None
+    await c.services.start(flat_dict(c.cfg))
+    await c.services.trainer_ready()
+    if c.sink.ready is not None:
+        await c.sink.ready
 
 
-async def _generate(c: Any, result: StepsResult) -> list[Path]:
+async def _generate(c: Campaign, result: StepsResult) -> list[Path]:
     rng = step_seed(c.cfg.seed, "generate")
     seeds = [int(rng.integers(2**31)) for _ in range(c.cfg.steps.generate_runs)]
     lo, hi = [i.lo for i in c.cfg.inputs], [i.hi for i in c.cfg.inputs]
     made = await asyncio.gather(*(c._generate(seed, lo, hi) for seed in seeds))
-    kept = [m for m in made if m is not None]
+    kept = [(m.path, m.rows) for m in made if m.path is not None]
     if not kept:
         raise OrchestratorError("--steps generate: every generate sim failed; see the sims/ logs in "
                                 f"{c.store.root}")
     for path, rows in kept:
-        c.store.event("data_accepted", path=path, rows=rows)
         result.data_files.append(path)
         result.data_points += rows
+        c.store.log(DataAccepted(path, rows, result.data_points))
     c.progress.note(f"generate: {result.data_points} rows in {len(kept)} file(s)")
     return [c.store.root / p for p, _ in kept]
 
 
-async def _train(c: Any, files: list[Path], result: StepsResult) -> bytes:
+async def _train(c: Campaign, files: list[Path], result: StepsResult) -> bytes:
     seed = int(step_seed(c.cfg.seed, "train").integers(2**31))
     rows = sum(int(np.load(f, mmap_mode="r").shape[0]) for f in files)
-    c.store.event("train_start", version=1, files=len(files), rows=rows, paths=[str(f) for f in files])
+    c.store.log(TrainStart(1, len(files), rows, c.backend.describe().get("workers")))
     t0 = time.monotonic()
     model, metrics = await c.trainer.train(None, [str(f) for f in files], seed)
     path = c.store.save_model(1, model)
     result.model_file = str(path.relative_to(c.store.root))
     result.data_points = result.data_points or rows
-    c.store.event("train_end", version=1, rows=rows, **metrics)
+    result.train_data = [str(f) for f in files]
+    c.store.log(TrainEnd(1, extra={**metrics, "data_points": rows}))
     c.progress.note(f"train: {rows} rows from {len(files)} file(s), rmse {metrics.get('train_rmse', float('nan')):.4g}"
                     f", {time.monotonic() - t0:.1f} s")
     c.pictures.round(1, model, [str(f) for f in files], f"{c.cfg.name}: steps train, {rows} rows")
     await c.pictures.drain()
-    if c.tracker is not None:
-        c.tracker.log_metrics({f"train_{k}" if not k.startswith("train") else k: float(v)
-                               for k, v in metrics.items()}, step=1)
+    c.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, 1)
     result.registered_model = await c.register_model(model)
     return bytes(model)
 
 
-async def _evaluate(c: Any, result: StepsResult, state: bytes | None = None,
+async def _evaluate(c: Campaign, result: StepsResult, state: bytes | None = None,
                     registered: tuple[str, str | None] | None = None) -> None:
     rng = step_seed(c.cfg.seed, "evaluate")
     lo, hi = np.array([i.lo for i in c.cfg.inputs]), np.array([i.hi for i in c.cfg.inputs])
     xs = [[float(v) for v in rng.uniform(lo, hi)] for _ in range(c.cfg.steps.evaluate_checks)]
-    truths_job = asyncio.gather(*(c.run_sim("check", dict(zip(c.cfg.input_names, x, strict=True))) for x in xs))
+    truths_job = asyncio.gather(*(c.sims.run("check", c._values(x)) for x in xs))
     if state is not None:
-        preds_job = c.trainer.evaluate(state, xs)
-        which = {"model_file": result.model_file}
+        preds_job: Any = c.trainer.evaluate(state, xs)
+        which: dict[str, Any] = {"model_file": result.model_file}
     else:
         assert registered is not None
         name, version = registered
@@ -258,7 +259,8 @@ async def _evaluate(c: Any, result: StepsResult, state: bytes | None = None,
                                             version, xs, pure=False)
         which = {"name": name, "version": version or "latest"}
     sims, preds = await asyncio.gather(truths_job, preds_job)
-    errors, rows = [], []
+    errors: list[float] = []
+    rows: list[dict[str, Any]] = []
     for x, sim, pred in zip(xs, sims, preds, strict=True):
         if sim is None or sim.table is None:
             continue
@@ -266,15 +268,14 @@ async def _evaluate(c: Any, result: StepsResult, state: bytes | None = None,
         err = max(abs(p - t) for p, t in zip(pred, truth, strict=True))
         errors.append(err)
         rows.append({"x": x, "truth": truth, "predicted": pred, "error": err})
-        c.store.event("check", x=x, truth=truth, predicted=pred, error=err,
-                      success=err < c.cfg.target.tolerance, version=1)
+        c.store.log(Check(x, 1, predicted=pred, truth=truth, error=err, success=err < c.cfg.target.tolerance))
     if not errors:
         raise OrchestratorError(f"--steps evaluate: every check sim failed; see the sims/ logs in {c.store.root}")
     tol = c.cfg.target.tolerance
     result.evaluation = {**which, "checks": len(errors), "max_error": max(errors),
                          "mean_error": sum(errors) / len(errors), "within_tolerance": sum(e < tol for e in errors),
                          "tolerance": tol, "points": rows}
-    c.store.event("evaluate", **{k: v for k, v in result.evaluation.items() if k != "points"})
+    c.store.log(Evaluate({k: v for k, v in result.evaluation.items() if k != "points"}))
 
 
 def _remote_evaluate() -> Any:

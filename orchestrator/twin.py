@@ -24,12 +24,26 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from orchestrator import continual as ct
 from orchestrator.config import LoopConfig
+from orchestrator.runlog import (
+    Challenger,
+    Champion,
+    DataAccepted,
+    Drift,
+    Event,
+    MonitorCheck,
+    Retrain,
+    TrainEnd,
+    TrainStart,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.campaign import Campaign
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +59,7 @@ class TwinPorts(Protocol):
     async def set_champion(self, registered: str) -> None: ...
     def model_bytes(self, version: int) -> bytes: ...
     def save_model(self, model: bytes, metrics: dict[str, float], files: list[str]) -> int: ...
-    def log(self, kind: str, **fields: Any) -> None: ...
+    def log(self, event: Event) -> None: ...
     def metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def note(self, text: str) -> None: ...
     def checked(self, x: list[float], truth: list[float], ok: bool, clock: int) -> None: ...
@@ -83,8 +97,7 @@ class Twin:
         self.s.started_elapsed_s = self.elapsed()
         self.s.champion_model = champion_model
         self.s.champion_registered = champion_registered
-        self.ports.log("champion", model=champion_model, registered=champion_registered, clock=self.s.clock,
-                       reason="target_met")
+        self.ports.log(Champion(champion_model, champion_registered, self.s.clock, "target_met"))
         self.ports.checkpoint()
 
     async def run(self) -> None:
@@ -114,8 +127,7 @@ class Twin:
             s.drifting = True
             s.drift_events += 1
             rate = sum(s.recent_failures[-self.ccfg.drift_window:]) / self.ccfg.drift_window
-            self.ports.log("drift", clock=clock, failure_rate=rate, window=self.ccfg.drift_window,
-                           champion=s.champion_model)
+            self.ports.log(Drift(clock, rate, self.ccfg.drift_window, s.champion_model))
             self.ports.note(f"drift at campaign time {clock}: {rate:.0%} of the champion's last "
                             f"{self.ccfg.drift_window} checks failed; retraining on recent data")
             self.ports.checkpoint()
@@ -150,9 +162,8 @@ class Twin:
             failed = c.champion[i] >= tol
             s.recent_failures.append(failed)
             self.ports.checked(x, c.truths[i], not failed, clock)
-            self.ports.log("monitor_check", clock=clock, x=x, truth=c.truths[i], champion=s.champion_model,
-                           error=c.champion[i], success=not failed,
-                           challenger=s.challenger_model, challenger_error=c.challenger[i] if c.challenger else None)
+            self.ports.log(MonitorCheck(clock, x, c.truths[i], s.champion_model, c.champion[i], not failed,
+                                        s.challenger_model, c.challenger[i] if c.challenger else None))
         s.recent_failures = s.recent_failures[-max(self.ccfg.drift_window, 1):]
         if c.champion:
             self.ports.metrics({"monitor_error": ct.mean_error(c.champion),
@@ -162,17 +173,15 @@ class Twin:
         s = self.s
         assert s.challenger_model is not None
         result = ct.verdict(c.champion, c.challenger, self.ccfg)
-        self.ports.log("challenger", verdict=result.value, clock=s.clock, challenger=s.challenger_model,
-                       registered=s.challenger_registered, champion=s.champion_model,
-                       champion_error=ct.mean_error(c.champion), challenger_error=ct.mean_error(c.challenger),
-                       checks=len(c.xs))
+        self.ports.log(Challenger(result.value, s.clock, s.challenger_model, s.challenger_registered,
+                                  s.champion_model, ct.mean_error(c.champion), ct.mean_error(c.challenger), len(c.xs)))
         if result is ct.Verdict.PROMOTED:
             s.champion_model, s.champion_registered = s.challenger_model, s.challenger_registered
             s.promotions += 1
             if s.champion_registered is not None:
                 await self.ports.set_champion(s.champion_registered)
-            self.ports.log("champion", model=s.champion_model, registered=s.champion_registered, clock=s.clock,
-                           reason="promoted")
+            assert s.champion_model is not None
+            self.ports.log(Champion(s.champion_model, s.champion_registered, s.clock, "promoted"))
         self.ports.note(f"challenger model {s.challenger_model} {result.value}: mean error "
                         f"{ct.mean_error(c.challenger):.4f} against the champion's {ct.mean_error(c.champion):.4f}")
         s.challenger_model = s.challenger_registered = None
@@ -200,8 +209,7 @@ class Twin:
         s.retrains += 1
         s.last_retrain = {"clock": clock, "model": version, "registered": registered, "files": files,
                           "rows": rows, "t": time.time()}
-        self.ports.log("retrain", clock=clock, model=version, registered=registered, files=files, rows=rows,
-                       **{k: float(v) for k, v in metrics.items()})
+        self.ports.log(Retrain(clock, version, registered, files, rows, {k: float(v) for k, v in metrics.items()}))
 
 
 def _error(predicted: list[float], truth: list[float] | None) -> float:
@@ -212,70 +220,68 @@ def _error(predicted: list[float], truth: list[float] | None) -> float:
 class CampaignPorts:
     """:class:`TwinPorts` on a :class:`~orchestrator.campaign.Campaign`'s sims, workers, store and tracker."""
 
-    def __init__(self, campaign: Any) -> None:
+    def __init__(self, campaign: Campaign) -> None:
         self.c = campaign
 
     async def check_truth(self, x: list[float]) -> list[float] | None:
-        values = {spec.name: v for spec, v in zip(self.c.cfg.inputs, x, strict=True)}
-        sim = await self.c.run_sim("check", values)
+        sim = await self.c.sims.run("check", self.c._values(x))
         return None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
 
     async def generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
-        accepted: tuple[str, int] | None = await self.c._generate(seed, lo, hi)
-        self.c._on_generate(accepted)
-        return accepted
+        r = await self.c._generate(seed, lo, hi)
+        if r.path is None:
+            return None
+        s = self.c.state
+        s.data_files.append(r.path)
+        s.data_points += r.rows
+        self.c.store.log(DataAccepted(r.path, r.rows, s.data_points))
+        return r.path, r.rows
 
     async def evaluate(self, model: bytes, xs: list[list[float]]) -> list[list[float]]:
-        await self.c.trainer_ready()
-        result: list[list[float]] = await self.c.trainer.evaluate(model, xs)
-        return result
+        await self.c.services.trainer_ready()
+        return await self.c.trainer.evaluate(model, xs)
 
     async def train(self, model: bytes | None, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
-        await self.c.trainer_ready()
-        rows = sum(d["rows"] for d in self.c.continual.data if d["path"] in files)
-        self.c.store.event("train_start", version=self.c.state.model_version + 1, files=len(files), rows=rows,
-                           challenger=True)
-        result: tuple[bytes, dict[str, float]] = await self.c.trainer.train(
-            model, [str(self.c.store.root / f) for f in files], seed)
-        return result
+        await self.c.services.trainer_ready()
+        rows = sum(int(d["rows"]) for d in self.c.continual.data if d["path"] in files)
+        self.c.store.log(TrainStart(self.c.state.model_version + 1, len(files), rows,
+                                    self.c.backend.describe().get("workers")))
+        return await self.c.trainer.train(model, [str(self.c.store.root / f) for f in files], seed)
 
     async def register(self, model: bytes) -> str | None:
-        if self.c.tracker is None or not self.c.cfg.tracking.register_as:
-            return None
-        reg: dict[str, str] | None = await self.c.register_model(model)
+        reg = await self.c.register_model(model)
         return None if reg is None else reg["version"]
 
     async def set_champion(self, registered: str) -> None:
         name = self.c.cfg.tracking.register_as
-        if self.c.tracker is None or not name:
-            return
-        await asyncio.to_thread(self.c.tracker.set_alias, name, self.c.cfg.continual.champion_alias, registered)
+        if name:
+            await self.c.sink.set_alias(name, self.c.cfg.continual.champion_alias, registered)
 
     def model_bytes(self, version: int) -> bytes:
-        data: bytes = (self.c.store.models_dir / f"model-{version:04d}.pt").read_bytes()
-        return data
+        return (self.c.store.models_dir / f"model-{version:04d}.pt").read_bytes()
 
     def save_model(self, model: bytes, metrics: dict[str, float], files: list[str]) -> int:
         s = self.c.state
-        version = int(s.model_version) + 1
+        version = s.model_version + 1
         self.c.store.save_model(version, model)
         s.model_version = version
-        metrics = {**metrics, "data_points": sum(d["rows"] for d in self.c.continual.data if d["path"] in files)}
+        rows = sum(int(d["rows"]) for d in self.c.continual.data if d["path"] in files)
+        metrics = {**metrics, "data_points": float(rows)}
         s.rounds.append({"round": version, **metrics})
-        self.c.store.event("train_end", version=version, challenger=True, **metrics)
-        self.c._track({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        self.c.store.log(TrainEnd(version, extra={**metrics, "challenger": True}))
+        self.c.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
         self.c.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
         clock = self.c.continual.clock
         title = (f"{self.c.cfg.name}: challenger {version} at campaign time {clock}, "
-                 f"{metrics['data_points']:.0f} recent rows; the champion's checks then")
+                 f"{rows} recent rows; the champion's checks then")
         self.c.pictures.round(version, model, files, title, clock=clock)
         return version
 
-    def log(self, kind: str, **fields: Any) -> None:
-        self.c.store.event(kind, **fields)
+    def log(self, event: Event) -> None:
+        self.c.store.log(event)
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.c._track(metrics, step)
+        self.c.sink.metrics(metrics, step)
 
     def note(self, text: str) -> None:
         self.c.progress.note(text)
