@@ -35,7 +35,7 @@ import numpy as np
 from orchestrator.config import LoopConfig, flat_dict, load_config, resolve_binaries
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.progress import Progress
-from orchestrator.runlog import Check, DataAccepted, Evaluate, StepsEnd, StepsStart, TrainEnd, TrainStart
+from orchestrator.runlog import Check, DataAccepted, Evaluate, Status, StepsEnd, StepsStart, TrainEnd, TrainStart
 from orchestrator.store import RunStore, atomic_write_json
 
 if TYPE_CHECKING:
@@ -156,10 +156,12 @@ async def run_steps(args: argparse.Namespace, progress: Progress) -> StepsResult
         await backend.close()
         if tracker is not None:
             await asyncio.to_thread(tracker.finish, "FINISHED")
-        state = {"status": "finished", "steps": steps, "config": flat_dict(cfg), "data_files": result.data_files,
-                 "data_points": result.data_points, "model_file": result.model_file, "sims_launched":
-                 c.state.sims_launched, "sims_failed": c.state.sims_failed, "model_version": 1 if result.model_file
-                 else 0, "mlflow_run_id": c.state.mlflow_run_id}
+        # Not resumable, and `status` reads it: a campaign that stopped, the reason being its steps.
+        state = {"status": Status.STOPPED.value, "stop_reason": f"steps {','.join(steps)}", "steps": steps,
+                 "config": flat_dict(cfg), "data_files": result.data_files, "data_points": result.data_points,
+                 "model_file": result.model_file, "model_version": 1 if result.model_file else 0,
+                 "sims_launched": c.state.sims_launched, "sims_failed": c.state.sims_failed,
+                 "mlflow_run_id": c.state.mlflow_run_id}
         store.write_state(state)
         store.log(StepsEnd({k: v for k, v in result.__dict__.items() if k != "run_dir"}))
         store.close()

@@ -91,3 +91,35 @@ def test_drifting_twin_retrains_on_recent_rows_and_promotes_only_a_winner(tmp_pa
                             text=True, timeout=60)
     assert "champion   model 3 (drift-surrogate v3)" in status.stdout, status.stdout
     assert "drift      none" in status.stdout
+
+
+def test_continual_mode_resumes_after_a_signal(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    work = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(REPO / "examples/drift/loop.yml"), "--workdir", str(work),
+           "--no-live", "--set", "tracking.figures=false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    run_dir = None
+    while time.monotonic() < deadline and proc.poll() is None:  # watch the run log for the first retrain
+        dirs = [d for d in work.glob("drift-*") if (d / "events.jsonl").exists()]
+        if dirs and any(e["event"] == "retrain" for e in events(dirs[0])):
+            run_dir = dirs[0]
+            break
+        time.sleep(0.1)
+    assert run_dir is not None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["continual"]["active"]
+
+    again = subprocess.run([sys.executable, "-m", "orchestrator", "run", "--resume", str(run_dir), "--no-live"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    ev = events(run_dir)
+    assert [(e["clock"], e["verdict"]) for e in ev if e["event"] == "challenger"] == [(3, "kept"), (5, "promoted")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["promotions"] == 1 and summary["retrains"] == 2 and summary["status"] == "target_met"
