@@ -134,7 +134,7 @@ async def run_steps(args: argparse.Namespace, progress: Progress) -> StepsResult
     wanted = parse_model(args.model)
     if "evaluate" in steps and "train" not in steps:
         wanted = wanted or _default_model(cfg)
-        _check_registered(cfg, args.workdir, wanted)
+        wanted = _check_registered(cfg, args.workdir, wanted)
     binaries = resolve_binaries(cfg, args.loop)
     alloc = Allocation.detect()
     cfg = runner.resolve_auto(cfg, alloc)
@@ -299,9 +299,10 @@ def tracking_uri(cfg: LoopConfig, root: Path) -> str:
     return cfg.tracking.uri or default_tracking_uri(root)
 
 
-def _check_registered(cfg: LoopConfig, workdir: Path | None, wanted: tuple[str, str | None]) -> None:
-    """A model that is not registered is a one-line error listing the registered ones."""
-    from orchestrator.tracking import registered_versions
+def _check_registered(cfg: LoopConfig, workdir: Path | None, wanted: tuple[str, str | None]) -> tuple[str, str]:
+    """The model with its version (given; else the ``champion`` alias's; else the latest). A model that is
+    not registered is a one-line error listing the registered ones."""
+    from orchestrator.tracking import model_alias, registered_versions
 
     uri = tracking_uri(cfg, (workdir or Path(cfg.workdir)).resolve())
     name, version = wanted
@@ -312,6 +313,7 @@ def _check_registered(cfg: LoopConfig, workdir: Path | None, wanted: tuple[str, 
     if version is not None and version not in versions:
         raise UsageError(f"--steps evaluate: model {name!r} has no version {version} in {uri}; "
                          f"versions: {', '.join(versions)}")
+    return name, version or model_alias(uri, name, "champion") or versions[-1]
 
 
 def main(args: argparse.Namespace) -> int:

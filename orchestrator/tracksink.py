@@ -102,7 +102,8 @@ class TrackingSink:
         await asyncio.to_thread(self.tracker.log_artifact, path, artifact_path)
 
     async def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point a registry alias (continual mode's champion) at ``version``."""
+        """Point a registry alias (continual mode's champion) at ``version``, once MLflow's start is done."""
+        await self.settle()
         if self.tracker is not None:
             await asyncio.to_thread(self.tracker.set_alias, name, alias, version)
 
