@@ -319,7 +319,8 @@ class Campaign:
         s.failed_current = False
         s.untrained = [f for f in s.untrained if f not in self._training_files]
         self._training_files = set()
-        metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes}
+        metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes,
+                   "sims_launched": s.sims_launched, "sims_failed": s.sims_failed, "wall_s": round(self.elapsed, 3)}
         s.rounds.append({"round": version, **metrics})
         self.store.log(TrainEnd(version, extra=metrics))
         self.progress.note(f"training round {version} done: {s.data_points} rows, "
@@ -434,8 +435,22 @@ class Campaign:
         path = self.store.write_summary(summary)
         self.store.log(CampaignEnd(extra={k: v for k, v in summary.items() if k != "run_dir"}))
         self.store.close()
-        await self.sink.close(status, [self.store.root / LOOP, self.store.root / EVENTS, path])
+        artifacts = [self.store.root / LOOP, self.store.root / EVENTS, path]
+        if self.sink.enabled:
+            artifacts.append(await asyncio.to_thread(self._timeline))
+        await self.sink.close(status, artifacts, summary)
         return summary
+
+    def _timeline(self) -> Path:
+        """timeline.png in the run dir (what `report` draws), for the MLflow run; best effort."""
+        out = self.store.root / "timeline.png"
+        try:
+            from orchestrator.report import plot_timeline
+
+            plot_timeline(self.store.root, out)
+        except Exception as exc:  # a picture is never worth failing the campaign's ending
+            log.warning("campaign %s: no timeline picture: %s", self.cfg.name, exc)
+        return out
 
 
 def _fmt(v: list[float] | None) -> str:
