@@ -8,8 +8,9 @@
   for a list; a block tag alone on its line takes the whole line with it
   (``trim_blocks``/``lstrip_blocks``).
 
-An output without one of the filters as its last step, a name the caller does not
-provide (``StrictUndefined``) or a value that is None is a :class:`TemplateError`,
+An output without one of the filters as its last step, a ``{% filter %}`` block, a
+name the caller does not provide (checked before rendering, and ``StrictUndefined``
+while rendering) or a value that is None is a one-line :class:`TemplateError`,
 so no value reaches a script unescaped by accident. Used for the sbatch job script
 (:mod:`orchestrator.submit`) and the C file of a new simulation
 (:mod:`orchestrator.scaffold`).
