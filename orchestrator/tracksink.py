@@ -31,7 +31,9 @@ MLFLOW_STATUS = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED", Stat
 class TrackingSink:
     """Metrics, the registered model and the artifacts of one campaign, into one MLflow run."""
 
-    def __init__(self, tracker: Tracker | None, store: RunStore, state: State, checkpoint: Callable[[], object]) -> None:
+    def __init__(
+        self, tracker: Tracker | None, store: RunStore, state: State, checkpoint: Callable[[], object]
+    ) -> None:
         self.tracker = tracker
         self.store = store
         self.state = state
