@@ -44,6 +44,8 @@ class SimRunner:
         self.clock = clock
         """``{campaign_time}`` for the sims' args: continual mode's monitoring round (0 before it)."""
         self._consecutive_failures = {"check": 0, "generate": 0}
+        self._ever_ok = {"check": False, "generate": False}
+        self._column_mismatches: dict[str, list[int]] = {"check": [], "generate": []}
 
     async def run(self, role: str, values: Mapping[str, float | int]) -> SimResult | None:
         """Run one sim with retries; None when every attempt failed."""
@@ -55,16 +57,36 @@ class SimRunner:
             last = await self._attempt(role, sim, values, attempt)
             if last.ok:
                 self._consecutive_failures[role] = 0
+                self._ever_ok[role] = True
                 return last
             self._failed(role, sim, last)
         return None
 
     def _failed(self, role: str, sim: SimConfig, last: SimResult) -> None:
         self._consecutive_failures[role] += 1
+        self._stop_if_columns_never_fit(role, sim, last)
         if self._consecutive_failures[role] >= sim.max_consecutive_failures:
             raise SimKindFailed(
                 f"sim kind {role!r} ({sim.binary}) failed {self._consecutive_failures[role]} times in a row; "
                 f"last failure ({last.request.run_id}): {last.message}"
+            )
+
+    def _stop_if_columns_never_fit(self, role: str, sim: SimConfig, last: SimResult) -> None:
+        """A sim that has never returned the declared columns, and twice in a row returned the same
+        other count, disagrees with loop.yml: retrying cannot help (a sim that worked before may
+        have a passing fault, and is retried as usual)."""
+        seen = self._column_mismatches[role]
+        got = last.info.get("columns_returned")
+        if got is None or self._ever_ok[role]:
+            seen.clear()
+            return
+        seen.append(int(got))
+        if len(seen) >= 2 and seen[-1] == seen[-2]:
+            names = ", ".join([*self.cfg.input_names, *self.cfg.outputs])
+            raise SimKindFailed(
+                f"sim kind {role!r} ({sim.binary}) returns {got} columns but loop.yml declares "
+                f"{self.cfg.n_columns} ({names}): fix `inputs`/`outputs` or the sim (not retried: every run "
+                f"so far returned {got}; last: {last.request.run_id})"
             )
 
     def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> LaunchRequest:
@@ -101,7 +123,7 @@ class SimRunner:
             self.pool.release(placement)
         if not result.ok:
             self.state.sims_failed += 1
-            log.warning("sim %s: %s: %s", req.run_id, result.outcome.value, result.message)
+            log.info("sim %s: %s: %s", req.run_id, result.outcome.value, result.message)  # progress shows it
             self.progress.note(f"sim {req.run_id} {result.outcome.value}: {result.message.splitlines()[0][:160]}")
         self.store.log(SimEnd(
             req.run_id, role, result.outcome.value, attempt=attempt, returncode=result.returncode,
