@@ -77,6 +77,7 @@ def test_unknown_step_names_the_known_ones(tmp_path: Path, capsys: pytest.Captur
     assert code == 2 and "in the order generate,train,evaluate" in err
 
 
+@pytest.mark.integration  # a real MLflow store: ~5-15 s to create
 def test_evaluate_of_an_unknown_model_lists_the_registered_ones(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from orchestrator.tracking import Tracker, default_tracking_uri
