@@ -49,6 +49,21 @@ class InputSpec(_Strict):
         return self
 
 
+class OutputFile(_Strict):
+    """A result file an existing code writes in its run directory, and the columns to take."""
+
+    path: str = Field(min_length=1)
+    """File name, relative to the run directory (the sim's cwd)."""
+    format: Literal["auto", "npy", "csv", "columns"] = "auto"
+    """npy: a 2-D .npy array; csv: comma-separated; columns: whitespace-separated columns;
+    auto: by the file's suffix (.npy, .csv, anything else columns)."""
+    columns: list[int | str] | None = None
+    """Columns to take, in order: the result's inputs then outputs. 0-based indexes, or header
+    names for csv (its first line is then the header). None: every column."""
+    skip_rows: int = Field(default=0, ge=0)
+    """Lines to skip at the top (headers a code writes); lines starting with ``#`` are always skipped."""
+
+
 class SimConfig(_Strict):
     """How to run one kind of simulation."""
 
@@ -85,6 +100,39 @@ class SimConfig(_Strict):
             if not _IDENT.match(name):
                 raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
         return v
+    mpi: Literal["auto", "mpich", "openmpi"] = "auto"
+    """The binary's MPI family, which decides how it is launched (local mpiexec, srun --mpi=pmi2
+    for MPICH or pmix for Open MPI). auto: read from the libmpi the binary links (``ldd``)."""
+    mpiexec: str | None = None
+    """The local launcher to use (mpiexec launcher); None: that MPI's own, found beside its libmpi."""
+    srun_args: list[str] = []
+    """Extra srun options for this sim's steps, e.g. ``["--cpu-bind=cores"]`` (srun launcher)."""
+    templates: dict[str, str] = {}
+    """Input files rendered into each run directory: {file name there: template file (relative to
+    loop.yml)}. Jinja2 syntax (``{{ x }}``, ``{% for %}``), the same placeholders as ``args``; an
+    undefined name is an error."""
+    files: list[str] = []
+    """Static files (relative to loop.yml) copied into each run directory beside the rendered inputs."""
+    output: OutputFile | None = None
+    """Read the result from a file the code writes (and do not pass ``--out``). None with no
+    ``parser``: the sim uses simkit (``--out FILE``, or rows over the intercommunicator)."""
+    parser: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """A Python function ``module:function(run_dir) -> rows`` that reads the result; the module is
+    looked for next to loop.yml first. Its exception is a failed run (traceback in stderr.log)."""
+
+    @model_validator(mode="after")
+    def _one_result_source(self) -> SimConfig:
+        if self.output is not None and self.parser is not None:
+            raise ValueError("give output or parser, not both")
+        for name in self.templates:
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"templates: {name!r} must be a plain file name in the run directory")
+        return self
+
+    @property
+    def uses_simkit(self) -> bool:
+        """Results come from simkit (``--out`` or spawn), not from the code's own files."""
+        return self.output is None and self.parser is None
 
 
 class SimsConfig(_Strict):
