@@ -92,14 +92,6 @@ class SimConfig(_Strict):
     """Stop the campaign when this many runs of this kind fail in a row."""
     env: dict[str, str] = {}
     """Extra environment variables for the sim's ranks (names: letters, digits, ``_``)."""
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            if not _IDENT.match(name):
-                raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
-        return v
     mpi: Literal["auto", "mpich", "openmpi"] = "auto"
     """The binary's MPI family, which decides how it is launched (local mpiexec, srun --mpi=pmi2
     for MPICH or pmix for Open MPI). auto: read from the libmpi the binary links (``ldd``)."""
@@ -119,6 +111,14 @@ class SimConfig(_Strict):
     parser: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     """A Python function ``module:function(run_dir) -> rows`` that reads the result; the module is
     looked for next to loop.yml first. Its exception is a failed run (traceback in stderr.log)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _IDENT.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
+        return v
 
     @model_validator(mode="after")
     def _one_result_source(self) -> SimConfig:
