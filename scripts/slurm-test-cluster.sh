@@ -209,6 +209,14 @@ EOF
         done
         echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP"
     } >"$CONF.tmp"
+    if can_unshare; then
+        # Open MPI names its shared-memory segments after the host, which all fake nodes
+        # share: ranks of two nodes would map each other's. Each node's own dir keeps them apart.
+        echo "TaskProlog=$DIR/task-prolog.sh" >>"$CONF.tmp"
+        printf '#!/bin/sh\necho "export OMPI_MCA_btl_vader_backing_directory=%s"\n' "$PMIX_DIR" \
+            >"$DIR/task-prolog.sh"
+        chmod 0755 "$DIR/task-prolog.sh"
+    fi
     mv -f "$CONF.tmp" "$CONF"
     echo "PMIxCliTmpDirBase=$PMIX_DIR" >"$DIR/mpi.conf"
 }
