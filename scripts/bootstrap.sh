@@ -48,8 +48,11 @@ if ((${#need_apt[@]})); then
 fi
 
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
-# The MPI the sims are built with: MPICC if given, else the mpich wheel's (in the venv).
+# The MPI the sims are built with: MPICC if given, else the one of the last build,
+# else the mpich wheel's in the venv (MPICC=$PWD/.venv/bin/mpicc goes back to it).
 mpicc=${MPICC:-}
+record=$VENV/.mpicc  # the choice, kept for later runs and for new-sim's rebuild command
+[[ -z $mpicc && -s $record ]] && mpicc=$(cat "$record")
 if [[ -n $mpicc ]]; then
     found=$(command -v "$mpicc" 2>/dev/null) || { echo "bootstrap: MPICC=$mpicc is not an executable" >&2; exit 1; }
     mpicc=$(readlink -f "$found")
@@ -57,7 +60,6 @@ else
     mpicc=$PWD/$VENV/bin/mpicc
 fi
 stamp=$VENV/.installed
-record=$VENV/.mpicc  # what new-sim's rebuild command uses
 inputs=(pyproject.toml constraints.txt CMakeLists.txt sims/*.c sims/*.h)
 if [[ -f $stamp ]] && [[ -z $(find "${inputs[@]}" -newer "$stamp" 2>/dev/null) ]] &&
     [[ $(cat "$record" 2>/dev/null) == "$mpicc" ]]; then

@@ -36,7 +36,7 @@ def test_new_sim_writes_the_source_and_declares_it_once(project: Path, capsys: p
     before = (project / "CMakeLists.txt").read_text()
     assert new_sim(project, "sim-heat") == 0
     out = capsys.readouterr().out
-    assert "add_simulation(sim-heat sims/sim-heat.c)" in out and "pip install --no-build-isolation -e ." in out
+    assert "add_simulation(sim-heat sims/sim-heat.c)" in out and "-m pip install --no-build-isolation -e " in out
     assert "binary: sim-heat" in out
     source = (project / "sims" / "sim-heat.c").read_text()
     assert 'simkit_init(&argc, &argv, "sim-heat", opts);' in source and "{{" not in source
