@@ -212,9 +212,11 @@ EOF
     if can_unshare; then
         # Open MPI names its shared-memory segments after the host, which all fake nodes
         # share: ranks of two nodes would map each other's. Each node's own dir keeps them apart.
+        # The fake nodes also claim more CPUs than the host has, which Open MPI cannot see
+        # under srun: its ranks must yield when idle, as mpirun --oversubscribe makes them.
         echo "TaskProlog=$DIR/task-prolog.sh" >>"$CONF.tmp"
-        printf '#!/bin/sh\necho "export OMPI_MCA_btl_vader_backing_directory=%s"\n' "$PMIX_DIR" \
-            >"$DIR/task-prolog.sh"
+        printf '#!/bin/sh\necho "export OMPI_MCA_btl_vader_backing_directory=%s"\n%s\n' "$PMIX_DIR" \
+            'echo "export OMPI_MCA_mpi_yield_when_idle=1"' >"$DIR/task-prolog.sh"
         chmod 0755 "$DIR/task-prolog.sh"
     fi
     mv -f "$CONF.tmp" "$CONF"
