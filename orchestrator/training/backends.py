@@ -14,6 +14,7 @@ Backends:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -23,7 +24,7 @@ from distributed import Client, LocalCluster
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, TrainingError
-from orchestrator.training import remote
+from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class LocalBackend(Backend):
             threads_per_worker=self.cfg.threads_per_worker,
             memory_limit=self.cfg.memory_limit,
             processes=True,
+            resources=self.cfg.worker_resources,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             asynchronous=True,
@@ -95,6 +97,12 @@ class Trainer:
         self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams.model_dump(exclude_unset=True)}
 
     @property
+    def train_options(self) -> dict[str, Any]:
+        """Dask submit options of a training task: it needs a training worker (and its GPU)."""
+        need = {"train": 1, **({"GPU": self.cfg.gpus} if self.cfg.gpus else {})}
+        return {"resources": need, "pure": False, "retries": self.cfg.task_retries}
+
+    @property
     def client(self) -> Client:
         if self.backend.client is None:
             raise RuntimeError("the training backend is not started")
@@ -102,21 +110,31 @@ class Trainer:
 
     async def warm_up(self) -> float:
         """Import torch and take one optimizer step on a worker before the first training."""
-        future = self.client.submit(remote.call, "warm_up", self.cfg.model, self.model_kwargs, self.n_inputs,
-                                    self.n_outputs, pure=False)
+        futures = [
+            self.client.submit(remote.call, "warm_up", self.cfg.model, self.model_kwargs, self.n_inputs,
+                               self.n_outputs, self.cfg.device, pure=False, workers=[addr])
+            for addr in await self._training_workers()
+        ]
         try:
-            seconds: float = await future
+            seconds: list[float] = list(await asyncio.gather(*futures))
         except Exception as exc:
+            if type(exc).__name__ == "NoGpuError":  # raised by orchestrator.training.devices on the worker
+                raise TrainingError(str(exc)) from exc
             raise TrainingError(f"the model {self.cfg.model} cannot be built on a worker: {exc}") from exc
-        return seconds
+        return max(seconds)
+
+    async def _training_workers(self) -> list[str]:
+        """Addresses of the connected workers that advertise the ``train`` resource (all of ours)."""
+        workers: dict[str, Any] = (await cast(Any, self.client).scheduler.identity(n_workers=-1))["workers"]
+        able = sorted(a for a, w in workers.items() if w.get("resources", {}).get("train", 0) >= 1)
+        return able or sorted(workers)
 
     async def train(self, state: bytes | None, data_paths: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
         """One training round (warm start from ``state``) on every path given."""
-        future = self.client.submit(
-            remote.call, "train", state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs,
-            seed,
-            pure=False, retries=self.cfg.task_retries,
-        )
+        args = (state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed)
+        if self.cfg.strategy == "ddp":
+            return await ddp.train(self.client, self.cfg.workers, args, self.cfg.device, self.cfg.task_retries)
+        future = self.client.submit(remote.call, "train", *args, self.cfg.device, **self.train_options)
         try:
             result: tuple[bytes, dict[str, float]] = await future
         except Exception as exc:
