@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, cast
 
 import dask
 from distributed import Client, LocalCluster
 
 from orchestrator.config import TrainingConfig
-from orchestrator.errors import OrchestratorError, TrainingError
+from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
 from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
 
@@ -74,9 +75,25 @@ class LocalBackend(Backend):
             self.cluster = None
 
 
+def local_gpus(dev: Path = Path("/dev")) -> int:
+    """NVIDIA GPUs this host shows (``/dev/nvidia0``, ...), without importing torch."""
+    return sum(1 for p in dev.glob("nvidia*") if p.name[len("nvidia"):].isdigit())
+
+
+def check_local_device(cfg: TrainingConfig, gpus: int | None = None) -> None:
+    """Refuse ``training.device: cuda`` at start when the local workers could have no GPU."""
+    gpus = local_gpus() if gpus is None else gpus
+    if cfg.device == "cuda" and gpus == 0:
+        raise ResourceError("training.device is cuda but this machine has no NVIDIA GPU (no /dev/nvidia0); "
+                            "set training.device: auto or cpu, or run where a GPU is")
+    if cfg.device == "cuda" and gpus < cfg.workers and cfg.strategy == "ddp":
+        log.warning("%d local workers share %d GPU(s)", cfg.workers, gpus)
+
+
 def make_backend(cfg: TrainingConfig, **kwargs: Any) -> Backend:
     """The backend named in the config."""
     if cfg.backend == "local":
+        check_local_device(cfg)
         return LocalBackend(cfg)
     from orchestrator.training import slurm
 
