@@ -45,6 +45,7 @@ async def _ddp_round(cfg: TrainingConfig, paths: list[str], during: Any = None) 
     await backend.start()
     try:
         trainer = Trainer(backend, cfg, 1, 1)
+        await trainer.warm_up()
         job = asyncio.ensure_future(trainer.train(None, paths, 7))
         if during is not None:
             await during(backend)
@@ -79,9 +80,9 @@ async def _kill_one_worker_when_training(backend: LocalBackend) -> None:
 
 @pytest.mark.integration
 def test_ddp_round_retries_after_a_worker_is_killed(tmp_path: Path) -> None:
-    paths = _data(tmp_path, n=2000)
+    paths = _data(tmp_path, n=1000)
     cfg = TrainingConfig(backend="local", workers=2, strategy="ddp", device="cpu", task_retries=2,
-                         hparams={"epochs": 3000, "lbfgs_iters": 0})
+                         hparams={"epochs": 1500, "lbfgs_iters": 0})
     state, metrics = asyncio.run(_ddp_round(cfg, paths, _kill_one_worker_when_training))
     assert metrics["ddp_attempts"] == 2
     assert _val_rmse(state) < 0.2

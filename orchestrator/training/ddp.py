@@ -24,7 +24,7 @@ from orchestrator.training import remote
 
 log = logging.getLogger(__name__)
 
-GROUP_TIMEOUT_S = 120.0
+GROUP_TIMEOUT_S = 60.0
 """A rank waits this long for its peers (to join, or in a collective) before it fails."""
 WORKERS_BACK_TIMEOUT_S = 180.0
 """After a failed round, the workers must be ``world`` again within this."""

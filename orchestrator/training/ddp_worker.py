@@ -88,6 +88,9 @@ def train_rank(
                                          device, reduce)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        else:  # init failed after naming the group: reset the name counter, or this process's next
+            dist.distributed_c10d._world.group_count = 0  # group would look for its peers under another name
     metrics.update(ddp_world_size=float(world))
     return (new_state if rank == 0 else None), metrics
