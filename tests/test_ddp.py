@@ -106,8 +106,30 @@ def test_cuda_without_a_gpu_is_one_line_at_start() -> None:
 def test_cuda_on_a_worker_without_one_is_one_line(tmp_path: Path) -> None:
     if tasks.torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(RuntimeError, match="training.device is cuda but worker .* has no usable GPU") as info:
+    with pytest.raises(RuntimeError, match=r"training.device is cuda but worker .* has no usable GPU") as info:
         tasks.warm_up(MODEL, {}, 1, 1, "cuda")
     assert "\n" not in str(info.value)
     state, _ = tasks.train(None, _data(tmp_path, 64), MODEL, {}, {"epochs": 2, "lbfgs_iters": 0}, 1, 0, "auto")
     assert all(t.device.type == "cpu" for t in tasks._deserialise(state)["model"].values())
+
+
+needs_gpu = pytest.mark.skipif(not tasks.torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check.sh)")
+
+
+@needs_gpu
+def test_cuda_training_saves_cpu_tensors_that_load_anywhere(tmp_path: Path) -> None:
+    paths = _data(tmp_path)
+    state, metrics = tasks.train(None, paths, MODEL, {}, {**HP}, 1, 7, "cuda")
+    blob = tasks._deserialise(state)
+    assert all(t.device.type == "cpu" for t in blob["model"].values())
+    assert _val_rmse(state) < 0.02  # evaluate() runs on the CPU
+    warm, _ = tasks.train(state, paths, MODEL, {}, {"epochs": 5, "lbfgs_iters": 0}, 1, 7, "cuda")
+    assert tasks._deserialise(warm)["rounds_done"] == 2
+
+
+@needs_gpu
+def test_ddp_over_gpu_workers_uses_nccl(tmp_path: Path) -> None:
+    world = min(2, tasks.torch.cuda.device_count())
+    cfg = TrainingConfig(backend="local", workers=world, strategy="ddp", device="cuda", hparams=HP)
+    state, metrics = asyncio.run(_ddp_round(cfg, _data(tmp_path)))
+    assert metrics["ddp_world_size"] == world and _val_rmse(state) < 0.02
