@@ -119,7 +119,7 @@ needs_gpu = pytest.mark.skipif(not tasks.torch.cuda.is_available(), reason="need
 @needs_gpu
 def test_cuda_training_saves_cpu_tensors_that_load_anywhere(tmp_path: Path) -> None:
     paths = _data(tmp_path)
-    state, metrics = tasks.train(None, paths, MODEL, {}, {**HP}, 1, 7, "cuda")
+    state, _ = tasks.train(None, paths, MODEL, {}, {**HP}, 1, 7, "cuda")
     blob = tasks._deserialise(state)
     assert all(t.device.type == "cpu" for t in blob["model"].values())
     assert _val_rmse(state) < 0.02  # evaluate() runs on the CPU
