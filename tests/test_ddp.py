@@ -133,3 +133,15 @@ def test_ddp_over_gpu_workers_uses_nccl(tmp_path: Path) -> None:
     cfg = TrainingConfig(backend="local", workers=world, strategy="ddp", device="cuda", hparams=HP)
     state, metrics = asyncio.run(_ddp_round(cfg, _data(tmp_path)))
     assert metrics["ddp_world_size"] == world and _val_rmse(state) < 0.02
+
+
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="this machine has a GPU")
+def test_run_with_cuda_and_no_gpu_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    loop = Path(__file__).resolve().parent.parent / "examples" / "sine" / "loop.yml"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(tmp_path),
+                           "--set", "training.device=cuda"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "training.device is cuda" in proc.stderr, proc.stderr
