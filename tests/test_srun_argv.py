@@ -315,7 +315,7 @@ def test_gpu_dask_worker_step_asks_for_gpus(tmp_path: Path) -> None:
     assert ts.gpu_step_options(cfg) == ["--gpus-per-task=1"]
     assert ts.gpu_step_options(TrainingConfig(backend="allocation", workers=2)) == []
     argv = ts.worker_argv("tcp://127.0.0.1:4000", cfg, tmp_path)
-    assert argv[argv.index("--resources") + 1] == "train=1 GPU=1"
+    assert argv[argv.index("--resources") + 1] == "train=1,GPU=1"
     cpu = ts.worker_argv("tcp://127.0.0.1:4000", TrainingConfig(), tmp_path)
     assert cpu[cpu.index("--resources") + 1] == "train=1"
 
@@ -325,6 +325,6 @@ def test_gpu_jobqueue_jobs_ask_for_gres(tmp_path: Path) -> None:
                          jobqueue={"job_extra_directives": ["--constraint=a100"]})
     opts = ts.jobqueue_options(cfg, tmp_path / "sine-1", ts.LOOPBACK, None)
     assert opts["job_extra_directives"] == ["--constraint=a100", "--gres=gpu:2"]
-    assert opts["worker_extra_args"][-2:] == ["--resources", "train=1 GPU=2"]
+    assert opts["worker_extra_args"][-2:] == ["--resources", "train=1,GPU=2"]
     own = TrainingConfig(backend="jobqueue", device="cuda", jobqueue={"job_extra_directives": ["--gpus=1"]})
     assert ts.jobqueue_options(own, tmp_path / "s", ts.LOOPBACK, None)["job_extra_directives"] == ["--gpus=1"]

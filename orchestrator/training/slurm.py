@@ -205,8 +205,8 @@ def worker_argv(
 
 
 def resources_arg(cfg: TrainingConfig) -> str:
-    """``dask worker --resources`` value: ``train=1`` plus ``GPU=N`` for GPU workers."""
-    return " ".join(f"{k}={v}" for k, v in cfg.worker_resources.items())
+    """``dask worker --resources`` value: ``train=1``, plus ``GPU=N`` for GPU workers."""
+    return ",".join(f"{k}={v}" for k, v in cfg.worker_resources.items())  # no space: safe in job scripts
 
 
 def gpu_step_options(cfg: TrainingConfig) -> list[str]:
