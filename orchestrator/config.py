@@ -231,9 +231,33 @@ class TrainingConfig(_Strict):
     hparams: HparamsConfig = HparamsConfig()
     """Training hyper-parameters (epochs, lr, batch_size, ...), validated with the rest of loop.yml."""
     task_retries: int = Field(default=2, ge=0)
-    """Dask retries of a training task that raised."""
+    """Dask retries of a training task that raised (for ``ddp``: retries of the whole round)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the workers train: ``cuda`` (a GPU, refused at start when a worker has none),
+    ``cpu``, or ``auto`` (a worker's GPU when it has one, else its CPU). Checkpoints hold
+    CPU tensors, so a model trained on a GPU loads anywhere."""
+    gpus_per_worker: int | None = Field(default=None, ge=0, le=16)
+    """GPUs each Dask worker asks Slurm for (``srun --gpus-per-task``; SLURMCluster jobs
+    ``--gres=gpu:N``) and advertises as the Dask resource ``GPU``; None: 1 when ``device``
+    is ``cuda``, else 0."""
+    strategy: Literal["single", "ddp"] = "single"
+    """``single``: each model trains on one worker (ensemble members side by side, one per
+    worker); ``ddp``: one model trains data-parallel over all ``workers`` with
+    ``torch.distributed`` (gloo on CPU, nccl on GPU)."""
     jobqueue: dict[str, Any] = {}
     """Passed through to dask_jobqueue.SLURMCluster (queue, account, walltime, ...)."""
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per worker after the default (``gpus_per_worker``)."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1 if self.device == "cuda" else 0
+
+    @property
+    def worker_resources(self) -> dict[str, int]:
+        """The Dask resources every training worker advertises: ``train=1``, plus ``GPU=N``."""
+        return {"train": 1, **({"GPU": self.gpus} if self.gpus else {})}
 
 
 class ResourcesConfig(_Strict):
