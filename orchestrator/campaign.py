@@ -126,7 +126,8 @@ class Campaign:
         self.launchers = launchers
         self.pool = pool
         self.backend = backend
-        self.trainer = Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs))
+        self.trainer = Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs),
+                               columns=(cfg.input_names, list(cfg.outputs)))
         self.progress = progress or Progress(enabled=False)
         self.resumed = state is not None
         self.state = state or State()

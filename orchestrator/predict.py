@@ -20,6 +20,7 @@ the artifact ``predictions.npy`` (inputs and outputs side by side).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import tempfile
@@ -70,6 +71,8 @@ class Prediction:
     inputs: Array
     outputs: Array
     run_id: str | None = None
+    names: tuple[list[str], list[str]] | None = None
+    """The campaign's input and output names, as registered with the model."""
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -232,16 +235,22 @@ def predict(
         outputs = evaluate(model, points)
     except RuntimeError as exc:  # a shape mismatch inside a model that declares no n_inputs
         raise PredictError(f"model {ref} failed on inputs of shape {points.shape}: {exc}") from exc
-    pred = Prediction(ref, points, outputs)
+    from orchestrator.tracking import column_names
+
+    pred = Prediction(ref, points, outputs, names=column_names(uri, ref.name, str(ref.version)))
     if experiment is None:
         return pred
-    return Prediction(ref, points, outputs, log_run(uri, experiment, pred, source))
+    return dataclasses.replace(pred, run_id=log_run(uri, experiment, pred, source))
 
 
 def format_table(pred: Prediction) -> str:
     """Inputs and outputs as aligned columns."""
     n_in, n_out = pred.inputs.shape[1], pred.outputs.shape[1]
-    header = [f"x{i}" for i in range(n_in)] + [f"y{j}" for j in range(n_out)]
+    names = pred.names
+    if names is not None and (len(names[0]), len(names[1])) == (n_in, n_out):
+        header = [*names[0], *names[1]]
+    else:
+        header = [f"x{i}" for i in range(n_in)] + [f"y{j}" for j in range(n_out)]
     rows = [[_num(v) for v in (*xi, *yi)] for xi, yi in zip(pred.inputs, pred.outputs, strict=True)]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]

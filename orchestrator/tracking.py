@@ -565,7 +565,7 @@ class Tracker:
                 client.log_artifact(run_id, str(local), artifact_path)
 
     def register_model(
-        self, module: torch.nn.Module, name: str, artifact_path: str = "model"
+        self, module: torch.nn.Module, name: str, artifact_path: str = "model", tags: Mapping[str, str] | None = None,
     ) -> RegisteredModel:
         """Log ``module`` as an MLflow model of this run and register a new version.
 
@@ -646,7 +646,7 @@ class Tracker:
                 source=str(logged.artifact_location),
                 run_id=run_id,
                 model_id=model_id,
-                tags={"campaign_run": self.run_name, "campaign_run_id": run_id},
+                tags={"campaign_run": self.run_name, "campaign_run_id": run_id, **(tags or {})},
                 description=f"Surrogate trained by campaign run {self.run_name} (MLflow run {run_id}).",
             )
         registered = RegisteredModel(name=name, version=str(version.version))
@@ -701,6 +701,27 @@ def _model_versions(client: MlflowClient, name: str) -> list[str]:
     escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     versions = client.search_model_versions(f"name='{escaped}'")
     return [str(v) for v in sorted(int(mv.version) for mv in versions if mv.name == name)]
+
+
+def column_tags(inputs: Sequence[str], outputs: Sequence[str]) -> dict[str, str]:
+    """A registered version's tags naming its columns (names are identifiers: a comma never occurs)."""
+    return {"inputs": ",".join(inputs), "outputs": ",".join(outputs)}
+
+
+def column_names(tracking_uri: str, name: str, version: str) -> tuple[list[str], list[str]] | None:
+    """The input and output names a version was registered with, or None (an older version, or a failure).
+
+    Best effort: a prediction is worth printing with generic column names.
+    """
+    client = _make_client(tracking_uri)
+    try:
+        with _wrap(f"read tags of model {name!r} version {version}", tracking_uri):
+            tags = client.get_model_version(name, version).tags
+    except TrackingError:
+        return None
+    if "inputs" not in tags or "outputs" not in tags:
+        return None
+    return tags["inputs"].split(","), tags["outputs"].split(",")
 
 
 def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[str]]:

@@ -89,3 +89,8 @@ def test_oscillator_campaign_meets_its_target_and_predicts(tmp_path: Path) -> No
     predicted = np.load(tmp_path / "y.npy")
     assert predicted.shape == (len(grid), 1)
     assert np.abs(predicted[:, 0] - exact(grid[:, 0], grid[:, 1])).max() < 0.05
+
+    # the printed table names the campaign's columns, not x0 x1 y0
+    proc = orchestrate("predict", "--model", "oscillator-surrogate", "--x", "2.5,0.1", "--workdir", str(work))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split() == ["t", "zeta", "x"]

@@ -105,8 +105,13 @@ def make_backend(cfg: TrainingConfig, **kwargs: Any) -> Backend:
 class Trainer:
     """Submits training and evaluation to the backend's workers."""
 
-    def __init__(self, backend: Backend, cfg: TrainingConfig, n_inputs: int, n_outputs: int) -> None:
+    def __init__(
+        self, backend: Backend, cfg: TrainingConfig, n_inputs: int, n_outputs: int,
+        columns: tuple[list[str], list[str]] | None = None,
+    ) -> None:
         self.backend = backend
+        self.columns = columns
+        """The campaign's input and output names, recorded with a registered model (for ``predict``)."""
         self.cfg = cfg
         self.model_kwargs = dict(cfg.model_kwargs)
         self.n_inputs = n_inputs
@@ -178,7 +183,7 @@ class Trainer:
         """
         future = self.client.submit(
             remote.call, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id, name,
-            pure=False,
+            self.columns, pure=False,
         )
         try:
             result: tuple[str, str] = await future

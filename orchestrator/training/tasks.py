@@ -594,9 +594,13 @@ def warm_up(
 
 def register_model(
     state: bytes, model: str, model_kwargs: dict[str, Any], tracking_uri: str, run_id: str, name: str,
+    columns: tuple[list[str], list[str]] | None = None,
 ) -> tuple[str, str]:
-    """Load the checkpoint and register it under ``name`` in the campaign's MLflow run."""
-    from orchestrator.tracking import Tracker
+    """Load the checkpoint and register it under ``name`` in the campaign's MLflow run,
+    with the campaign's column names (``inputs``, ``outputs`` tags) when given."""
+    from orchestrator.tracking import Tracker, column_tags
 
-    registered = Tracker.attach(tracking_uri, run_id).register_model(load_model(state, model, model_kwargs), name)
+    tags = column_tags(*columns) if columns else {}
+    module = load_model(state, model, model_kwargs)
+    registered = Tracker.attach(tracking_uri, run_id).register_model(module, name, tags=tags)
     return registered.name, registered.version
