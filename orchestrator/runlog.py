@@ -37,6 +37,7 @@ class EventKind(enum.StrEnum):
     TRAIN_END = "train_end"
     TRAINING_BACKEND = "training_backend"
     MODEL_REGISTERED = "model_registered"
+    SCORES = "scores"
 
 
 class Status(enum.StrEnum):
@@ -136,6 +137,8 @@ class Check(Event):
     stale: bool | None = None
     successes: int | None = None
     prechecked: bool | None = None
+    spread: float | None = None
+    """The ensemble members' largest spread (standard deviation) over the outputs at x."""
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if v is not None}
@@ -156,6 +159,8 @@ class TrainStart(Event):
     files: int
     rows: int
     workers: Any
+    members: int = 1
+    """Ensemble members trained in this round, side by side."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,17 @@ class TrainEnd(Event):
     version: int
     extra: dict[str, float] = field(default_factory=dict)
     """The training's metrics (train_loss, train_rmse, ...), data_points and successes."""
+
+
+@dataclass(frozen=True)
+class Scores(Event):
+    """The ensemble evaluated on a fresh candidate pool, for the sampling strategy."""
+
+    KIND = EventKind.SCORES
+    version: int
+    candidates: int
+    pool_spread_mean: float
+    pool_spread_max: float
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,12 @@ class State:
     last_error: float | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Metrics of each finished training."""
+    member_files: list[str] = field(default_factory=list)
+    """Checkpoints of the current model's ensemble members (the first is ``model_file``)."""
+    sampling_rng: dict[str, Any] = field(default_factory=dict)
+    """The sampling strategy's RNG state."""
+    loop_dir: str | None = None
+    """The folder of the loop.yml the run started from (a user's strategy module is there)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:
