@@ -63,7 +63,7 @@ def test_ensemble_strategy_keeps_points_apart_and_away_from_pending() -> None:
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    (np.full((4, 2), 0.5) + [[0, 0], [0, 0], [0, 0], [0, 1.5]], "outside the domain"),
+    (np.array([[0.5, 0.5]] * 3 + [[0.5, 2.0]]), "outside the domain"),
     (np.full((4, 2), np.nan), "NaN"),
     (np.full((3, 2), 0.5), r"shape \(3, 2\); expected \(4, 2\)"),
 ])
