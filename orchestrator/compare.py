@@ -28,6 +28,8 @@ from orchestrator.errors import OrchestratorError, UsageError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ENSEMBLE = 4
+"""Members for ``ensemble`` when loop.yml's ``policy.ensemble_size`` is 1."""
 METRICS = ("generate_runs", "data_points", "rounds", "time_to_target_s")
 LABELS = {"generate_runs": "expensive sim runs", "data_points": "rows", "rounds": "training rounds",
           "time_to_target_s": "wall s to target"}
@@ -101,6 +103,8 @@ def run_one(loop: Path, workdir: Path, strategy: str, seed: int, overrides: Sequ
 
     where = workdir / f"{strategy.replace(':', '.')}-seed{seed}"
     sets = [*overrides, f"seed={seed}", f"policy.sampling={strategy}", "tracking.enabled=false"]
+    if strategy == "ensemble" and load_config(loop, overrides).policy.ensemble_size < 2:
+        sets.append(f"policy.ensemble_size={DEFAULT_ENSEMBLE}")  # loop.yml trains one model: ensemble needs more
     try:
         result = run_sync(loop, workdir=where, overrides=sets, new=True)
     except OrchestratorError as exc:

@@ -120,7 +120,7 @@ class PolicyConfig(_Strict):
 
     checks_per_round: int = Field(default=1, ge=1, le=64)
     """Query points checked in parallel against each model version."""
-    sampling: str = Field(default="uniform", pattern=SAMPLING_PATTERN)
+    sampling: str = "uniform"
     """Where generate sims evaluate (see docs/sampling.md): ``uniform`` (the whole domain),
     ``near-failures`` (around failed checks), ``space-filling`` (Latin hypercube over the
     domain), ``ensemble`` (where ``ensemble_size`` surrogates disagree most, points kept apart),
@@ -138,6 +138,14 @@ class PolicyConfig(_Strict):
     min_separation: float = Field(default=0.02, ge=0, le=1)
     """ensemble: chosen points are at least this far apart (and from points still being
     simulated), in units of the domain scaled to the unit cube."""
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: str) -> str:
+        if not re.match(SAMPLING_PATTERN, v):
+            raise ValueError(f"got {v!r}, expected one of {', '.join(BUILTIN_SAMPLING)} or a module:function "
+                             "of your own (docs/sampling.md)")
+        return v
     near_failures_width: float = Field(default=0.25, gt=0, le=1)
     """near-failures: window width as a fraction of each input's domain."""
     max_inflight: int = Field(default=2, ge=1, le=1024)

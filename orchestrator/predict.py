@@ -70,6 +70,8 @@ class Prediction:
     inputs: Array
     outputs: Array
     run_id: str | None = None
+    spread: Array | None = None
+    """The ensemble members' spread (standard deviation) per output; None for a single model."""
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -171,6 +173,21 @@ def n_inputs_of(model: torch.nn.Module) -> int | None:
     return None
 
 
+def spread_of(model: torch.nn.Module, points: Array) -> Array | None:
+    """An ensemble's spread at ``points`` (models.ensemble.Ensemble), None for a single model."""
+    mean_and_spread = getattr(model, "mean_and_spread", None)
+    if not callable(mean_and_spread):
+        return None
+    import torch
+
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    with torch.no_grad():
+        _, spread = mean_and_spread(torch.from_numpy(points).to(dtype))
+    result: Array = spread.double().reshape(points.shape[0], -1).numpy()
+    return result
+
+
 def evaluate(model: torch.nn.Module, points: Array) -> Array:
     """The model's forward on ``points``, in the dtype of its weights, as float64."""
     import torch
@@ -220,19 +237,24 @@ def predict(
     points = check_width(points, n_inputs_of(model), ref)
     try:
         outputs = evaluate(model, points)
+        spread = spread_of(model, points)
     except RuntimeError as exc:  # a shape mismatch inside a model that declares no n_inputs
         raise PredictError(f"model {ref} failed on inputs of shape {points.shape}: {exc}") from exc
-    pred = Prediction(ref, points, outputs)
+    pred = Prediction(ref, points, outputs, spread=spread)
     if experiment is None:
         return pred
-    return Prediction(ref, points, outputs, log_run(uri, experiment, pred, source))
+    return Prediction(ref, points, outputs, log_run(uri, experiment, pred, source), spread)
 
 
 def format_table(pred: Prediction) -> str:
-    """Inputs and outputs as aligned columns."""
+    """Inputs and outputs (an ensemble's mean, then its spread) as aligned columns."""
     n_in, n_out = pred.inputs.shape[1], pred.outputs.shape[1]
     header = [f"x{i}" for i in range(n_in)] + [f"y{j}" for j in range(n_out)]
-    rows = [[_num(v) for v in (*xi, *yi)] for xi, yi in zip(pred.inputs, pred.outputs, strict=True)]
+    table = np.hstack([pred.inputs, pred.outputs])
+    if pred.spread is not None:
+        header += [f"y{j}_spread" for j in range(n_out)]
+        table = np.hstack([table, pred.spread])
+    rows = [[_num(v) for v in row] for row in table]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

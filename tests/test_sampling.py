@@ -212,3 +212,32 @@ def test_config_refuses_an_ensemble_of_one() -> None:
     cfg = front_loop(sampling="ensemble", ensemble_size=1)
     with pytest.raises(ValueError, match="ensemble_size >= 2"):
         LoopConfig.model_validate(cfg)
+
+
+def test_compare_table_and_seeds() -> None:
+    from orchestrator.compare import Outcome, format_table, parse_seeds
+
+    assert parse_seeds("1-3,7") == [1, 2, 3, 7]
+    rows = [Outcome("uniform", 1, "target_met", True, 8, 256, 8, 40.0, 50.0, "r"),
+            Outcome("ensemble", 1, "target_met", True, 4, 128, 4, 30.0, 40.0, "r")]
+    table = format_table(rows, ["uniform", "ensemble"])
+    assert "| median | ensemble | 4 | 128 | 4 | 30 | 1/1 |" in table
+    assert "| ratio | ensemble/uniform | 0.50 | 0.50 | 0.50 | 0.75 | |" in table
+
+
+def test_predict_prints_an_ensembles_mean_and_spread() -> None:
+    import torch
+
+    from models.ensemble import Ensemble
+    from orchestrator.predict import ModelRef, Prediction, evaluate, format_table, spread_of
+
+    members = [torch.nn.Linear(1, 1) for _ in range(2)]
+    for k, m in enumerate(members):
+        torch.nn.init.constant_(m.weight, 1.0 + k)
+        torch.nn.init.zeros_(m.bias)
+    model = Ensemble(members)
+    pts = np.array([[1.0], [2.0]])
+    mean, spread = evaluate(model, pts), spread_of(model, pts)
+    assert mean.tolist() == [[1.5], [3.0]] and spread is not None and spread.tolist() == [[0.5], [1.0]]
+    table = format_table(Prediction(ModelRef("m", "1"), pts, mean, spread=spread))
+    assert table.splitlines()[0].split() == ["x0", "y0", "y0_spread"]
