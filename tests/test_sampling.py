@@ -182,8 +182,8 @@ def test_resume_keeps_the_ensemble_and_the_strategy_rng(tmp_path: Path, monkeypa
     # Interrupt right after the first training, as a signal would.
     original = Campaign._on_train
 
-    def train_then_stop(self: Campaign, members: list[bytes], metrics: dict[str, float]) -> None:
-        original(self, members, metrics)
+    def train_then_stop(self: Campaign, result: Any) -> None:
+        original(self, result)
         self._interrupt.set()
 
     monkeypatch.setattr(Campaign, "_on_train", train_then_stop)
