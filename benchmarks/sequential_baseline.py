@@ -23,7 +23,9 @@ import numpy as np
 
 from orchestrator.config import LoopConfig, load_config, render_args, resolve_binaries
 from orchestrator.launchers.mpiexec import find_mpiexec
+from orchestrator.sampling import write_points
 from orchestrator.training import tasks
+from orchestrator.training.ensemble import member_seed
 
 
 def _sim(mpiexec: str, binary: Path, args: list[str], ranks: int, out: Path) -> np.ndarray:
@@ -33,16 +35,41 @@ def _sim(mpiexec: str, binary: Path, args: list[str], ranks: int, out: Path) -> 
     return table
 
 
+def _predict(states: list[bytes], cfg: LoopConfig, x: list[float]) -> list[float]:
+    """The ensemble mean (one member: its prediction), as the campaign checks it."""
+    kw = dict(cfg.training.model_kwargs)
+    preds = np.array([tasks.evaluate(s, cfg.training.model, kw, [x])[0] for s in states])
+    return [float(v) for v in preds.mean(axis=0)]
+
+
+def _generate_values(cfg: LoopConfig, rng: np.random.Generator, sims: int, work: Path) -> dict[str, Any]:
+    values: dict[str, Any] = {"seed": int(rng.integers(2**31)), "run_id": sims, "attempt": 0,
+                              "ranks": cfg.sims.generate.ranks}
+    for s in cfg.inputs:
+        values[f"{s.name}_lo"], values[f"{s.name}_hi"] = s.lo, s.hi
+    if len(cfg.inputs) == 1:
+        values["lo"], values["hi"] = cfg.inputs[0].lo, cfg.inputs[0].hi
+    if cfg.chosen_points:  # the same sim told its points: uniform ones, as uniform sampling chooses
+        lo = np.array([i.lo for i in cfg.inputs])
+        hi = np.array([i.hi for i in cfg.inputs])
+        pts = rng.uniform(lo, hi, size=(cfg.policy.points_per_run, lo.size))
+        values["points_file"] = str(write_points(work / f"p{sims}.txt", pts))
+    return values
+
+
 def run_baseline(cfg: LoopConfig, loop_file: Path, seed: int) -> dict[str, Any]:
-    """Run the sequential loop to the target; time from loop start (imports done)."""
+    """Run the sequential loop to the target; time from loop start (imports done).
+
+    With ``target.per_version`` a model version passes only when ``checks_per_round``
+    fresh points, checked one after the other, are all within tolerance."""
     binaries = resolve_binaries(cfg, loop_file)
     mpiexec = find_mpiexec()
     rng = np.random.default_rng(seed)
     lo = np.array([i.lo for i in cfg.inputs])
     hi = np.array([i.hi for i in cfg.inputs])
-    hparams = {"num_threads": 1, **cfg.training.hparams}
+    hparams = {"num_threads": 1, **cfg.training.hparams.model_dump(exclude_unset=True)}
     n_in = len(cfg.inputs)
-    state: bytes | None = None
+    members: list[bytes | None] = [None] * cfg.policy.ensemble_size
     files: list[str] = []
     successes = rounds = points = sims = 0
     x: list[float] | None = None
@@ -54,8 +81,8 @@ def run_baseline(cfg: LoopConfig, loop_file: Path, seed: int) -> dict[str, Any]:
                 x = [float(v) for v in rng.uniform(lo, hi)]
             values = {**{s.name: v for s, v in zip(cfg.inputs, x, strict=True)},
                       "seed": 0, "run_id": sims, "attempt": 0, "ranks": cfg.sims.check.ranks}
-            pred = None if state is None else tasks.evaluate(state, cfg.training.model,
-                                                              dict(cfg.training.model_kwargs), [x])[0]
+            ready = [m for m in members if m is not None]
+            pred = _predict(ready, cfg, x) if ready else None
             truth = _sim(mpiexec, binaries["check"], render_args(cfg.sims.check.args, values),
                          cfg.sims.check.ranks, work / f"c{sims}.npy")[0, n_in:]
             sims += 1
@@ -63,20 +90,18 @@ def run_baseline(cfg: LoopConfig, loop_file: Path, seed: int) -> dict[str, Any]:
                 successes += 1
                 x = None
                 continue
-            gen_values: dict[str, float | int] = {"seed": int(rng.integers(2**31)), "run_id": sims, "attempt": 0,
-                                                  "ranks": cfg.sims.generate.ranks}
-            for s in cfg.inputs:
-                gen_values[f"{s.name}_lo"], gen_values[f"{s.name}_hi"] = s.lo, s.hi
-            if n_in == 1:
-                gen_values["lo"], gen_values["hi"] = cfg.inputs[0].lo, cfg.inputs[0].hi
+            if cfg.target.per_version:
+                successes, x = 0, None  # the strict test: fresh points for the next model
             out = work / f"g{sims}.npy"
+            gen_values = _generate_values(cfg, rng, sims, work)
             table = _sim(mpiexec, binaries["generate"], render_args(cfg.sims.generate.args, gen_values),
                          cfg.sims.generate.ranks, out)
             sims += 1
             points += table.shape[0]
             files.append(str(out))
-            state, _ = tasks.train(state, files, cfg.training.model, dict(cfg.training.model_kwargs), hparams,
-                                   n_in, int(rng.integers(2**31)))
+            round_seed = int(rng.integers(2**31))
+            members = [tasks.train(m, files, cfg.training.model, dict(cfg.training.model_kwargs), hparams, n_in,
+                                   member_seed(round_seed, k))[0] for k, m in enumerate(members)]
             rounds += 1
         wall = time.perf_counter() - t0
     return {"time_to_target_s": wall, "target_at": time.time(), "rounds": rounds, "data_points": points,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from orchestrator import policy as pol
+from orchestrator import sampling
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
@@ -35,6 +36,7 @@ from orchestrator.runlog import (
     CampaignStart,
     Check,
     DataAccepted,
+    Scores,
     State,
     Status,
     TrainEnd,
@@ -64,6 +66,8 @@ class TaskKind(enum.Enum):
     PRECHECK = "precheck"
     GENERATE = "generate"
     TRAIN = "train"
+    SCORE = "score"
+    """The ensemble on the candidate pool, for the sampling strategy."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class CheckResult:
     truth: list[float] | None
     prechecked: bool = False
     """The truth came from a check sim run ahead, while the model trained."""
+    spread: list[float] | None = None
+    """The ensemble members' spread (standard deviation) at x, per output; None for one model."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,17 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class TrainResult:
-    model: bytes
+    members: list[bytes]
+    """One state per ensemble member (one for a single model)."""
     metrics: dict[str, float]
 
 
-TaskResult = CheckResult | PrecheckResult | GenerateResult | TrainResult
+@dataclass(frozen=True)
+class ScoreResult:
+    version: int
+
+
+TaskResult = CheckResult | PrecheckResult | GenerateResult | TrainResult | ScoreResult
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class Campaign:
         tracker: Tracker | None = None,
         progress: Progress | None = None,
         state: State | None = None,
+        strategy: sampling.Strategy | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -138,6 +151,12 @@ class Campaign:
         self.model_state: bytes | None = None
         if self.state.model_file:
             self.model_state = (store.root / self.state.model_file).read_bytes()
+        self.members: list[bytes] = [(store.root / f).read_bytes() for f in self.state.member_files]
+        if not self.members and self.model_state is not None:
+            self.members = [self.model_state]
+        self.sampler = sampling.Sampler.create(cfg, strategy, self.state.sampling_rng)
+        self._scoring: asyncio.Task[TaskResult] | None = None
+        self._data_cache: tuple[int, np.ndarray] | None = None
         self.lo = np.array([i.lo for i in cfg.inputs])
         self.hi = np.array([i.hi for i in cfg.inputs])
         self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
@@ -178,6 +197,7 @@ class Campaign:
         """Rewrite state.json (atomically) with the RNG and elapsed time; returns that elapsed time."""
         self.state.rng = dict(self.rng.bit_generator.state)
         self.state.continual = self.continual.to_json()
+        self.state.sampling_rng = self.sampler.rng_state()
         snapshot = self.state.to_json()
         snapshot["elapsed_s"] = elapsed = self.elapsed
         snapshot["config"] = flat_dict(self.cfg)
@@ -219,12 +239,14 @@ class Campaign:
         """The check sim at a future query point: its truth does not depend on the model."""
         return PrecheckResult(x, self._truth_of(await self.sims.run("check", self._values(x)), x))
 
-    async def _check(self, x: list[float], version: int, model: bytes, known: list[float] | None) -> CheckResult:
+    async def _check(self, x: list[float], version: int, members: list[bytes], known: list[float] | None
+                     ) -> CheckResult:
         await self.services.trainer_ready()
-        pred_task = asyncio.ensure_future(self.trainer.evaluate(model, [x]))
+        pred_task = asyncio.ensure_future(self.trainer.evaluate_ensemble(members, [x]))
         try:
             sim = None if known is not None else await self.sims.run("check", self._values(x))
-            predicted = (await pred_task)[0]
+            means, spreads = await pred_task
+            predicted, spread = means[0], spreads[0]
         except asyncio.CancelledError:
             if x in self.state.failed_points:  # a re-check: keep it for the resumed run
                 self.state.recheck.insert(0, x)
@@ -232,7 +254,7 @@ class Campaign:
         finally:
             pred_task.cancel()
         return CheckResult(x, version, predicted, known if known is not None else self._truth_of(sim, x),
-                           prechecked=known is not None)
+                           prechecked=known is not None, spread=spread if len(members) > 1 else None)
 
     async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> GenerateResult:
         values: dict[str, float | int] = {"seed": seed}
@@ -246,12 +268,72 @@ class Campaign:
         path = self.store.accept_data(sim.request.run_id, sim.table)
         return GenerateResult(str(path.relative_to(self.store.root)), int(sim.table.shape[0]))
 
+    async def _generate_chosen(self, seed: int) -> GenerateResult:
+        """A generate run whose points (or window) the sampling strategy chooses, once the
+        current model's scores on the candidate pool are in."""
+        if self._scoring is not None and not self._scoring.done():
+            await asyncio.shield(self._scoring)
+        x, y = self._data_xy()
+        s = self.state
+        if not self.cfg.chosen_points:
+            wlo, whi = self.sampler.window(x, y, s.failed_points, s.model_version)
+            return await self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi])
+        points = self.sampler.choose(self.cfg.policy.points_per_run, x, y, s.failed_points, s.model_version)
+        key = f"{seed}-{id(points)}"
+        self.sampler.pending[key] = points
+        values: dict[str, float | int] = {"seed": seed}
+        for spec in self.cfg.inputs:
+            values[f"{spec.name}_lo"], values[f"{spec.name}_hi"] = spec.lo, spec.hi
+        if len(self.cfg.inputs) == 1:
+            values["lo"], values["hi"] = self.cfg.inputs[0].lo, self.cfg.inputs[0].hi
+        try:
+            sim = await self.sims.run("generate", values, points=points)
+        finally:
+            self.sampler.pending.pop(key, None)
+        if sim is None or sim.table is None:
+            return GenerateResult(None)
+        path = self.store.accept_data(sim.request.run_id, sim.table)
+        return GenerateResult(str(path.relative_to(self.store.root)), int(sim.table.shape[0]))
+
+    def _data_xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and outputs of every accepted row (for the sampling strategy)."""
+        files = self.state.data_files
+        if self._data_cache is None or self._data_cache[0] != len(files):
+            tables = [np.load(self.store.root / f, allow_pickle=False) for f in files]
+            data = np.concatenate(tables) if tables else np.empty((0, self.cfg.n_columns))
+            self._data_cache = (len(files), data)
+        data = self._data_cache[1]
+        n_in = len(self.cfg.inputs)
+        return data[:, :n_in], data[:, n_in:]
+
+    async def _score(self, version: int, members: list[bytes]) -> ScoreResult:
+        """The ensemble on a fresh candidate pool: what the strategy chooses from next."""
+        candidates = self.sampler.draw_candidates()
+        await self.services.trainer_ready()
+        mean, spread = await self.trainer.evaluate_ensemble(members, candidates.tolist())
+        scores = sampling.Scores(version, candidates, np.asarray(mean), np.asarray(spread))
+        self.sampler.scores = scores
+        stats = {"pool_spread_mean": float(scores.spread.mean()), "pool_spread_max": float(scores.spread.max())}
+        self.store.log(Scores(version, int(candidates.shape[0]), **stats))
+        self.sink.metrics({f"round_{k}": v for k, v in stats.items()}, version)
+        return ScoreResult(version)
+
+    def _start_scoring(self) -> None:
+        if self.sampler.wants_scores and self.members:
+            self._scoring = asyncio.ensure_future(self._score(self.state.model_version, list(self.members)))
+            self._tasks[self._scoring] = TaskKind.SCORE
+
     async def _train(self, files: list[str], seed: int) -> TrainResult:
         await self.services.trainer_ready()
         paths = [str(self.store.root / f) for f in files]
+        size = self.cfg.policy.ensemble_size
         self.store.log(TrainStart(self.state.model_version + 1, len(files), self.state.data_points,
-                                  self.backend.describe().get("workers")))
-        return TrainResult(*await self.trainer.train(self.model_state, paths, seed))
+                                  self.backend.describe().get("workers"), members=size))
+        if size == 1:
+            model, metrics = await self.trainer.train(self.model_state, paths, seed)
+            return TrainResult([model], metrics)
+        members: list[bytes | None] = list(self.members) if len(self.members) == size else [None] * size
+        return TrainResult(*await self.trainer.train_ensemble(members, paths, seed))
 
     def _apply(self, actions: list[pol.Action]) -> pol.StopReason | None:
         for action in actions:
@@ -261,6 +343,9 @@ class Campaign:
                 files = list(self.state.data_files)
                 self._training_files = set(files)
                 self._spawn(TaskKind.TRAIN, self._train(files, int(self.rng.integers(2**31))))
+            elif isinstance(action, pol.StartGenerates) and sampling.chooses(self.cfg):
+                for _ in range(action.count):
+                    self._spawn(TaskKind.GENERATE, self._generate_chosen(int(self.rng.integers(2**31))))
             elif isinstance(action, pol.StartGenerates):
                 for _ in range(action.count):
                     wlo, whi = pol.sampling_window(self.lo, self.hi, self.state.failed_points,
@@ -270,10 +355,10 @@ class Campaign:
                     self._spawn(TaskKind.GENERATE,
                                 self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi]))
             elif isinstance(action, pol.StartChecks):
-                assert self.model_state is not None
+                assert self.members
                 for _ in range(action.count):
                     x, known = self._next_query()
-                    self._spawn(TaskKind.CHECK, self._check(x, self.state.model_version, self.model_state, known))
+                    self._spawn(TaskKind.CHECK, self._check(x, self.state.model_version, list(self.members), known))
             elif isinstance(action, pol.StartPrechecks):
                 for _ in range(action.count):
                     self._spawn(TaskKind.PRECHECK, self._precheck(self._random_point()))
@@ -288,23 +373,30 @@ class Campaign:
         error = max(abs(p - t) for p, t in zip(r.predicted, r.truth, strict=True))
         success = error < self.cfg.target.tolerance
         stale = r.version != s.model_version
+        per_version = self.cfg.target.per_version
         s.checks_done += 1
         s.last_error = error
         if not stale:
-            if success:
+            if success and not (per_version and s.failed_current):
                 s.successes += 1
-            else:
+            elif not success:
                 s.failed_current = True
                 s.failed_points.append(r.x)
-                s.recheck.append(r.x)
+                if not per_version:  # the strict test checks fresh points only
+                    s.recheck.append(r.x)
         self.pictures.add_check(r.x, r.truth, success)
+        spread = None if r.spread is None else max(r.spread)
         self.store.log(Check(r.x, r.version, predicted=r.predicted, truth=r.truth, error=error, success=success,
-                             stale=stale, successes=s.successes, prechecked=r.prechecked))
+                             stale=stale, successes=s.successes, prechecked=r.prechecked, spread=spread))
         mark = "ok  " if success else "FAIL"
+        shown = "" if spread is None else f" spread={spread:.4f}"
         self.progress.note(f"check {mark} x={_fmt(r.x)} surrogate={_fmt(r.predicted)} truth={_fmt(r.truth)} "
-                           f"error={error:.4f} (model v{r.version}, successes {s.successes}/"
+                           f"error={error:.4f}{shown} (model v{r.version}, successes {s.successes}/"
                            f"{self.cfg.target.successes})")
-        self.sink.metrics({"check_error": error, "successes": s.successes}, s.checks_done)
+        metrics = {"check_error": error, "successes": float(s.successes)}
+        if spread is not None:
+            metrics["check_spread"] = spread
+        self.sink.metrics(metrics, s.checks_done)
 
     def _on_precheck(self, r: PrecheckResult) -> None:
         if r.truth is not None:
@@ -321,13 +413,18 @@ class Campaign:
     def _on_train(self, r: TrainResult) -> None:
         s = self.state
         version = s.model_version + 1
-        path = self.store.save_model(version, r.model)
-        self.model_state = r.model
+        paths = [self.store.save_model(version, m, member=k) for k, m in enumerate(r.members)]
+        self.model_state = r.members[0]
+        self.members = list(r.members)
         s.model_version = version
-        s.model_file = str(path.relative_to(self.store.root))
+        s.model_file = str(paths[0].relative_to(self.store.root))
+        s.member_files = [str(p.relative_to(self.store.root)) for p in paths]
         s.failed_current = False
+        if self.cfg.target.per_version:
+            s.successes = 0
+        self._start_scoring()
         s.untrained = [f for f in s.untrained if f not in self._training_files]
-        self.pictures.round(version, r.model, [f for f in s.data_files if f in self._training_files],
+        self.pictures.round(version, r.members[0], [f for f in s.data_files if f in self._training_files],
                             f"{self.cfg.name}: round {version}, {s.data_points} rows")
         self._training_files = set()
         metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes,
@@ -349,7 +446,7 @@ class Campaign:
             self._on_precheck(result)
         elif isinstance(result, GenerateResult):
             self._on_generate(result)
-        else:
+        elif isinstance(result, TrainResult):
             self._on_train(result)
         self.checkpoint()
 
@@ -414,6 +511,8 @@ class Campaign:
         self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free))
         try:
             await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
+            if self.resumed:
+                self._start_scoring()  # scores are not saved: recompute the current model's
             reason = await self.loop()
             if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled:
                 reason = await self._keep_current()
@@ -486,7 +585,8 @@ class Campaign:
         name = self.cfg.tracking.register_as
         if status is not Status.TARGET_MET or not self.sink.enabled or not name or self.model_state is None:
             return None
-        return await self.sink.register(self.trainer, self.model_state, name)
+        model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
+        return await self.sink.register(self.trainer, model, name)
 
     async def _finish(self, status: Status, registered: dict[str, str] | None) -> dict[str, Any]:
         # The same wall time in state.json (`status`, `report`) as in the summary.

@@ -32,6 +32,8 @@ MLflow tracking; inside a Slurm allocation or on a laptop.
   python -m orchestrator validate loop.yml     check a campaign file and its sims
   python -m orchestrator run loop.yml          run (or resume) it until its target is met
   python -m orchestrator status runs/NAME-...  where a run stands
+  python -m orchestrator compare loop.yml --strategies uniform,ensemble --seeds 1-5
+                                               what a sampling strategy saves, measured
 
 Every loop.yml key: docs/loop-yml.md. Exit codes of run: 0 target met, 3 stopped by a
 budget, 2 bad config or usage, 75 interrupted after a checkpoint (resumable), 1 other."""
@@ -76,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where a running or finished campaign stands")
     st.add_argument("run_dir", type=Path)
 
-    from orchestrator import predict, scaffold, submit, ui  # cheap imports; their flags live beside them
+    from orchestrator import compare, predict, scaffold, submit, ui  # cheap imports; their flags live beside them
 
-    for module in (submit, scaffold, predict, ui):
+    for module in (submit, scaffold, predict, ui, compare):
         module.add_parser(sub)
     return p
 
@@ -99,6 +101,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.loop, args.overrides)
     setups = sim_setups(cfg, args.loop)
+    from orchestrator import sampling
+
+    sampling.resolve(cfg, [args.loop.resolve().parent])  # a user's strategy must import
     print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
     for role, setup in setups.items():
         sim = getattr(cfg.sims, role)
@@ -180,6 +185,12 @@ def cmd_new_sim(args: argparse.Namespace) -> int:
     return scaffold_main(args)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator.compare import main as compare_main
+
+    return compare_main(args)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from orchestrator.predict import main as predict_main
 
@@ -193,7 +204,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "status": cmd_status,
-            "submit": cmd_submit, "new-sim": cmd_new_sim, "predict": cmd_predict, "ui": cmd_ui}
+            "submit": cmd_submit, "new-sim": cmd_new_sim, "predict": cmd_predict, "ui": cmd_ui,
+            "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

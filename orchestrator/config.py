@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+BUILTIN_SAMPLING = ("uniform", "near-failures", "space-filling", "ensemble")
+SAMPLING_PATTERN = r"^(uniform|near-failures|space-filling|ensemble|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -75,7 +77,8 @@ class SimConfig(_Strict):
     ``{run_id}``, ``{attempt}``, ``{ranks}``, ``{campaign_time}`` (0 until the target is met,
     then one tick per continual monitoring round); for the check sim each input by name (``{x}``);
     for the generate sim a window per input (``{x_lo}``, ``{x_hi}``; ``{lo}``, ``{hi}``
-    when there is one input). Format specs work: ``{x:.3f}``."""
+    when there is one input), or ``{points_file}``: a text file of the points the
+    coordinator chose (one per line), in the run's directory. Format specs work: ``{x:.3f}``."""
     ranks: int = Field(default=1, ge=1, le=100_000)
     """MPI ranks per run."""
     ranks_per_node: int | None = Field(default=None, ge=1)
@@ -155,6 +158,10 @@ class TargetConfig(_Strict):
     """Give up (exit 3) after this many training rounds."""
     time_budget_s: float | None = Field(default=None, gt=0)
     """Give up (exit 3) after this much wall time; None: no limit."""
+    per_version: bool = False
+    """A stricter test: the successes must all come from one model version, at fresh
+    points, with no failed check of that version (each new model starts from 0 and
+    failed points are not re-checked). Use with ``policy.checks_per_round`` = ``successes``."""
 
 
 class PolicyConfig(_Strict):
@@ -162,8 +169,32 @@ class PolicyConfig(_Strict):
 
     checks_per_round: int = Field(default=1, ge=1, le=64)
     """Query points checked in parallel against each model version."""
-    sampling: Literal["uniform", "near-failures"] = "uniform"
-    """Where generate sims draw points: the whole domain, or around failed checks."""
+    sampling: str = "uniform"
+    """Where generate sims evaluate (see docs/sampling.md): ``uniform`` (the whole domain),
+    ``near-failures`` (around failed checks), ``space-filling`` (Latin hypercube over the
+    domain), ``ensemble`` (where ``ensemble_size`` surrogates disagree most, points kept apart),
+    or a user's ``module:function`` found next to loop.yml. Points are chosen by the coordinator
+    when the generate args use ``{points_file}``; otherwise the strategy picks a window centre."""
+    first_round: Literal["uniform", "space-filling"] = "space-filling"
+    """How the points of generate runs before the first model are chosen (points mode)."""
+    ensemble_size: int = Field(default=1, ge=1, le=64)
+    """Surrogates trained per round, each from its own seed, as separate Dask tasks; the
+    ensemble's mean is the prediction, its spread the uncertainty. ``ensemble`` needs >= 2."""
+    points_per_run: int = Field(default=32, ge=1, le=1_000_000)
+    """Points chosen for one generate run when its args use ``{points_file}``."""
+    candidates: int = Field(default=2000, ge=1, le=1_000_000)
+    """Size of the candidate pool the ensemble is evaluated on after each round."""
+    min_separation: float = Field(default=0.02, ge=0, le=1)
+    """ensemble: chosen points are at least this far apart (and from points still being
+    simulated), in units of the domain scaled to the unit cube."""
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: str) -> str:
+        if not re.match(SAMPLING_PATTERN, v):
+            raise ValueError(f"got {v!r}, expected one of {', '.join(BUILTIN_SAMPLING)} or a module:function "
+                             "of your own (docs/sampling.md)")
+        return v
     near_failures_width: float = Field(default=0.25, gt=0, le=1)
     """near-failures: window width as a fraction of each input's domain."""
     max_inflight: int = Field(default=2, ge=1, le=1024)
@@ -385,7 +416,14 @@ class LoopConfig(_Strict):
             raise ValueError("input and output names must all differ")
         check_placeholders(self.sims.check.args, check_fields(names), "sims.check.args")
         check_placeholders(self.sims.generate.args, generate_fields(names), "sims.generate.args")
+        if self.policy.sampling == "ensemble" and self.policy.ensemble_size < 2:
+            raise ValueError("policy.sampling: ensemble needs policy.ensemble_size >= 2 (e.g. 4)")
         return self
+
+    @property
+    def chosen_points(self) -> bool:
+        """The generate sim is told its points (its args use ``{points_file}``)."""
+        return any("{points_file" in a for a in self.sims.generate.args)
 
     @property
     def input_names(self) -> list[str]:
@@ -406,7 +444,7 @@ def check_fields(inputs: Sequence[str]) -> set[str]:
 
 def generate_fields(inputs: Sequence[str]) -> set[str]:
     """Placeholders a generate sim's args may use: a sampling window per input."""
-    fields = {*COMMON_FIELDS, *(f"{n}_lo" for n in inputs), *(f"{n}_hi" for n in inputs)}
+    fields = {*COMMON_FIELDS, "points_file", *(f"{n}_lo" for n in inputs), *(f"{n}_hi" for n in inputs)}
     if len(inputs) == 1:
         fields |= {"lo", "hi"}
     return fields
@@ -430,7 +468,7 @@ def check_placeholders(args: Iterable[str], allowed: set[str], where: str) -> No
                 )
 
 
-def render_args(args: Sequence[str], values: Mapping[str, float | int]) -> list[str]:
+def render_args(args: Sequence[str], values: Mapping[str, Any]) -> list[str]:
     """Fill placeholders: floats keep full precision (repr), format specs are honoured."""
     out = []
     for arg in args:

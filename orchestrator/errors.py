@@ -65,6 +65,11 @@ class SlurmError(OrchestratorError):
     """Slurm printed something we cannot read (the message quotes it)."""
 
 
+class SamplingError(OrchestratorError):
+    """A sampling strategy failed or returned points that cannot be simulated (wrong shape,
+    NaN, outside the domain): the campaign stops, naming the strategy."""
+
+
 class StoreError(OrchestratorError):
     """The run directory is unusable or inconsistent (resume of a foreign run, bad state)."""
 

@@ -73,6 +73,8 @@ class Prediction:
     run_id: str | None = None
     names: tuple[list[str], list[str]] | None = None
     """The campaign's input and output names, as registered with the model."""
+    spread: Array | None = None
+    """The ensemble members' spread (standard deviation) per output; None for a single model."""
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -184,6 +186,21 @@ def n_inputs_of(model: torch.nn.Module) -> int | None:
     return None
 
 
+def spread_of(model: torch.nn.Module, points: Array) -> Array | None:
+    """An ensemble's spread at ``points`` (models.ensemble.Ensemble), None for a single model."""
+    mean_and_spread = getattr(model, "mean_and_spread", None)
+    if not callable(mean_and_spread):
+        return None
+    import torch
+
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    with torch.no_grad():
+        _, spread = mean_and_spread(torch.from_numpy(points).to(dtype))
+    result: Array = spread.double().reshape(points.shape[0], -1).numpy()
+    return result
+
+
 def evaluate(model: torch.nn.Module, points: Array) -> Array:
     """The model's forward on ``points``, in the dtype of its weights, as float64."""
     import torch
@@ -233,25 +250,31 @@ def predict(
     points = check_width(points, n_inputs_of(model), ref)
     try:
         outputs = evaluate(model, points)
+        spread = spread_of(model, points)
     except RuntimeError as exc:  # a shape mismatch inside a model that declares no n_inputs
         raise PredictError(f"model {ref} failed on inputs of shape {points.shape}: {exc}") from exc
     from orchestrator.tracking import column_names
 
-    pred = Prediction(ref, points, outputs, names=column_names(uri, ref.name, str(ref.version)))
+    pred = Prediction(ref, points, outputs, names=column_names(uri, ref.name, str(ref.version)), spread=spread)
     if experiment is None:
         return pred
     return dataclasses.replace(pred, run_id=log_run(uri, experiment, pred, source))
 
 
 def format_table(pred: Prediction) -> str:
-    """Inputs and outputs as aligned columns."""
+    """Inputs and outputs (an ensemble's mean, then its spread) as aligned columns."""
     n_in, n_out = pred.inputs.shape[1], pred.outputs.shape[1]
     names = pred.names
     if names is not None and (len(names[0]), len(names[1])) == (n_in, n_out):
-        header = [*names[0], *names[1]]
+        inputs, outputs = names
     else:
-        header = [f"x{i}" for i in range(n_in)] + [f"y{j}" for j in range(n_out)]
-    rows = [[_num(v) for v in (*xi, *yi)] for xi, yi in zip(pred.inputs, pred.outputs, strict=True)]
+        inputs, outputs = [f"x{i}" for i in range(n_in)], [f"y{j}" for j in range(n_out)]
+    header = [*inputs, *outputs]
+    table = np.hstack([pred.inputs, pred.outputs])
+    if pred.spread is not None:
+        header += [f"{name}_spread" for name in outputs]
+        table = np.hstack([table, pred.spread])
+    rows = [[_num(v) for v in row] for row in table]
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

@@ -45,6 +45,7 @@ class EventKind(enum.StrEnum):
     STEPS_START = "steps_start"
     STEPS_END = "steps_end"
     EVALUATE = "evaluate"
+    SCORES = "scores"
 
 
 class Status(enum.StrEnum):
@@ -144,6 +145,8 @@ class Check(Event):
     stale: bool | None = None
     successes: int | None = None
     prechecked: bool | None = None
+    spread: float | None = None
+    """The ensemble members' largest spread (standard deviation) over the outputs at x."""
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if v is not None}
@@ -164,6 +167,8 @@ class TrainStart(Event):
     files: int
     rows: int
     workers: Any
+    members: int = 1
+    """Ensemble members trained in this round, side by side."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,17 @@ class TrainEnd(Event):
     version: int
     extra: dict[str, float] = field(default_factory=dict)
     """The training's metrics (train_loss, train_rmse, ...), data_points and successes."""
+
+
+@dataclass(frozen=True)
+class Scores(Event):
+    """The ensemble evaluated on a fresh candidate pool, for the sampling strategy."""
+
+    KIND = EventKind.SCORES
+    version: int
+    candidates: int
+    pool_spread_mean: float
+    pool_spread_max: float
 
 
 @dataclass(frozen=True)
@@ -370,6 +386,12 @@ class State:
     """Metrics of each finished training."""
     continual: dict[str, Any] = field(default_factory=dict)
     """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
+    member_files: list[str] = field(default_factory=list)
+    """Checkpoints of the current model's ensemble members (the first is ``model_file``)."""
+    sampling_rng: dict[str, Any] = field(default_factory=dict)
+    """The sampling strategy's RNG state."""
+    loop_dir: str | None = None
+    """The folder of the loop.yml the run started from (a user's strategy module is there)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator import sampling
 from orchestrator.allocation import Allocation, Node, SlotPool
 from orchestrator.campaign import Campaign, CampaignResult
 from orchestrator.config import (
@@ -256,10 +257,22 @@ async def run(
     progress.note(f"allocation: {'Slurm job ' + str(alloc.job_id) if alloc.in_slurm else 'local'}; sim slots "
                   + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
+    strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
     campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                        state)
+                        state, strategy)
+    if loop_file is not None and campaign.state.loop_dir is None:
+        campaign.state.loop_dir = str(loop_file.resolve().parent)
     with progress:
         return await campaign.run()
+
+
+def strategy_search(loop_file: Path | None, state: State | None) -> list[Path]:
+    """Where a user's sampling strategy module is looked for: next to loop.yml (the one
+    given, or, on resume, the one the run started from)."""
+    dirs = [loop_file.resolve().parent] if loop_file is not None else []
+    if state is not None and state.loop_dir:
+        dirs.append(Path(state.loop_dir))
+    return dirs
 
 
 def run_sync(loop_file: Path | None, **kwargs: Any) -> CampaignResult:

@@ -13,6 +13,9 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, SimConfig, render_args
@@ -20,6 +23,7 @@ from orchestrator.errors import ResourceError, SimKindFailed
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
 from orchestrator.progress import Progress
 from orchestrator.runlog import SimEnd, SimStart, State
+from orchestrator.sampling import write_points
 from orchestrator.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -47,14 +51,16 @@ class SimRunner:
         self._ever_ok = {"check": False, "generate": False}
         self._column_mismatches: dict[str, list[int]] = {"check": [], "generate": []}
 
-    async def run(self, role: str, values: Mapping[str, float | int]) -> SimResult | None:
-        """Run one sim with retries; None when every attempt failed."""
+    async def run(self, role: str, values: Mapping[str, float | int], points: np.ndarray | None = None
+                  ) -> SimResult | None:
+        """Run one sim with retries; None when every attempt failed. ``points``: the points a
+        generate run must evaluate (written to its ``{points_file}``); it returns one row each."""
         sim: SimConfig = getattr(self.cfg.sims, role)
         last: SimResult | None = None
         for attempt in range(sim.retries + 1):
             if attempt:
                 await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
-            last = await self._attempt(role, sim, values, attempt)
+            last = await self._attempt(role, sim, values, attempt, points)
             if last.ok:
                 self._consecutive_failures[role] = 0
                 self._ever_ok[role] = True
@@ -89,20 +95,29 @@ class SimRunner:
                 f"so far returned {got}; last: {last.request.run_id})"
             )
 
-    def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> LaunchRequest:
+    def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
+                 points: np.ndarray | None = None) -> LaunchRequest:
         self.state.launch_counter += 1
         run_id = f"{role}-{self.state.launch_counter:06d}"
-        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks,
-                  "campaign_time": self.clock()}
+        fields: dict[str, Any] = {**values, "run_id": self.state.launch_counter, "attempt": attempt,
+                                  "ranks": sim.ranks, "campaign_time": self.clock()}
+        nrows = 1 if role == "check" else None
+        if points is not None:  # the file for {points_file}; the points themselves for templates
+            workdir = self.store.sim_dir(run_id)
+            workdir.mkdir(parents=True, exist_ok=True)
+            fields["points_file"] = str(write_points(workdir / "points.txt", points))
+            fields["points"] = points.tolist()
+            nrows = int(points.shape[0])
         return LaunchRequest(
             run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),
             ranks=sim.ranks, workdir=self.store.sim_dir(run_id), timeout_s=sim.timeout_s,
-            ncols=self.cfg.n_columns, nrows=1 if role == "check" else None, ranks_per_node=sim.ranks_per_node,
+            ncols=self.cfg.n_columns, nrows=nrows, ranks_per_node=sim.ranks_per_node,
             env=sim.env, fields=fields,
         )
 
-    async def _attempt(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> SimResult:
-        req = self._request(role, sim, values, attempt)
+    async def _attempt(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
+                       points: np.ndarray | None = None) -> SimResult:
+        req = self._request(role, sim, values, attempt, points)
         try:
             placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
         except ValueError as exc:

@@ -151,8 +151,10 @@ class RunStore:
         os.replace(tmp, path)
         return path
 
-    def save_model(self, version: int, state: bytes) -> Path:
-        path = self.models_dir / f"model-{version:04d}.pt"
+    def save_model(self, version: int, state: bytes, member: int = 0) -> Path:
+        """A checkpoint; ensemble member k > 0 of a version goes beside member 0's."""
+        suffix = f"-m{member}" if member else ""
+        path = self.models_dir / f"model-{version:04d}{suffix}.pt"
         atomic_write_bytes(path, state)
         return path
 

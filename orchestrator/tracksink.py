@@ -86,7 +86,7 @@ class TrackingSink:
             log.warning("MLflow tracking unavailable for this run: %s", exc)
             self.tracker = None
 
-    async def register(self, trainer: Trainer, model: bytes, name: str) -> dict[str, str] | None:
+    async def register(self, trainer: Trainer, model: bytes | list[bytes], name: str) -> dict[str, str] | None:
         """Register the final model under ``name``, from a Dask worker; None without tracking."""
         await self.settle()
         if self.tracker is None or self.state.mlflow_run_id is None:

@@ -247,3 +247,52 @@ void simkit_sleep_ms(long ms) {
     while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {
     }
 }
+
+/* Parse one line of ndim numbers into out; 1 when it held a point, 0 when blank or a comment. */
+static int parse_point_line(const char *path, long lineno, char *line, int ndim, double *out) {
+    char *p = line;
+    while (*p == ' ' || *p == '\t') ++p;
+    if (*p == '\0' || *p == '\n' || *p == '#') return 0;
+    for (int k = 0; k < ndim; ++k) {
+        char *end = NULL;
+        errno = 0;
+        out[k] = strtod(p, &end);
+        if (end == p || errno != 0)
+            simkit_fail(SIMKIT_EXIT_USAGE, "%s line %ld: expected %d numbers", path, lineno, ndim);
+        p = end;
+    }
+    while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') ++p;
+    if (*p != '\0') simkit_fail(SIMKIT_EXIT_USAGE, "%s line %ld: more than %d numbers", path, lineno, ndim);
+    return 1;
+}
+
+double *simkit_points(const char *path, int ndim, long *nmine, long *first, long *ntotal) {
+    if (!path || ndim <= 0) simkit_fail(SIMKIT_EXIT_USAGE, "simkit_points: no points file given");
+    FILE *f = fopen(path, "r");
+    if (!f) simkit_fail(SIMKIT_EXIT_USAGE, "cannot read points file %s: %s", path, strerror(errno));
+    long cap = 64, n = 0, lineno = 0;
+    double *all = malloc(sizeof(double) * (size_t)cap * (size_t)ndim);
+    char line[8192];
+    while (fgets(line, sizeof line, f)) {
+        ++lineno;
+        if (strlen(line) == sizeof line - 1 && line[sizeof line - 2] != '\n')
+            simkit_fail(SIMKIT_EXIT_USAGE, "%s line %ld: too long", path, lineno);
+        if (n == cap) {
+            cap *= 2;
+            all = realloc(all, sizeof(double) * (size_t)cap * (size_t)ndim);
+        }
+        n += parse_point_line(path, lineno, line, ndim, all + n * ndim);
+    }
+    fclose(f);
+    long lo = (long)((long long)n * sk.rank / sk.size), hi = (long)((long long)n * (sk.rank + 1) / sk.size);
+    double *mine = malloc(sizeof(double) * (size_t)((hi - lo) > 0 ? (hi - lo) * ndim : 1));
+    memcpy(mine, all + lo * ndim, sizeof(double) * (size_t)((hi - lo) * ndim));
+    free(all);
+    const char *verbose = getenv("SIMKIT_VERBOSE");
+    if (verbose && *verbose && strcmp(verbose, "0") != 0)
+        fprintf(stderr, "%s: rank %d of %d: points %ld..%ld of %ld\n", sk.name, sk.rank, sk.size, lo, hi, n);
+    *nmine = hi - lo;
+    if (first) *first = lo;
+    if (ntotal) *ntotal = n;
+    return mine;
+}

@@ -85,6 +85,21 @@ typedef struct { unsigned long long state; } simkit_rng;
 void simkit_rng_seed(simkit_rng *rng, long seed, int rank);
 double simkit_uniform(simkit_rng *rng, double lo, double hi); /* in [lo, hi) */
 
+/*
+ * Chosen points: the orchestrator writes the points a generate run must evaluate to
+ * a text file in the run's directory (one point per line, ndim numbers separated by
+ * spaces, full precision; lines starting with '#' are comments) and passes its path
+ * through a `{points_file}` placeholder in args, e.g. ["--points", "{points_file}"].
+ * simkit_points reads it on every rank and returns this rank's share: a contiguous
+ * block of rows in file order (rank r of S gets rows [r*N/S, (r+1)*N/S)), so each
+ * point is evaluated by exactly one rank and rank-ordered gathering (simkit_emit)
+ * keeps the file's order. *nmine gets the share's row count, *first (if not NULL) the
+ * index of its first row, *ntotal (if not NULL) N. A missing or malformed file ends
+ * the run (exit 2). Free the result with free(). With SIMKIT_VERBOSE=1 in the
+ * environment each rank prints its share on stderr.
+ */
+double *simkit_points(const char *path, int ndim, long *nmine, long *first, long *ntotal);
+
 /* Sleep for ms milliseconds (stands in for real compute cost). */
 void simkit_sleep_ms(long ms);
 

@@ -175,8 +175,9 @@ class Trainer:
             raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
         return result
 
-    async def register(self, state: bytes, tracking_uri: str, run_id: str, name: str) -> tuple[str, str]:
-        """Register the model in ``state`` under ``name`` in MLflow run ``run_id``, from a worker.
+    async def register(self, state: bytes | list[bytes], tracking_uri: str, run_id: str, name: str) -> tuple[str, str]:
+        """Register the model in ``state`` (or the ensemble of these member states) under ``name``
+        in MLflow run ``run_id``, from a worker.
 
         Loading the model needs torch, which only workers import; the worker logs and
         registers through :mod:`orchestrator.tracking` with the campaign's URI and run.
@@ -206,3 +207,41 @@ class Trainer:
             raise TrainingError(f"drawing the round's figure failed on a Dask worker: {type(exc).__name__}: {exc}") \
                 from exc
         return png
+
+    async def train_ensemble(
+        self, states: list[bytes | None], data_paths: list[str], seed: int
+    ) -> tuple[list[bytes], dict[str, float]]:
+        """One round for every ensemble member, as concurrent Dask tasks (spread over the
+        workers), each warm-started from its own state with its own seed. The metrics are
+        the members' mean, plus the worst member's ``train_rmse_max``."""
+        from orchestrator.training.ensemble import member_seed, merge_metrics
+
+        futures = [
+            self.client.submit(
+                remote.call, "train", state, data_paths, self.cfg.model, self.model_kwargs, self.hparams,
+                self.n_inputs, member_seed(seed, k), self.cfg.device, **self.train_options,
+            )
+            for k, state in enumerate(states)
+        ]
+        try:
+            results: list[tuple[bytes, dict[str, float]]] = list(await asyncio.gather(*futures))
+        except Exception as exc:
+            for f in futures:
+                f.cancel()
+            raise TrainingError(f"training of the ensemble failed on the Dask workers: {type(exc).__name__}: "
+                                f"{exc}") from exc
+        return [r[0] for r in results], merge_metrics([r[1] for r in results])
+
+    async def evaluate_ensemble(
+        self, states: list[bytes], xs: list[list[float]]
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """The members' mean and spread at each input row (spread 0 for one member)."""
+        future = self.client.submit(
+            remote.call, "evaluate_ensemble", states, self.cfg.model, self.model_kwargs, xs, pure=False,
+            retries=self.cfg.task_retries,
+        )
+        try:
+            result: tuple[list[list[float]], list[list[float]]] = await future
+        except Exception as exc:
+            raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
+        return result

@@ -593,14 +593,39 @@ def warm_up(
 
 
 def register_model(
-    state: bytes, model: str, model_kwargs: dict[str, Any], tracking_uri: str, run_id: str, name: str,
+    state: bytes | list[bytes], model: str, model_kwargs: dict[str, Any], tracking_uri: str, run_id: str, name: str,
     columns: tuple[list[str], list[str]] | None = None,
 ) -> tuple[str, str]:
-    """Load the checkpoint and register it under ``name`` in the campaign's MLflow run,
+    """Load the checkpoint (or an ensemble's member checkpoints, registered as one
+    :class:`models.ensemble.Ensemble`) and register it under ``name`` in the campaign's MLflow run,
     with the campaign's column names (``inputs``, ``outputs`` tags) when given."""
     from orchestrator.tracking import Tracker, column_tags
 
+    states = state if isinstance(state, list) else [state]
+    module = load_model(states[0], model, model_kwargs)
+    if len(states) > 1:
+        from models.ensemble import Ensemble
+
+        module = Ensemble([load_model(s, model, model_kwargs) for s in states])
     tags = column_tags(*columns) if columns else {}
-    module = load_model(state, model, model_kwargs)
     registered = Tracker.attach(tracking_uri, run_id).register_model(module, name, tags=tags)
     return registered.name, registered.version
+
+# --------------------------------------------------------------------------- #
+# ensembles
+# --------------------------------------------------------------------------- #
+def evaluate_ensemble(
+    states: list[bytes], model: str, model_kwargs: dict[str, Any], xs: list[list[float]]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """The members' mean and spread (population standard deviation) at each point of ``xs``.
+
+    One member gives its own prediction and a spread of zero.
+    """
+    if not states:
+        raise ValueError("evaluate_ensemble needs at least one member state")
+    if len(xs) == 0:
+        return [], []
+    preds = np.stack([np.asarray(evaluate(s, model, model_kwargs, xs), dtype=np.float64) for s in states])
+    mean: list[list[float]] = preds.mean(axis=0).tolist()
+    spread: list[list[float]] = preds.std(axis=0).tolist()
+    return mean, spread

@@ -1,0 +1,253 @@
+"""``compare``: what a sampling strategy saves, measured, never assumed.
+
+::
+
+    python -m orchestrator compare examples/front/loop.yml --strategies uniform,ensemble --seeds 1-5
+
+Runs the campaign once per strategy and seed, one after the other (only
+``policy.sampling`` and ``seed`` differ; everything else is loop.yml's), then prints a
+table per seed and the medians: expensive (generate) sim runs, data rows, training
+rounds, wall time to the target and whether it was met. Writes a PNG of the same,
+and logs it all to MLflow as one run of the experiment ``<experiment>-compare``.
+Exit 0 when every campaign ended normally (target met or stopped by a budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import BUILTIN_SAMPLING, load_config
+from orchestrator.errors import OrchestratorError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENSEMBLE = 4
+"""Members for ``ensemble`` when loop.yml's ``policy.ensemble_size`` is 1."""
+METRICS = ("generate_runs", "data_points", "rounds", "time_to_target_s")
+LABELS = {"generate_runs": "expensive sim runs", "data_points": "rows", "rounds": "training rounds",
+          "time_to_target_s": "wall s to target"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One campaign of the comparison."""
+
+    strategy: str
+    seed: int
+    status: str
+    target_met: bool
+    generate_runs: int
+    """Generate sim runs started (attempts, retries included)."""
+    data_points: int
+    rounds: int
+    time_to_target_s: float | None
+    """From the campaign's first event to the check that met the target."""
+    wall_s: float
+    run_dir: str
+    error: str | None = None
+
+    @property
+    def normal(self) -> bool:
+        return self.error is None and self.status in ("target_met", "stopped")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``1-5`` or ``1,3,7`` (or both: ``1-3,9``)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError as exc:
+        raise UsageError(f"--seeds {text!r}: expected e.g. 1-5 or 1,3,7") from exc
+    if not seeds:
+        raise UsageError(f"--seeds {text!r}: no seeds")
+    return seeds
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        if name not in BUILTIN_SAMPLING and ":" not in name:
+            raise UsageError(f"--strategies: unknown strategy {name!r}; use {', '.join(BUILTIN_SAMPLING)} "
+                             "or module:function")
+    if not names:
+        raise UsageError("--strategies: give at least one, e.g. uniform,ensemble")
+    return names
+
+
+def outcome_of(strategy: str, seed: int, run_dir: Path, status: str) -> Outcome:
+    """Read one finished campaign's figures from its run directory."""
+    from orchestrator.report import build_timeline
+    from orchestrator.store import RunStore
+
+    store = RunStore.open(run_dir)
+    events = store.read_events()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    runs = sum(1 for e in events if e["event"] == "sim_start" and e.get("role") == "generate")
+    tl = build_timeline(events)
+    return Outcome(strategy, seed, status, bool(summary["target_met"]), runs, int(summary["data_points"]),
+                   int(summary["rounds"]), tl.target_at, float(summary["wall_s"]), str(run_dir))
+
+
+def run_one(loop: Path, workdir: Path, strategy: str, seed: int, overrides: Sequence[str]) -> Outcome:
+    """One campaign, to its end; a failure is an outcome, not an exception."""
+    from orchestrator.runner import run_sync
+
+    where = workdir / f"{strategy.replace(':', '.')}-seed{seed}"
+    sets = [*overrides, f"seed={seed}", f"policy.sampling={strategy}", "tracking.enabled=false"]
+    if strategy == "ensemble" and load_config(loop, overrides).policy.ensemble_size < 2:
+        sets.append(f"policy.ensemble_size={DEFAULT_ENSEMBLE}")  # loop.yml trains one model: ensemble needs more
+    try:
+        result = run_sync(loop, workdir=where, overrides=sets, new=True)
+    except OrchestratorError as exc:
+        log.warning("compare: %s seed %s failed: %s", strategy, seed, exc)
+        return Outcome(strategy, seed, "failed", False, 0, 0, 0, None, 0.0, str(where), str(exc))
+    return outcome_of(strategy, seed, Path(result.summary["run_dir"]), result.status.value)
+
+
+def medians(outcomes: Sequence[Outcome], strategy: str) -> dict[str, float | None]:
+    """Median of each figure over a strategy's seeds (time to target over the seeds that met it)."""
+    mine = [o for o in outcomes if o.strategy == strategy]
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        values = [getattr(o, m) for o in mine if getattr(o, m) is not None]
+        out[m] = statistics.median(values) if values else None
+    out["target_met"] = float(sum(o.target_met for o in mine))
+    return out
+
+
+def _cell(v: float | int | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if isinstance(v, float) and not float(v).is_integer() else f"{v:g}"
+
+
+def format_table(outcomes: Sequence[Outcome], strategies: Sequence[str]) -> str:
+    """A markdown table per seed, then the medians and, for two or more strategies, ratios to the first."""
+    head = "| seed | strategy | " + " | ".join(LABELS[m] for m in METRICS) + " | target met |"
+    lines = [head, "|" + "---:|" * (len(METRICS) + 3)]
+    for o in sorted(outcomes, key=lambda o: (o.seed, strategies.index(o.strategy))):
+        cells = [_cell(getattr(o, m)) for m in METRICS]
+        met = "yes" if o.target_met else ("error" if o.error else "no")
+        lines.append(f"| {o.seed} | {o.strategy} | " + " | ".join(cells) + f" | {met} |")
+    n = len({o.seed for o in outcomes})
+    for s in strategies:
+        med = medians(outcomes, s)
+        cells = [_cell(med[m]) for m in METRICS]
+        lines.append(f"| median | {s} | " + " | ".join(cells) + f" | {_cell(med['target_met'])}/{n} |")
+    base = medians(outcomes, strategies[0])
+    for s in strategies[1:]:
+        med = medians(outcomes, s)
+        ratios = [_ratio(med[m], base[m]) for m in METRICS]
+        lines.append(f"| ratio | {s}/{strategies[0]} | " + " | ".join(ratios) + " | |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
+
+
+def plot(outcomes: Sequence[Outcome], strategies: Sequence[str], out: Path) -> Path:
+    """One panel per figure: a bar per strategy (the median), a dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))
+    for ax, m in zip(axes, METRICS, strict=True):
+        for i, s in enumerate(strategies):
+            values = [getattr(o, m) for o in outcomes if o.strategy == s and getattr(o, m) is not None]
+            med = medians(outcomes, s)[m]
+            ax.bar(i, med or 0, color=f"C{i}", alpha=0.6)
+            ax.plot([i] * len(values), values, "k.", markersize=6)
+        ax.set_xticks(range(len(strategies)), strategies, rotation=20)
+        ax.set_title(LABELS[m], fontsize=10)
+    seeds = sorted({o.seed for o in outcomes})
+    fig.suptitle(f"sampling strategies, seeds {seeds[0]}..{seeds[-1]} (bars: median, dots: seeds)", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def track(uri: str, experiment: str, outcomes: Sequence[Outcome], strategies: Sequence[str], params: dict[str, Any],
+          files: Sequence[Path]) -> str:
+    """One MLflow run: every campaign's figures (step = seed), the medians, the table and the PNG."""
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(uri, experiment, f"compare-{'-vs-'.join(s.replace(':', '.') for s in strategies)}")
+    run_id = tracker.start(params)
+    try:
+        for o in outcomes:
+            key = o.strategy.replace(":", ".")
+            figures = {f"{key}_{m}": float(v) for m in METRICS if (v := getattr(o, m)) is not None}
+            tracker.log_metrics({**figures, f"{key}_target_met": float(o.target_met)}, step=o.seed)
+        for s in strategies:
+            med = medians(outcomes, s)
+            tracker.log_metrics({f"median_{s.replace(':', '.')}_{m}": float(v) for m, v in med.items()
+                                 if v is not None}, step=0)
+        for f in files:
+            tracker.log_artifact(f)
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return run_id
+
+
+def add_parser(sub: Any) -> None:
+    """The ``compare`` subcommand's flags."""
+    p = sub.add_parser("compare", help="run a campaign per sampling strategy and seed; table, PNG, MLflow")
+    p.add_argument("loop", type=Path)
+    p.add_argument("--strategies", default="uniform,ensemble", help="comma-separated (default uniform,ensemble)")
+    p.add_argument("--seeds", default="1-5", help="e.g. 1-5 or 1,3,7 (default 1-5)")
+    p.add_argument("--workdir", type=Path, help="where the campaigns' run dirs go (default: loop.yml's "
+                                                "workdir/compare-NAME)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a loop.yml value in every campaign (repeatable)")
+    p.add_argument("--png", type=Path, help="where the PNG goes (default WORKDIR/compare.png)")
+    p.add_argument("--no-track", action="store_true", help="do not log the comparison to MLflow")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``python -m orchestrator compare``."""
+    cfg = load_config(args.loop, args.overrides)
+    strategies, seeds = parse_strategies(args.strategies), parse_seeds(args.seeds)
+    workdir = (args.workdir or Path(cfg.workdir) / f"compare-{cfg.name}").resolve()
+    outcomes: list[Outcome] = []
+    for seed in seeds:
+        for strategy in strategies:
+            print(f"compare: {cfg.name} seed {seed}, sampling {strategy} ...", flush=True)
+            outcomes.append(run_one(args.loop, workdir, strategy, seed, args.overrides))
+            o = outcomes[-1]
+            print(f"  {o.status}: {o.generate_runs} expensive runs, {o.data_points} rows, {o.rounds} rounds, "
+                  f"{_cell(o.time_to_target_s)} s to target" + (f" ({o.error})" if o.error else ""), flush=True)
+    table = format_table(outcomes, strategies)
+    print(table)
+    png = plot(outcomes, strategies, args.png or workdir / "compare.png")
+    data = workdir / "compare.json"
+    data.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    (workdir / "compare.md").write_text(table + "\n")
+    print(f"wrote {png}, {data}")
+    if not args.no_track:
+        from orchestrator.tracking import default_tracking_uri
+
+        uri = cfg.tracking.uri or default_tracking_uri(workdir)
+        params = {"loop": str(args.loop), "strategies": strategies, "seeds": seeds, "overrides": args.overrides}
+        run_id = track(uri, f"{cfg.tracking.experiment}-compare", outcomes, strategies, params,
+                       [png, data, workdir / "compare.md"])
+        print(f"logged as MLflow run {run_id} in {uri}")
+    bad = [o for o in outcomes if not o.normal]
+    for o in bad:
+        print(f"error: {o.strategy} seed {o.seed} did not end normally: {o.error or o.status}")
+    return 0 if not bad else 1
