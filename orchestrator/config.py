@@ -117,7 +117,7 @@ class PolicyConfig(_Strict):
     """Where generate sims draw points: the whole domain, or around failed checks."""
     near_failures_width: float = Field(default=0.25, gt=0, le=1)
     """near-failures: window width as a fraction of each input's domain."""
-    max_inflight: int = Field(default=2, ge=1, le=1024)
+    max_inflight: int = Field(default=2, ge=1, le=1_000_000)
     """Generate sims in flight at once; with ``pipeline``, also the most runs kept ahead of
     a running training (in flight or finished, not yet trained on)."""
     pipeline: bool = True
