@@ -482,9 +482,10 @@ class Campaign:
                 services = [f for f in (self._backend_ready, self._tracking_ready) if f is not None and not f.done()]
                 if not self._finished:
                     self._finished_event.clear()
-                    finished = asyncio.ensure_future(self._finished_event.wait())
+                    finished: asyncio.Future[Any] = asyncio.ensure_future(self._finished_event.wait())
                     # Ready workers change what the policy may start; a failed start stops the campaign.
-                    done, _ = await asyncio.wait([finished, interrupt, *services], timeout=timeout,
+                    waiting: list[asyncio.Future[Any]] = [finished, interrupt, *services]
+                    done, _ = await asyncio.wait(waiting, timeout=timeout,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     finished.cancel()
                     if interrupt in done:
