@@ -31,6 +31,7 @@ from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimRes
 from orchestrator.progress import Progress, Snapshot
 from orchestrator.store import LOOP, RunStore
 from orchestrator.training.backends import Backend, Trainer
+from orchestrator.walltime import Durations, WalltimeGuard
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class State:
     last_error: float | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Metrics of each finished training."""
+    sim_durations: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Running wall-time estimates per sim role (:class:`orchestrator.walltime.Durations`)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:
@@ -120,6 +123,7 @@ class Campaign:
         tracker: Any | None = None,
         progress: Progress | None = None,
         state: State | None = None,
+        walltime: WalltimeGuard | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -159,6 +163,11 @@ class Campaign:
         self._backend_ready: asyncio.Future[None] | None = None
         self._tracking_ready: asyncio.Future[None] | None = None
         self._pending_metrics: list[tuple[dict[str, float], int]] = []
+        self.walltime = walltime
+        if walltime is not None:
+            walltime.durations = Durations.from_json(self.state.sim_durations)
+        self._out_of_time = False
+        """A sim was not started because it would overrun the allocation."""
 
     # -- bookkeeping ------------------------------------------------------
     @property
@@ -207,6 +216,8 @@ class Campaign:
         for attempt in range(sim.retries + 1):
             if attempt:
                 await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
+            if not self._fits(role):
+                return None
             last = await self._attempt(role, sim, values, attempt, nrows)
             if last.ok:
                 self._consecutive_failures[role] = 0
@@ -248,6 +259,9 @@ class Campaign:
                 raise
         finally:
             self.pool.release(placement)
+        if self.walltime is not None:
+            self.walltime.durations.observe(role, result.wall_s)
+            self.state.sim_durations = self.walltime.durations.to_json()
         if not result.ok:
             self.state.sims_failed += 1
             log.warning("sim %s: %s: %s", run_id, result.outcome.value, result.message)
@@ -256,6 +270,31 @@ class Campaign:
                          returncode=result.returncode, wall_s=round(result.wall_s, 4), message=result.message,
                          rows=None if result.table is None else int(result.table.shape[0]), **result.info)
         return result
+
+    # -- walltime ---------------------------------------------------------
+    def _fits(self, role: str) -> bool:
+        """A run of ``role`` is expected to end before the campaign must be out."""
+        if self.walltime is None or self.walltime.fits(role):
+            return True
+        if not self._out_of_time:
+            log.info("sims.%s: expected %.1f s, %.1f s left before the allocation's exit time: not started",
+                     role, self.walltime.durations.expected(role) or 0.0, self.walltime.remaining())
+            self.store.event("walltime_skip", role=role, expected_s=self.walltime.durations.expected(role),
+                             left_s=round(self.walltime.remaining(), 3))
+        self._out_of_time = True
+        return False
+
+    def _walltime_timeout(self, timeout: float | None) -> float | None:
+        if self.walltime is None:
+            return timeout
+        left = max(0.0, self.walltime.remaining()) + 0.01
+        return left if timeout is None else min(timeout, left)
+
+    def _walltime_over(self) -> bool:
+        """Out of time: past the exit time, or nothing useful fits and nothing is in flight."""
+        if self.walltime is None:
+            return False
+        return self.walltime.remaining() <= 0 or (self._out_of_time and not self._tasks)
 
     # -- actions ----------------------------------------------------------
     def _spawn(self, kind: str, coro: Awaitable[Any]) -> None:
@@ -339,7 +378,7 @@ class Campaign:
                 self._untrained_in_training = len(self.state.untrained)
                 self._spawn("train", self._train(files, int(self.rng.integers(2**31))))
             elif isinstance(action, pol.StartGenerates):
-                for _ in range(action.count):
+                for _ in range(action.count if self._fits("generate") else 0):
                     wlo, whi = pol.sampling_window(self.lo, self.hi, self.state.failed_points,
                                                    self.cfg.policy.sampling, self.cfg.policy.near_failures_width,
                                                    self.rng)
@@ -347,11 +386,11 @@ class Campaign:
                     self._spawn("generate", self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi]))
             elif isinstance(action, pol.StartChecks):
                 assert self.model_state is not None
-                for _ in range(action.count):
+                for _ in range(action.count if self._fits("check") else 0):
                     x, known = self._next_query()
                     self._spawn("check", self._check(x, self.state.model_version, self.model_state, known))
             elif isinstance(action, pol.StartPrechecks):
-                for _ in range(action.count):
+                for _ in range(action.count if self._fits("check") else 0):
                     self._spawn("precheck", self._precheck(self._random_point()))
         return None
 
@@ -473,10 +512,14 @@ class Campaign:
                 self._show()
                 if reason is not None:
                     return reason
+                if self._walltime_over():
+                    self._signal = "walltime"
+                    log.info("allocation ends soon: checkpointing and exiting with the resumable code")
+                    return None
                 if not self._tasks and self._backend_ready is not None and self._backend_ready.done():
                     raise StoreError("the policy started nothing and nothing is in flight (a bug); state saved")
                 budget = self.cfg.target.time_budget_s
-                timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
+                timeout = self._walltime_timeout(None if budget is None else max(0.0, budget - self.elapsed) + 0.01)
                 # Completions arrive through a done-callback queue: waiting costs the same with
                 # 10 or 100,000 sims in flight (asyncio.wait over every task does not).
                 services = [f for f in (self._backend_ready, self._tracking_ready) if f is not None and not f.done()]
@@ -508,7 +551,8 @@ class Campaign:
         remove_signals = self._install_signals()
         status, reason, error = Status.FAILED, None, None
         self.store.event("campaign_start", resumed=self.resumed, run_dir=str(self.store.root), seed=self.cfg.seed,
-                         sim_slots=self.pool.free)
+                         sim_slots=self.pool.free, allocation_end=self.walltime and self.walltime.end,
+                         exit_at=self.walltime and self.walltime.exit_at)
         try:
             # Dask and MLflow start while the first sims already run. The Dask workers get a
             # short head start: on a small box, starting many MPI ranks at the same moment

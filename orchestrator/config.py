@@ -184,6 +184,19 @@ class TrackingConfig(_Strict):
     """Register the final model under this name when the target is met."""
 
 
+class WalltimeConfig(_Strict):
+    """Walltime-aware placement inside a Slurm allocation (see :mod:`orchestrator.walltime`)."""
+
+    enabled: bool = True
+    """Ask Slurm when the allocation ends; start no sim expected to overrun it, and exit with
+    the resumable code 75 before Slurm's warning signal."""
+    signal_lead_s: float = Field(default=120.0, ge=0)
+    """Slurm's warning signal comes this long before the end (``submit --signal-lead``;
+    ``#SBATCH --signal=B:USR1@120``): the campaign is out before it."""
+    safety_s: float = Field(default=10.0, ge=0)
+    """Further time kept for the final checkpoint and exit."""
+
+
 class LoopConfig(_Strict):
     """A whole campaign: what loop.yml holds."""
 
@@ -209,6 +222,8 @@ class LoopConfig(_Strict):
     """Split of the allocation."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking."""
+    walltime: WalltimeConfig = WalltimeConfig()
+    """Allocation end awareness."""
 
     @field_validator("outputs")
     @classmethod

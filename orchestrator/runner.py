@@ -23,6 +23,7 @@ from orchestrator.launchers.base import Launcher
 from orchestrator.progress import Progress
 from orchestrator.store import LOOP, RunStore
 from orchestrator.training.backends import make_backend
+from orchestrator.walltime import WalltimeGuard, allocation_end
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,16 @@ def make_launcher(sim: SimConfig, alloc: Allocation) -> Launcher:
     return SpawnLauncher(alloc)
 
 
+def walltime_guard(cfg: LoopConfig, alloc: Allocation) -> WalltimeGuard | None:
+    """The guard for a Slurm allocation whose end Slurm tells; None otherwise."""
+    if not (cfg.walltime.enabled and alloc.in_slurm):
+        return None
+    end = allocation_end()
+    if end is None:
+        return None
+    return WalltimeGuard(end, cfg.walltime.signal_lead_s, cfg.walltime.safety_s)
+
+
 def find_unfinished(workdir: Path, name: str) -> Path | None:
     """The newest run of this campaign under workdir that did not finish."""
     candidates = sorted(workdir.glob(f"{name}-*/state.json"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -217,7 +228,7 @@ async def run(
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                        state)
+                        state, walltime=walltime_guard(cfg, alloc))
     with progress:
         return await campaign.run()
 
