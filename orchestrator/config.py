@@ -64,8 +64,10 @@ class SimConfig(_Strict):
     """MPI ranks per run."""
     ranks_per_node: int | None = Field(default=None, ge=1)
     """Spread the ranks over nodes, at most this many per node (srun only)."""
-    launcher: Literal["auto", "srun", "mpiexec", "spawn"] = "auto"
-    """auto: srun inside a Slurm allocation, mpiexec outside."""
+    launcher: Literal["auto", "srun", "mpiexec", "spawn", "agent"] = "auto"
+    """auto: srun inside a Slurm allocation, mpiexec outside. agent: one long-lived agent per
+    node (one srun step per node) starts single-node runs with the node-local mpiexec; runs
+    spanning nodes still go through srun. For many small sims."""
     timeout_s: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one run; past it the whole process tree is killed."""
     retries: int = Field(default=2, ge=0, le=100)
@@ -165,6 +167,10 @@ class ResourcesConfig(_Strict):
     (allocation backend) or none (local and jobqueue backends)."""
     training_nodes: int = Field(default=0, ge=0)
     """Whole nodes kept for training (allocation backend); overrides training_cores."""
+    srun_steps_per_s: float | None = Field(default=None, gt=0)
+    """Cap on srun step creations per second by the srun launcher (all roles together), for
+    sites that flag jobs creating steps too fast; None: no cap. The agent launcher creates
+    one step per node instead."""
     sim_slots: int | None = Field(default=None, ge=1)
     """Cap on sim slots; None: every CPU not kept for training. Outside Slurm the
     local box may be oversubscribed up to this number (default: 2 x its CPUs, or

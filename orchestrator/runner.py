@@ -124,8 +124,14 @@ def resolve_auto(cfg: LoopConfig, alloc: Allocation) -> LoopConfig:
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"backend": backend})})
 
 
-def make_launcher(sim: SimConfig, alloc: Allocation) -> Launcher:
-    """The launcher a sim asks for; ``auto`` is srun inside Slurm, mpiexec outside."""
+def make_launcher(
+    sim: SimConfig, alloc: Allocation, *, shared: dict[str, Any] | None = None, run_dir: Path | None = None,
+    steps_per_s: float | None = None,
+) -> Launcher:
+    """The launcher a sim asks for; ``auto`` is srun inside Slurm, mpiexec outside.
+
+    ``shared`` holds what the roles share: one agent per node, one srun step rate."""
+    shared = {} if shared is None else shared
     kind = sim.launcher
     if kind == "auto":
         kind = "srun" if alloc.in_slurm else "mpiexec"
@@ -133,13 +139,25 @@ def make_launcher(sim: SimConfig, alloc: Allocation) -> Launcher:
         from orchestrator.launchers.mpiexec import MpiexecLauncher
 
         return MpiexecLauncher()
+    if kind == "agent":
+        from orchestrator.launchers.agent import NodeAgentLauncher
+
+        if "agent" not in shared:
+            shared["agent"] = NodeAgentLauncher(alloc, log_dir=run_dir)
+        launcher: Launcher = shared["agent"]
+        return launcher
     if kind == "srun":
         if not alloc.in_slurm:
             raise ConfigError("launcher: srun needs a Slurm allocation (run inside salloc or sbatch), "
                               "or use launcher: auto")
         from orchestrator.launchers.srun import SrunLauncher
 
-        return SrunLauncher(alloc)
+        if steps_per_s is None:
+            return SrunLauncher(alloc)
+        from orchestrator.launchers.agent import RateLimitedSrunLauncher, StepRate
+
+        rate = shared.setdefault("rate", StepRate(steps_per_s))
+        return RateLimitedSrunLauncher(alloc, rate)
     from orchestrator.launchers.spawn import SpawnLauncher
 
     return SpawnLauncher(alloc)
@@ -219,7 +237,9 @@ async def run(
     alloc = Allocation.detect()
     cfg = resolve_auto(cfg, alloc)
     plan = plan_slots(alloc, cfg)
-    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc) for role in ("check", "generate")}
+    shared: dict[str, Any] = {}
+    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc, shared=shared, run_dir=store.root,
+                                     steps_per_s=cfg.resources.srun_steps_per_s) for role in ("check", "generate")}
     backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
     tracker = _tracker(cfg, root, store.root.name)
     progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
