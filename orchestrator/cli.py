@@ -95,6 +95,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for role, path in binaries.items():
         sim = getattr(cfg.sims, role)
         print(f"  {role}: {path} on {sim.ranks} rank(s), launcher {sim.launcher}")
+    if cfg.tracking.enabled:
+        from orchestrator.sharedfs import read_mounts, sqlite_on_shared_fs
+        from orchestrator.tracking import default_tracking_uri
+
+        uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.workdir))
+        warning = sqlite_on_shared_fs(uri, read_mounts())
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
