@@ -112,7 +112,7 @@ def test_three_campaigns_share_one_server(mlflow_server: str, tmp_path: Path) ->
             [sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(tmp_path / f"runs{i}"),
              "--no-live"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
 
     client = MlflowClient(tracking_uri=mlflow_server)
