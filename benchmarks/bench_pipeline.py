@@ -26,6 +26,8 @@ from typing import Any
 
 import psutil
 
+from orchestrator.runlog import EventKind, LoggedEvent
+
 HERE = Path(__file__).resolve().parent
 LOOP = HERE / "configs" / "sine-bench.yml"
 SEEDS = [1, 2, 3, 4, 5]
@@ -51,9 +53,10 @@ def orchestrate(loop: Path, work: Path, *overrides: str, watch_cpu: bool = False
     return run_dir, cpu
 
 
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+def _events(run_dir: Path) -> list[LoggedEvent]:
+    from orchestrator.store import read_events
+
+    return read_events(run_dir)
 
 
 def _watch_cpu(proc: subprocess.Popen[str], work: Path) -> dict[str, Any]:
@@ -70,11 +73,11 @@ def _watch_cpu(proc: subprocess.Popen[str], work: Path) -> dict[str, Any]:
             break
         if start is None:
             runs = list(work.glob("sine-*"))
-            if runs and any(e["event"] == "train_end" for e in _events(runs[0])):
+            if runs and any(e.kind is EventKind.TRAIN_END for e in _events(runs[0])):
                 start = now
         else:
             last = now
-            if any(e["event"] == "campaign_end" for e in _events(next(work.glob("sine-*")))):
+            if any(e.kind is EventKind.CAMPAIGN_END for e in _events(next(work.glob("sine-*")))):
                 break
         time.sleep(0.05)
     if start is None or last is None or last[0] <= start[0]:
@@ -147,7 +150,7 @@ def bench_near_failures(record: Record) -> None:
 
 
 async def _throughput(n: int, concurrency: int) -> tuple[float, float]:
-    """n one-rank sim-noop runs: through Campaign.run_sim (slots, events, result checks) and raw."""
+    """n one-rank sim-noop runs: through the campaign's SimRunner (slots, events, result checks) and raw."""
     import numpy as np
 
     from orchestrator.allocation import Node, SlotPool
@@ -169,7 +172,7 @@ async def _throughput(n: int, concurrency: int) -> tuple[float, float]:
                         SlotPool([Node("local", concurrency)]), LocalBackend(cfg.training))
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(camp.run_sim("generate", {"seed": i}) for i in range(n)))
+        results = await asyncio.gather(*(camp.sims.run("generate", {"seed": i}) for i in range(n)))
         ours = time.perf_counter() - t0
         assert all(r is not None and r.ok for r in results)
 
@@ -196,7 +199,7 @@ async def _throughput(n: int, concurrency: int) -> tuple[float, float]:
 def bench_throughput(record: Record) -> None:
     n, conc = 500, 4
     ours, raw = asyncio.run(_throughput(n, conc))
-    record("throughput_orchestrator_per_s", ours, f"{n} one-rank sim-noop via Campaign.run_sim, {conc} slots")
+    record("throughput_orchestrator_per_s", ours, f"{n} one-rank sim-noop via the campaign's SimRunner, {conc} slots")
     record("throughput_raw_per_s", raw, f"{n} raw mpiexec launches, {conc} at a time")
     record("throughput_ratio", ours / raw, "orchestrator / raw (target >= 0.8)")
 

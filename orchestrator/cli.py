@@ -11,16 +11,14 @@ import argparse
 import errno
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ExitCode, OrchestratorError
 
 log = logging.getLogger("orchestrator")
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 """OSErrors that are the machine's state, not a bug: one line, no traceback."""
 
@@ -40,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (no usage dump) on a bad command line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +101,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         warning = sqlite_on_shared_fs(uri, read_mounts())
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -124,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reg = s["registered_model"]
         print(f"model registered as {reg['name']} version {reg['version']} (MLflow run {s['mlflow_run_id']})")
     print(f"run dir: {s['run_dir']}")
-    if result.status.value == "interrupted":
+    if result.status.resumable:
         print(f"resume with: python -m orchestrator run --resume {s['run_dir']}")
     return result.status.exit_code
 
@@ -138,14 +136,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     png = plot_timeline(args.run_dir, args.png or args.run_dir / "timeline.png")
     summary["timeline_png"] = str(png)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary) + f"\ntimeline       {png}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.report import status_text
 
     print(status_text(args.run_dir))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _usage(message: str) -> OrchestratorError:
@@ -189,14 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.KEYBOARD
     except BrokenPipeError:  # `status RUN | head`: the reader has gone, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 128 + signal.SIGPIPE
+        return ExitCode.SIGPIPE
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             raise
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror}{where} (free space, fix permissions, or choose another --workdir)",
               file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.ERROR

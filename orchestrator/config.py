@@ -134,6 +134,36 @@ class PolicyConfig(_Strict):
     """Stop generating once this many rows are accepted; None: no limit."""
 
 
+class HparamsConfig(_Strict):
+    """Training hyper-parameters, read by :func:`orchestrator.training.tasks.train` on the workers.
+
+    The defaults were tuned on the sin(x) reference case: a short full-batch Adam
+    phase, then a full-batch L-BFGS polish."""
+
+    epochs: int = Field(default=100, ge=0)
+    """Adam passes over all accumulated data per round."""
+    lr: float = Field(default=1e-2, gt=0)
+    """Peak Adam learning rate, cosine-decayed within each round."""
+    lr_final_factor: float = Field(default=0.01, ge=0)
+    """Learning rate at the end of a round, as a factor of ``lr``."""
+    batch_size: int = Field(default=0, ge=0)
+    """Adam mini-batch size; 0 (or at least the number of rows) means full batch."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """L2 weight decay (Adam and the L-BFGS loss)."""
+    loss: Literal["mse", "smooth_l1"] = "mse"
+    """Training loss."""
+    grad_clip: float | None = Field(default=1.0, ge=0)
+    """Max global gradient norm for Adam; 0 or null disables clipping."""
+    lbfgs_iters: int | None = Field(default=300, ge=0)
+    """Full-batch L-BFGS iterations after Adam; 0 disables the polish."""
+    lbfgs_history: int = Field(default=50, ge=1)
+    """L-BFGS history size."""
+    refit_normalisation: bool = False
+    """Refit the model's input/output normalisation on every round (default: first round only)."""
+    num_threads: int = Field(default=1, ge=1)
+    """Torch intra-op threads on the worker (``threads_per_worker`` sets it unless given here)."""
+
+
 class TrainingConfig(_Strict):
     """The surrogate and where it trains."""
 
@@ -151,8 +181,8 @@ class TrainingConfig(_Strict):
     """The surrogate class, as module:Class."""
     model_kwargs: dict[str, Any] = {}
     """Keyword arguments of the model class (n_inputs/n_outputs are filled in)."""
-    hparams: dict[str, Any] = {}
-    """Training hyper-parameters (epochs, lr, batch_size, ...)."""
+    hparams: HparamsConfig = HparamsConfig()
+    """Training hyper-parameters (epochs, lr, batch_size, ...), validated with the rest of loop.yml."""
     task_retries: int = Field(default=2, ge=0)
     """Dask retries of a training task that raised."""
     jobqueue: dict[str, Any] = {}

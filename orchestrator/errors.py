@@ -7,24 +7,42 @@ back as data (:class:`orchestrator.launchers.base.SimResult`).
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit code the CLI returns; the sbatch template requeues on INTERRUPTED."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    STOPPED = 3
+    """max_rounds, the time or the data budget ended the campaign before its target."""
+    INTERRUPTED = 75
+    """EX_TEMPFAIL: signalled and checkpointed; resumable."""
+    KEYBOARD = 130
+    SIGPIPE = 141
+    """128 + SIGPIPE: the reader of our output went away (``status RUN | head``); no error of ours."""
+
 
 class OrchestratorError(Exception):
     """Base class: a failure with a message fit for a user."""
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.ERROR
     transient: bool = False
 
 
 class ConfigError(OrchestratorError):
     """loop.yml or a ``--set`` override is malformed. Exit code 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class UsageError(OrchestratorError):
     """The command line is wrong (missing file, bad flag combination). Exit code 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class LaunchError(OrchestratorError):
@@ -43,6 +61,10 @@ class TrainingError(OrchestratorError):
     """Training or evaluation failed on the Dask workers in a way retries did not fix."""
 
 
+class SlurmError(OrchestratorError):
+    """Slurm printed something we cannot read (the message quotes it)."""
+
+
 class StoreError(OrchestratorError):
     """The run directory is unusable or inconsistent (resume of a foreign run, bad state)."""
 
@@ -50,5 +72,39 @@ class StoreError(OrchestratorError):
 class Interrupted(OrchestratorError):
     """The coordinator was signalled (SIGTERM, SIGINT, SIGUSR1) and checkpointed."""
 
-    exit_code = 75  # EX_TEMPFAIL: the sbatch template requeues on this code
+    exit_code = ExitCode.INTERRUPTED
     transient = True
+
+
+class TrackingError(OrchestratorError):
+    """A tracking operation failed; the message is meant for the user.
+
+    It names the tracking URI involved and what to do about the problem. The
+    original MLflow exception, if any, is chained as ``__cause__``.
+    """
+
+
+class PredictError(OrchestratorError):
+    """The model could not be loaded or evaluated, or its run not logged."""
+
+
+class SubmitError(OrchestratorError):
+    """sbatch refused the job or answered something we cannot read."""
+
+    transient = True
+
+
+class TemplateError(OrchestratorError):
+    """A template is malformed or names a value that is not there (a bug in the template)."""
+
+
+class CommandError(OrchestratorError):
+    """An external command failed; the message carries argv, exit code and output."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        tail = (stderr.strip() or stdout.strip())[-800:]
+        super().__init__(f"command {' '.join(argv)!r} exited with {returncode}: {tail}")

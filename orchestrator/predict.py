@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from orchestrator.errors import OrchestratorError, UsageError
+from orchestrator.errors import PredictError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "predictions"
 Array = NDArray[np.float64]
 
-
-class PredictError(OrchestratorError):
-    """The model could not be loaded or evaluated, or its run not logged."""
 
 
 @dataclass(frozen=True)
@@ -130,24 +127,15 @@ def check_width(points: Array, n_inputs: int | None, ref: ModelRef) -> Array:
 # -- the model ------------------------------------------------------------------------
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    raw = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return None if not raw or raw == ":memory:" else Path(raw)
-
-
 def resolve_version(uri: str, ref: ModelRef) -> ModelRef:
     """``ref`` with its version checked, or the latest one when none was given.
 
     An unknown name or version is a :class:`UsageError` that lists what exists.
     """
-    from orchestrator.tracking import TrackingError, _make_client, _model_versions, _registered_names
+    from orchestrator.tracking import TrackingError, registered_versions
 
     try:
-        client = _make_client(uri)
-        versions = _model_versions(client, ref.name)
-        names = [] if versions else _registered_names(client)
+        versions, names = registered_versions(uri, ref.name)
     except TrackingError as exc:
         raise PredictError(str(exc)) from exc
     except Exception as exc:  # MlflowException from a search: one line for the user
@@ -278,7 +266,7 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``python -m orchestrator predict``."""
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking import default_tracking_uri, sqlite_path
 
     ref = ModelRef.parse(args.model)
     if args.output is not None and not args.output.parent.is_dir():
@@ -286,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
     if args.tracking_uri and args.workdir:
         raise UsageError("give --tracking-uri or --workdir, not both")
     uri = args.tracking_uri or default_tracking_uri(args.workdir or Path("runs"))
-    db = _sqlite_file(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():
         raise UsageError(f"no MLflow database at {db}; point --workdir at the campaign's run root "
                          "or give --tracking-uri")

@@ -1,9 +1,12 @@
-"""One door for subprocesses.
+"""One door for processes: starting, watching, killing trees by the ids we own.
 
 Every external command the orchestrator starts goes through here: it is
 logged with its argv, started without a shell, in its own process group (so a
 timeout or shutdown can end the whole tree), and its failure is raised with
-argv, exit code and output tail.
+argv, exit code and output tail. Process trees are listed with psutil; a
+process is named by (pid, start time), so a reused pid is never signalled,
+and only processes below one we started (or ones we were told about) are killed.
+Both the coordinator and the spawn agent use these helpers.
 """
 
 from __future__ import annotations
@@ -12,30 +15,23 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from orchestrator.errors import OrchestratorError
+import psutil
+
+from orchestrator.errors import CommandError
 
 log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 2.0
 
-
-class CommandError(OrchestratorError):
-    """An external command failed; the message carries argv, exit code and output."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        tail = (stderr.strip() or stdout.strip())[-800:]
-        super().__init__(f"command {' '.join(argv)!r} exited with {returncode}: {tail}")
 
 
 def run_checked(
@@ -83,6 +79,27 @@ async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
     await proc.wait()
 
 
+async def start(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    stdout: IO[bytes] | int | None,
+    stderr: IO[bytes] | int | None,
+    stdin: int | None = subprocess.DEVNULL,
+    cwd: Path | None = None,
+    limit: int = 1 << 16,
+) -> asyncio.subprocess.Process:
+    """Start argv (no shell) in its own session, so its whole tree can be ended by group.
+
+    The one place the orchestrator starts a long-lived child: sims (:func:`supervise`),
+    spawn agents, srun'd Dask workers. Raises FileNotFoundError if argv[0] does not exist.
+    """
+    log.debug("exec: %s", list(argv))
+    return await asyncio.create_subprocess_exec(
+        *argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True, limit=limit,
+    )
+
+
 async def supervise(
     argv: Sequence[str],
     *,
@@ -99,13 +116,9 @@ async def supervise(
     SIGKILL), so no rank outlives its run. Raises FileNotFoundError if argv[0]
     does not exist.
     """
-    log.debug("exec: %s", argv)
     t0 = time.monotonic()
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, env=dict(env), stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd,
-            start_new_session=True,
-        )
+        proc = await start(argv, env=env, stdout=out, stderr=err, cwd=cwd)
     try:
         rc = await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
@@ -126,3 +139,198 @@ def tail(path: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# -- process trees: identities that survive pid reuse, killing exactly the ones we own --
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    start: int
+    """Start time in clock ticks since boot: with the pid, a process identity that survives pid reuse."""
+    comm: str
+
+
+def read_stat(pid: int) -> ProcInfo | None:
+    """One process from /proc/<pid>/stat; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    head, _, rest = text.rpartition(")")
+    fields = rest.split()
+    if len(fields) < 20:
+        return None
+    return ProcInfo(pid, int(fields[1]), int(fields[19]), head.partition("(")[2])
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children (psutil; [] when the process is gone)."""
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
+
+
+def descendants(root: int) -> list[ProcInfo]:
+    """Every process below ``root`` (not ``root`` itself), parents before children (one scan)."""
+    try:
+        below = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [info for child in below if (info := read_stat(child.pid)) is not None]
+
+
+def all_processes() -> list[ProcInfo]:
+    """Every process on this host."""
+    return [info for pid in psutil.pids() if (info := read_stat(pid)) is not None]
+
+
+def ancestors(pid: int, depth: int) -> list[ProcInfo]:
+    """Up to ``depth`` parents of ``pid``, nearest first."""
+    chain: list[ProcInfo] = []
+    info = read_stat(pid)
+    while info is not None and len(chain) < depth and info.ppid > 1:
+        info = read_stat(info.ppid)
+        if info is not None:
+            chain.append(info)
+    return chain
+
+
+def alive(pid: int, start: int) -> bool:
+    """Is this very process (pid and start time) still there and not a zombie?"""
+    info = read_stat(pid)
+    if info is None or info.start != start:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def signal_procs(procs: Iterable[tuple[int, int]], sig: int) -> None:
+    """Send ``sig`` to each (pid, start) that is still that process."""
+    for pid, start in procs:
+        if alive(pid, start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
+def kill_tree(root: int, known: Iterable[tuple[int, int]] = (), *, include_root: bool = True) -> list[int]:
+    """SIGKILL ``root``, everything below it and the ``known`` (pid, start) pairs.
+
+    The tree is frozen first (SIGSTOP, repeated until no new process appears) so
+    nothing forks or gets reparented away between listing and killing. Returns
+    the pids signalled.
+    """
+    targets: dict[int, int] = {pid: start for pid, start in known}
+    root_info = read_stat(root)
+    for _ in range(10):
+        found = {p.pid: p.start for p in descendants(root)}
+        if include_root and root_info is not None:
+            found[root] = root_info.start
+        new = {pid: start for pid, start in found.items() if targets.get(pid) != start}
+        targets.update(found)
+        signal_procs(new.items(), signal.SIGSTOP)
+        if not new:
+            break
+    signal_procs(targets.items(), signal.SIGKILL)
+    return sorted(targets)
+
+
+def kill_known(procs: Iterable[tuple[int, int]]) -> list[int]:
+    """SIGKILL each (pid, start) pair that is still that process; return those signalled."""
+    live = [(pid, start) for pid, start in procs if alive(pid, start)]
+    signal_procs(live, signal.SIGKILL)
+    return sorted(pid for pid, _ in live)
+
+
+def wait_gone(procs: Iterable[tuple[int, int]], timeout: float) -> bool:
+    """Wait (on pidfds, no polling) until every process has exited; True if they all did."""
+    fds: list[int] = []
+    try:
+        for pid, start in procs:
+            try:
+                fd = os.pidfd_open(pid)
+            except (ProcessLookupError, OSError):
+                continue
+            if alive(pid, start):
+                fds.append(fd)
+            else:
+                os.close(fd)
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for fd, _ in poller.poll(left * 1000):
+                pending.discard(fd)
+                poller.unregister(fd)
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return str(psutil.Process(pid).cwd())
+    except psutil.Error:
+        return None
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return str(psutil.Process(pid).exe()) or None
+    except psutil.Error:
+        return None
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return [str(a) for a in psutil.Process(pid).cmdline()]
+    except psutil.Error:
+        return []
+
+
+def find_ranks(candidates: Iterable[ProcInfo], wdir: str, binary: str) -> list[ProcInfo]:
+    """The spawned ranks among ``candidates``: running ``binary`` in ``wdir``."""
+    want_exe, want_cwd = os.path.realpath(binary), os.path.realpath(wdir)  # /proc shows resolved paths
+    return [p for p in candidates if _cwd(p.pid) == want_cwd and _exe(p.pid) == want_exe]
+
+
+def end_ranks(wdir: str, binary: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL any process on this host running ``binary`` in ``wdir`` (one run's ranks) and wait for them.
+
+    The last resort after an agent died: hydra may still be tearing down the
+    ranks it had, and an agent that died early never reported them.
+    """
+    ranks = [(p.pid, p.start) for p in find_ranks(all_processes(), wdir, binary)]
+    signal_procs(ranks, signal.SIGKILL)
+    wait_gone(ranks, timeout)
+    return [pid for pid, _ in ranks]
+
+
+def find_spawned_sruns(agent: int, wdir: str) -> list[ProcInfo]:
+    """The ``srun --mpi=pmi2 … --chdir=WDIR …`` that Slurm's PMI2 forked for one spawn.
+
+    slurmstepd forks it, so it is a child of one of the agent's slurmstepd ancestors
+    (the outer srun only: srun forks a helper of itself).
+    """
+    flag = f"--chdir={wdir}"
+    found = []
+    for parent in ancestors(agent, 3):
+        if parent.comm != "slurmstepd":
+            continue
+        for pid in children_of(parent.pid):
+            argv = _argv(pid)
+            if argv and os.path.basename(argv[0]) == "srun" and flag in argv and (info := read_stat(pid)):
+                found.append(info)
+    return found

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.runlog import EventKind, LoggedEvent, Status, build_summary, of_kind
 from orchestrator.store import RunStore
 
 
@@ -40,34 +41,34 @@ class Timeline:
     checks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_timeline(events: list[dict[str, Any]]) -> Timeline:
+def build_timeline(events: list[LoggedEvent]) -> Timeline:
     """Pair start/end events into intervals (an unfinished one ends at the last event)."""
     tl = Timeline()
     if not events:
         return tl
-    tl.t0 = events[0]["t"]
-    tl.end = events[-1]["t"] - tl.t0
+    tl.t0 = events[0].t
+    tl.end = events[-1].t - tl.t0
     open_sims: dict[str, dict[str, Any]] = {}
     train_start: float | None = None
     for e in events:
-        t = e["t"] - tl.t0
-        kind = e["event"]
-        if kind == "campaign_start":
+        t = e.t - tl.t0
+        kind = e.kind
+        if kind is EventKind.CAMPAIGN_START:
             tl.slots.update(e.get("sim_slots") or {})
             train_start = None  # a resumed run: an interrupted training is gone
-        elif kind == "sim_start":
-            open_sims[e["run_id"]] = {**e, "t_rel": t}
-        elif kind == "sim_end" and e["run_id"] in open_sims:
+        elif kind is EventKind.SIM_START:
+            open_sims[e["run_id"]] = {**e.fields, "t_rel": t}
+        elif kind is EventKind.SIM_END and e["run_id"] in open_sims:
             s = open_sims.pop(e["run_id"])
             for node, n in (s.get("placement") or [["", s.get("ranks", 1)]]):
                 tl.sims.append(Interval(s["role"], s["t_rel"], t, e.get("outcome", "ok"), node, n, e["run_id"]))
-        elif kind == "train_start":
+        elif kind is EventKind.TRAIN_START:
             train_start = t
-        elif kind == "train_end" and train_start is not None:
+        elif kind is EventKind.TRAIN_END and train_start is not None:
             tl.trainings.append(Interval("train", train_start, t))
             train_start = None
-        elif kind == "check":
-            tl.checks.append({**e, "t_rel": t})
+        elif kind is EventKind.CHECK:
+            tl.checks.append({**e.fields, "t": e.t, "t_rel": t})
     for s in open_sims.values():
         for node, n in (s.get("placement") or [["", s.get("ranks", 1)]]):
             tl.sims.append(Interval(s["role"], s["t_rel"], tl.end, "running", node, n, s["run_id"]))
@@ -77,9 +78,9 @@ def build_timeline(events: list[dict[str, Any]]) -> Timeline:
     return tl
 
 
-def _target_time(events: list[dict[str, Any]], tl: Timeline) -> float | None:
+def _target_time(events: list[LoggedEvent], tl: Timeline) -> float | None:
     """When the check that met the target came in (None if it was not met)."""
-    ends = [e for e in events if e["event"] == "campaign_end"]
+    ends = of_kind(events, EventKind.CAMPAIGN_END)
     if not ends or not ends[-1].get("target_met"):
         return None
     needed = ends[-1].get("successes")
@@ -115,29 +116,26 @@ def overlap_fraction(tl: Timeline) -> float | None:
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    """Where the time went: the figures `report` prints."""
+    """Where the time went: the campaign's summary and the figures `report` adds to it."""
     store = RunStore.open(run_dir)
     events = store.read_events()
-    state = store.read_state()
+    state = store.read_campaign_state()
     tl = build_timeline(events)
     slot_total = sum(tl.slots.values()) or 1
     sim_busy = sum((s.end - s.start) * s.slots for s in tl.sims)
     train_busy = sum(t.end - t.start for t in tl.trainings)
-    ends = [e for e in events if e["event"] == "sim_end" and "wall_s" in e]
-    starts = {e["run_id"]: e for e in events if e["event"] == "sim_start"}
+    ends = [e for e in of_kind(events, EventKind.SIM_END) if "wall_s" in e]
+    starts = {e["run_id"]: e for e in of_kind(events, EventKind.SIM_START)}
     overheads = [
-        (e["mono"] - starts[e["run_id"]]["mono"]) - e["wall_s"] for e in ends if e["run_id"] in starts
+        (e.mono - starts[e["run_id"]].mono) - e["wall_s"] for e in ends if e["run_id"] in starts
     ]
     walls = [e["wall_s"] for e in ends if e.get("outcome") == "ok"]
     overlap = overlap_fraction(tl)
+    registered = next((e.fields for e in reversed(of_kind(events, EventKind.MODEL_REGISTERED))), None)
     return {
-        "run_dir": str(run_dir),
-        "status": state.get("status"),
-        "wall_s": round(tl.end, 3),
+        **build_summary(state, tl.end, str(run_dir),
+                        None if registered is None else {k: str(registered[k]) for k in ("name", "version")}),
         "time_to_target_s": None if tl.target_at is None else round(tl.target_at, 3),
-        "rounds": state.get("model_version"),
-        "successes": state.get("successes"),
-        "data_points": state.get("data_points"),
         "sims": len(ends),
         "sims_failed": sum(1 for e in ends if e.get("outcome") not in ("ok", "cancelled")),
         "sim_slot_busy_fraction": round(sim_busy / (slot_total * tl.end), 4) if tl.end else None,
@@ -237,29 +235,32 @@ def format_summary(s: dict[str, Any]) -> str:
 def status_text(run_dir: Path) -> str:
     """Where a running or finished campaign stands."""
     store = RunStore.open(run_dir)
-    state = store.read_state()
-    events = store.read_events()
-    cfg = state.get("config", {})
+    cfg = store.read_state().get("config", {})
+    state = store.read_campaign_state()
+    running = _running_sims(store.read_events()) if state.status is Status.RUNNING else []
     target = cfg.get("target", {})
-    running = {e["run_id"]: e for e in events if e["event"] == "sim_start"}
-    for e in events:
-        if e["event"] == "sim_end":
-            running.pop(e["run_id"], None)
-    last_start = max((i for i, e in enumerate(events) if e["event"] == "campaign_start"), default=0)
-    if state.get("status") != "running":
-        running = {}
-    else:
-        running = {k: v for k, v in running.items() if events.index(v) > last_start}
     lines = [
         f"campaign   {cfg.get('name', '?')} in {run_dir}",
-        f"status     {state.get('status')}" + (f" ({state['stop_reason']})" if state.get("stop_reason") else ""),
-        f"rounds     {state.get('model_version')} / {target.get('max_rounds', '?')}",
-        f"successes  {state.get('successes')} / {target.get('successes', '?')}",
-        f"data       {state.get('data_points')} rows in {len(state.get('data_files', []))} files",
-        f"sims       {state.get('sims_launched')} launched, {state.get('sims_failed')} failed, "
-        f"{len(running)} running" + (f": {', '.join(sorted(running))}" if running else ""),
-        f"elapsed    {state.get('elapsed_s', 0):.1f} s",
+        f"status     {state.status.value}" + (f" ({state.stop_reason})" if state.stop_reason else ""),
+        f"rounds     {state.model_version} / {target.get('max_rounds', '?')}",
+        f"successes  {state.successes} / {target.get('successes', '?')}",
+        f"data       {state.data_points} rows in {len(state.data_files)} files",
+        f"sims       {state.sims_launched} launched, {state.sims_failed} failed, "
+        f"{len(running)} running" + (f": {', '.join(running)}" if running else ""),
+        f"elapsed    {state.elapsed_s:.1f} s",
     ]
-    if state.get("status") in ("running", "interrupted"):
+    if state.status.resumable:
         lines.append(f"resume     python -m orchestrator run --resume {run_dir}")
     return "\n".join(lines)
+
+
+def _running_sims(events: list[LoggedEvent]) -> list[str]:
+    """Run ids started in the latest session and not ended."""
+    last_start = max((i for i, e in enumerate(events) if e.kind is EventKind.CAMPAIGN_START), default=0)
+    running: dict[str, None] = {}
+    for e in events[last_start:]:
+        if e.kind is EventKind.SIM_START:
+            running[e["run_id"]] = None
+        elif e.kind is EventKind.SIM_END:
+            running.pop(e["run_id"], None)
+    return sorted(running)

@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.allocation import Allocation, Node, SlotPool
-from orchestrator.campaign import Campaign, CampaignResult, State, Status
+from orchestrator.campaign import Campaign, CampaignResult
 from orchestrator.config import LoopConfig, SimConfig, load_config, resolve_binaries
 from orchestrator.errors import ConfigError, ResourceError, StoreError, UsageError
 from orchestrator.launchers.base import Launcher
 from orchestrator.progress import Progress
-from orchestrator.store import LOOP, RunStore
+from orchestrator.runlog import State, status_of
+from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
 from orchestrator.walltime import WalltimeGuard, allocation_end
 
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
+
 log = logging.getLogger(__name__)
 
-RESUMABLE = (Status.RUNNING.value, Status.INTERRUPTED.value)
-
+__all__ = ["find_unfinished", "open_run", "plan_slots", "run", "run_sync"]
 
 @dataclass(frozen=True)
 class SlotPlan:
@@ -173,20 +175,7 @@ def walltime_guard(cfg: LoopConfig, alloc: Allocation) -> WalltimeGuard | None:
     return WalltimeGuard(end, cfg.walltime.signal_lead_s, cfg.walltime.safety_s)
 
 
-def find_unfinished(workdir: Path, name: str) -> Path | None:
-    """The newest run of this campaign under workdir that did not finish."""
-    candidates = sorted(workdir.glob(f"{name}-*/state.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for state_file in candidates:
-        try:
-            state = RunStore.open(state_file.parent).read_state()
-        except StoreError:
-            continue
-        if state.get("status") in RESUMABLE:
-            return state_file.parent
-    return None
-
-
-def _tracker(cfg: LoopConfig, workdir: Path, run_name: str) -> Any | None:
+def _tracker(cfg: LoopConfig, workdir: Path, run_name: str) -> Tracker | None:
     if not cfg.tracking.enabled:
         return None
     from orchestrator.tracking import Tracker, default_tracking_uri
@@ -214,7 +203,8 @@ def open_run(
         resume = found
     store = RunStore.open(resume)
     data = store.read_state()
-    if data.get("status") not in RESUMABLE:
+    status = status_of(data)
+    if status is None or not status.resumable:
         raise UsageError(f"{resume} already ended ({data.get('status')}); nothing to resume")
     if overrides:
         raise UsageError("--set cannot change a resumed run; start a new one instead")
@@ -246,7 +236,6 @@ async def run(
     progress.note(f"allocation: {'Slurm job ' + str(alloc.job_id) if alloc.in_slurm else 'local'}; sim slots "
                   + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
                         state, walltime=walltime_guard(cfg, alloc))
     with progress:

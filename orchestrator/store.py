@@ -31,6 +31,7 @@ import numpy as np
 
 from orchestrator.errors import StoreError
 from orchestrator.results import Table
+from orchestrator.runlog import Event, LoggedEvent, State, parse_events, status_of
 
 log = logging.getLogger(__name__)
 
@@ -109,31 +110,27 @@ class RunStore:
             raise StoreError(f"{self.root / STATE}: unreadable ({exc}); the run cannot be resumed") from exc
         return data
 
+    def read_campaign_state(self) -> State:
+        """state.json as a :class:`State` (its config stays in :meth:`read_state`)."""
+        return State.from_json(self.read_state())
+
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         path = self.root / SUMMARY
         atomic_write_json(path, dict(summary))
         return path
 
     # -- events -----------------------------------------------------------
-    def event(self, kind: str, **fields: Any) -> None:
+    def log(self, event: Event) -> None:
         """Append one event line, flushed at once (monotonic and wall timestamps)."""
         if self._events is None:
             self._events = (self.root / EVENTS).open("a", buffering=1)
-        record = {"t": time.time(), "mono": time.monotonic(), "event": kind, **fields}
+        record = {"t": time.time(), "mono": time.monotonic(), "event": event.KIND.value, **event.record()}
         self._events.write(json.dumps(record, default=str) + "\n")
         self._events.flush()
 
-    def read_events(self) -> list[dict[str, Any]]:
-        path = self.root / EVENTS
-        if not path.exists():
-            return []
-        events = []
-        for line in path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s: skipping a torn last line", path)
-        return events
+    def read_events(self) -> list[LoggedEvent]:
+        """Every event so far (a torn last line is skipped)."""
+        return read_events(self.root)
 
     def close(self) -> None:
         if self._events is not None:
@@ -159,3 +156,24 @@ class RunStore:
         path = self.models_dir / f"model-{version:04d}.pt"
         atomic_write_bytes(path, state)
         return path
+
+
+def read_events(run_dir: Path) -> list[LoggedEvent]:
+    """The events of a run directory, typed (a torn last line is skipped)."""
+    path = run_dir / EVENTS
+    if not path.exists():
+        return []
+    return parse_events(path.read_text().splitlines(), str(path))
+
+
+def find_unfinished(workdir: Path, name: str) -> Path | None:
+    """The newest run of this campaign under workdir that did not finish (running or interrupted)."""
+    candidates = sorted(workdir.glob(f"{name}-*/{STATE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for state_file in candidates:
+        try:
+            status = status_of(RunStore.open(state_file.parent).read_state())
+        except StoreError:
+            continue
+        if status is not None and status.resumable:
+            return state_file.parent
+    return None

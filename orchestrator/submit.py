@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from orchestrator.errors import ConfigError, OrchestratorError, UsageError
+from orchestrator.errors import ConfigError, SubmitError, UsageError
 from orchestrator.templating import one_line, render
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ JOBS_DIR = "jobs"
 EXIT_CHECKPOINTED = 75
 OnInterrupt = Literal["requeue", "resubmit", "none"]
 
-
-class SubmitError(OrchestratorError):
-    """sbatch refused the job or answered something we cannot read."""
-
-    transient = True
 
 
 # -- what the user asks for ---------------------------------------------------------
@@ -256,7 +251,7 @@ def _refuse_silent_resume(sub_workdir: Path, name: str, overrides: Sequence[str]
     """`run` refuses --set on a run it resumes; the snapshot hides --set, so check here."""
     if not overrides or new:
         return
-    from orchestrator.runner import find_unfinished
+    from orchestrator.store import find_unfinished
 
     found = find_unfinished(sub_workdir, name)
     if found is not None:

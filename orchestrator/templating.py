@@ -24,13 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import TemplateError
 
 __all__ = ["FILTERS", "TemplateError", "escape_raw", "escape_sbatch", "escape_sh", "one_line", "render"]
 
-
-class TemplateError(OrchestratorError):
-    """A template is malformed or names a value that is not there (a bug in the template)."""
 
 
 

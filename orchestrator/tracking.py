@@ -25,7 +25,8 @@ Design notes:
 * MLflow is kept quiet: its loggers are set to ``WARNING`` (unless the user set
   ``MLFLOW_LOGGING_LEVEL``), and GitPython's "git executable not found" warning, the
   run-URL banner printed for HTTP servers and the usage telemetry are off by default
-  (each only via ``os.environ.setdefault``, so an explicit user setting wins).
+  (:data:`QUIET_ENV`, set in ``os.environ`` only while MLflow is called and only where
+  the user set nothing; importing this module changes nothing).
 * Every failure inside MLflow is re-raised as :class:`TrackingError` naming the
   tracking URI and what to do about it. An ``http(s)://`` server is probed first
   (5 s timeout) because MLflow itself retries an unreachable server for minutes.
@@ -57,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import TrackingError
 
 if TYPE_CHECKING:
     import torch
@@ -72,19 +73,22 @@ __all__ = [
     "default_tracking_uri",
     "flatten_params",
     "load_registered_model",
+    "registered_versions",
+    "sqlite_path",
 ]
 
 logger = logging.getLogger(__name__)
 
-# --- keep MLflow quiet (set before mlflow is first imported; user settings win) -------
-_USER_SET_MLFLOW_LOG_LEVEL = "MLFLOW_LOGGING_LEVEL" in os.environ
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-# GitPython (used by MLflow for the source-version tag) warns loudly without git.
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-# MlflowClient.set_terminated prints "🏃 View run ... at: <url>" for HTTP servers.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# No usage telemetry from compute nodes (often without outbound network).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+#: Variables that keep MLflow quiet, set only while MLflow runs (:func:`_mlflow_env`; a user's own
+#: settings win): MLflow's loggers at WARNING; GitPython (MLflow's source-version tag) quiet
+#: without git; no "View run ... at: <url>" banner from set_terminated; no usage telemetry
+#: from compute nodes (often without outbound network).
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 
 #: MLflow's limit on the length of a param value (``mlflow.utils.validation``).
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -99,14 +103,6 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ :]")
 _HTTP_PROBE_TIMEOUT_S = 5.0
 _RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _T = TypeVar("_T")
-
-
-class TrackingError(OrchestratorError):
-    """A tracking operation failed; the message is meant for the user.
-
-    It names the tracking URI involved and what to do about the problem. The
-    original MLflow exception, if any, is chained as ``__cause__``.
-    """
 
 
 @dataclass(frozen=True)
@@ -184,9 +180,21 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _mlflow_env() -> Iterator[None]:
+    """:data:`QUIET_ENV` in os.environ while MLflow is called (user settings win), restored after."""
+    added = {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def _configure_mlflow_logging() -> None:
     """Set MLflow's loggers to WARNING unless the user chose a level."""
-    if not _USER_SET_MLFLOW_LOG_LEVEL:
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -205,7 +213,7 @@ def _quiet(*names: str, level: int = logging.ERROR) -> Iterator[None]:
             lg.setLevel(old)
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute), or None otherwise."""
     if not uri.startswith("sqlite:///"):
         return None
@@ -218,7 +226,7 @@ def _sqlite_path(uri: str) -> Path | None:
 def _hint(uri: str) -> str:
     """What to check when MLflow fails for ``uri``."""
     if uri.startswith("sqlite:"):
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         where = f" ({db})" if db else ""
         return (
             f"check that the database file{where} and its directory are writable, that it is "
@@ -235,9 +243,10 @@ def _hint(uri: str) -> str:
 
 @contextlib.contextmanager
 def _wrap(action: str, uri: str) -> Iterator[None]:
-    """Re-raise any exception from MLflow as a :class:`TrackingError`."""
+    """Re-raise any exception from MLflow as a :class:`TrackingError`; MLflow runs with :data:`QUIET_ENV`."""
     try:
-        yield
+        with _mlflow_env():
+            yield
     except TrackingError:
         raise
     except Exception as exc:  # MlflowException, SQLAlchemy, requests, OS errors ...
@@ -340,6 +349,18 @@ class Tracker:
         self._experiment_id: str | None = None
         self._run_id: str | None = None
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> Tracker:
+        """A tracker bound to an existing, started run (e.g. on a worker that registers its model)."""
+        client = _make_client(tracking_uri)
+        with _wrap(f"fetch run {run_id}", tracking_uri):
+            run = client.get_run(run_id)
+        tracker = cls(tracking_uri, "", str(run.info.run_name or ""))
+        tracker._client = client
+        tracker._experiment_id = str(run.info.experiment_id)
+        tracker._run_id = run_id
+        return tracker
+
     @property
     def run_id(self) -> str | None:
         """The id of the run, once :meth:`start` has returned."""
@@ -413,7 +434,7 @@ class Tracker:
                     "or choose another experiment name"
                 )
             return str(experiment.experiment_id)
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         location = (db.parent / "mlartifacts").as_uri() if db is not None else None
         from mlflow.exceptions import MlflowException
 
@@ -434,7 +455,7 @@ class Tracker:
         try:
             from mlflow.tracking.context.registry import resolve_tags
 
-            with _quiet("mlflow", "git"):
+            with _quiet("mlflow", "git"), _mlflow_env():
                 tags = {str(k): str(v) for k, v in resolve_tags().items()}
         except Exception:  # context tags are a nicety; never fail a campaign for them
             logger.debug("could not resolve MLflow context tags", exc_info=True)
@@ -656,6 +677,18 @@ def _model_versions(client: MlflowClient, name: str) -> list[str]:
     return [str(v) for v in sorted(int(mv.version) for mv in versions if mv.name == name)]
 
 
+def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[str]]:
+    """The versions registered under ``name`` (ascending) and, when there are none, every registered name.
+
+    Raises:
+        TrackingError: The store is unusable or the lookup failed.
+    """
+    client = _make_client(tracking_uri)
+    with _wrap(f"list versions of model {name!r}", tracking_uri):
+        versions = _model_versions(client, name)
+        return versions, [] if versions else _registered_names(client)
+
+
 def load_registered_model(tracking_uri: str, name: str, version: str | int | None = None) -> torch.nn.Module:
     """Load a registered PyTorch model version (on the CPU, in eval mode).
 
@@ -671,10 +704,8 @@ def load_registered_model(tracking_uri: str, name: str, version: str | int | Non
         TrackingError: The name or version is unknown (the message lists the registered
             names or that model's versions), or loading failed.
     """
+    versions, names = registered_versions(tracking_uri, name)
     client = _make_client(tracking_uri)
-    with _wrap(f"list versions of model {name!r}", tracking_uri):
-        versions = _model_versions(client, name)
-        names = [] if versions else _registered_names(client)
     if not versions:
         if name in names:
             raise TrackingError(f"registered model {name!r} in {tracking_uri} has no versions")
@@ -701,7 +732,7 @@ def load_registered_model(tracking_uri: str, name: str, version: str | int | Non
                 artifact_uri=str(location), dst_path=tmp, tracking_uri=tracking_uri
             )
         try:
-            with _quiet("mlflow"):
+            with _quiet("mlflow"), _mlflow_env():
                 module = mlflow.pytorch.load_model(local, map_location="cpu")
         except (ImportError, AttributeError) as exc:
             raise TrackingError(

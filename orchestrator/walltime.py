@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from orchestrator.procs import CommandError, run_checked
+from orchestrator.errors import CommandError
+from orchestrator.procs import run_checked
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
+from orchestrator.runlog import EventKind, LoggedEvent
+from orchestrator.store import read_events
 from tests.conftest import fast_loop, pids_of, write_loop
 
 pytestmark = pytest.mark.integration
@@ -27,8 +28,8 @@ def only_run_dir(workdir: Path) -> Path:
     return dirs[0]
 
 
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+def events(run_dir: Path) -> list[LoggedEvent]:
+    return read_events(run_dir)
 
 
 def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> None:
@@ -50,14 +51,14 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
 
     # every accepted row is on disk, and only those
     ev = events(run_dir)
-    accepted = [e for e in ev if e["event"] == "data_accepted"]
+    accepted = [e for e in ev if e.kind is EventKind.DATA_ACCEPTED]
     files = sorted((run_dir / "data").glob("*.npy"))
     assert len(files) == len(accepted)
     assert sum(np.load(f).shape[0] for f in files) == summary["data_points"] == sum(e["rows"] for e in accepted)
-    checks = [e for e in ev if e["event"] == "check" and e.get("success")]
+    checks = [e for e in ev if e.kind is EventKind.CHECK and e.get("success")]
     assert len(checks) == 5 and all(e["error"] < 0.05 for e in checks)
     assert all(abs(e["truth"][0] - np.sin(e["x"][0])) < 1e-12 for e in checks)
-    starts = [e for e in ev if e["event"] == "sim_start"]
+    starts = [e for e in ev if e.kind is EventKind.SIM_START]
     assert len(starts) == summary["sims_launched"]
     assert {e["argv"][0].rsplit("/", 1)[-1] for e in starts} == {"mpiexec"}
 
@@ -110,7 +111,7 @@ def test_seed_makes_a_campaign_reproducible(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-2000:]
         run_dir = only_run_dir(work)
         first = sorted((run_dir / "data").glob("*.npy"))[0]
-        queries.append(([e["x"] for e in events(run_dir) if e["event"] == "check"], np.load(first)))
+        queries.append(([e["x"] for e in events(run_dir) if e.kind is EventKind.CHECK], np.load(first)))
     assert queries[0][0] == queries[1][0] and np.array_equal(queries[0][1], queries[1][1])
     assert queries[0][0] != queries[2][0]
 
@@ -123,10 +124,31 @@ def test_prechecks_have_truths_ready_when_the_model_arrives(tmp_path: Path) -> N
     proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = events(only_run_dir(work))
-    checks = [e for e in ev if e["event"] == "check"]
+    checks = [e for e in ev if e.kind is EventKind.CHECK]
     prechecked = [e for e in checks if e.get("prechecked")]
     assert prechecked, "no check used a truth computed while the model trained"
     assert all(abs(e["truth"][0] - np.sin(e["x"][0])) < 1e-12 for e in prechecked)
-    first_model = next(e["t"] for e in ev if e["event"] == "train_end")
-    check_sims = {e["run_id"]: e["t"] for e in ev if e["event"] == "sim_start" and e["role"] == "check"}
+    first_model = next(e["t"] for e in ev if e.kind is EventKind.TRAIN_END)
+    check_sims = {e["run_id"]: e["t"] for e in ev if e.kind is EventKind.SIM_START and e["role"] == "check"}
     assert any(t < first_model for t in check_sims.values()), "check sims should start before the model exists"
+
+
+NO_TORCH = """
+import sys
+from pathlib import Path
+from orchestrator.runner import run_sync
+result = run_sync(Path(sys.argv[1]), workdir=Path(sys.argv[2]))
+print(result.status.value, result.summary["registered_model"], "torch" in sys.modules)
+"""
+
+
+def test_the_coordinator_never_imports_torch(tmp_path: Path) -> None:
+    """A whole campaign, model registration included: torch is imported on the Dask workers only."""
+    cfg = fast_loop(**{"target.successes": 2})
+    cfg["tracking"] = {"experiment": "no-torch", "register_as": "no-torch"}
+    loop = write_loop(tmp_path, cfg)
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(loop), str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "False", f"the coordinator imported torch: {proc.stdout}"
+    assert "target_met {'name': 'no-torch', 'version': '1'}" in proc.stdout

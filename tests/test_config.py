@@ -72,7 +72,7 @@ def test_overrides_parse_yaml_scalars(tmp_path: Path) -> None:
     assert cfg.seed == 7
     assert cfg.target.tolerance == 0.01
     assert cfg.policy.pipeline is False
-    assert cfg.training.hparams == {"lr": 0.003}
+    assert cfg.training.hparams.model_dump(exclude_unset=True) == {"lr": 0.003}
 
 
 def test_override_of_unknown_key_is_caught(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
+from orchestrator import store
+from orchestrator.runlog import EventKind, LoggedEvent
 from tests.conftest import fast_loop, pids_of, write_loop
 
 pytestmark = pytest.mark.integration
@@ -33,11 +35,8 @@ def run_dir_of(work: Path) -> Path | None:
     return dirs[0] if dirs else None
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+def read_events(run_dir: Path) -> list[LoggedEvent]:
+    return store.read_events(run_dir)
 
 
 def wait_for_event(work: Path, pred: Any, proc: subprocess.Popen[str], timeout: float = 120,
@@ -62,7 +61,7 @@ def wait_for_event(work: Path, pred: Any, proc: subprocess.Popen[str], timeout: 
 def audit(run_dir: Path) -> dict[str, Any]:
     """Every accepted generate run is on disk, nothing else is, and the counters agree."""
     events = read_events(run_dir)
-    accepted = [e for e in events if e["event"] == "data_accepted"]
+    accepted = [e for e in events if e.kind is EventKind.DATA_ACCEPTED]
     files = sorted((run_dir / "data").glob("*.npy"))
     assert sorted(Path(e["path"]).name for e in accepted) == [f.name for f in files]
     rows = sum(np.load(f).shape[0] for f in files)
@@ -92,10 +91,10 @@ def test_crashing_and_hanging_sims_do_not_stop_the_campaign(tmp_path: Path) -> N
     run_dir = run_dir_of(work)
     assert run_dir is not None
     events = read_events(run_dir)
-    ends = [e for e in events if e["event"] == "sim_end" and e["role"] == "generate"]
+    ends = [e for e in events if e.kind is EventKind.SIM_END and e["role"] == "generate"]
     failures = [e for e in ends if e["outcome"] != "ok"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["sims_failed"] == len(failures) == len([e for e in events if e["event"] == "sim_end"
+    assert summary["sims_failed"] == len(failures) == len([e for e in events if e.kind is EventKind.SIM_END
                                                             and e["outcome"] not in ("ok", "cancelled")])
     assert {e["outcome"] for e in failures} <= {"failed", "timeout"}
     # the fault seed is the launch id: recompute which runs were meant to fail
@@ -114,9 +113,9 @@ def test_sigterm_at_three_moments_then_resume_loses_nothing(tmp_path: Path) -> N
     loop = write_loop(tmp_path, cfg)
     work = tmp_path / "runs"
     moments = [
-        ("a generate sim in flight", lambda e: e["event"] == "sim_start" and e["role"] == "generate"),
-        ("a training in flight", lambda e: e["event"] == "train_start"),
-        ("checks done", lambda e: e["event"] == "check"),
+        ("a generate sim in flight", lambda e: e.kind is EventKind.SIM_START and e["role"] == "generate"),
+        ("a training in flight", lambda e: e.kind is EventKind.TRAIN_START),
+        ("checks done", lambda e: e.kind is EventKind.CHECK),
     ]
     before: dict[str, Any] = {}
     for what, pred in moments:
@@ -149,9 +148,9 @@ def test_sigterm_at_three_moments_then_resume_loses_nothing(tmp_path: Path) -> N
     state = audit(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["target_met"] and summary["data_points"] == state["data_points"]
-    starts = [e for e in read_events(run_dir) if e["event"] == "campaign_start"]
+    starts = [e for e in read_events(run_dir) if e.kind is EventKind.CAMPAIGN_START]
     assert [e["resumed"] for e in starts] == [False, True, True, True]
-    ids = [e["run_id"] for e in read_events(run_dir) if e["event"] == "sim_start"]
+    ids = [e["run_id"] for e in read_events(run_dir) if e.kind is EventKind.SIM_START]
     assert len(ids) == len(set(ids)), "run ids must stay unique across resumes"
 
 
@@ -162,7 +161,7 @@ def test_killed_dask_worker_does_not_fail_the_campaign(tmp_path: Path) -> None:
     loop = write_loop(tmp_path, cfg)
     work = tmp_path / "runs"
     proc = start(loop, work)
-    wait_for_event(work, lambda e: e["event"] == "train_start", proc)
+    wait_for_event(work, lambda e: e.kind is EventKind.TRAIN_START, proc)
     time.sleep(0.5)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "spawn_main" in " ".join(p.cmdline())]

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchestrator.runlog import EventKind
+from orchestrator.store import read_events
 from tests.conftest import REPO, sim
 
 LOOP = REPO / "examples" / "oscillator" / "loop.yml"
@@ -68,8 +70,8 @@ def test_oscillator_campaign_meets_its_target_and_predicts(tmp_path: Path) -> No
     assert summary["registered_model"]["name"] == "oscillator-surrogate"
     assert summary["wall_s"] < 60  # the campaign itself; ~14 s on an idle 2-core box
 
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    checks = [e for e in events if e["event"] == "check" and "truth" in e]
+    events = read_events(run_dir)
+    checks = [e for e in events if e.kind is EventKind.CHECK and "truth" in e]
     assert all(len(e["x"]) == 2 and abs(e["truth"][0] - exact(*np.array(e["x"]))) < 1e-9 for e in checks)
     assert sum(e["success"] for e in checks if not e["stale"]) == 5
     files = sorted((run_dir / "data").glob("*.npy"))

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 
 from orchestrator.report import build_timeline, overlap_fraction, union_length
+from orchestrator.runlog import EventKind, LoggedEvent
+from orchestrator.store import read_events
 from tests.conftest import fast_loop, write_loop
 
 
-def ev(t: float, event: str, **kw: Any) -> dict[str, Any]:
-    return {"t": t, "mono": t, "event": event, **kw}
+def ev(t: float, event: str, **kw: Any) -> LoggedEvent:
+    return LoggedEvent(EventKind(event), t, t, kw)
 
 
 def test_union_length() -> None:
@@ -64,11 +66,11 @@ def test_report_and_status_of_a_pipelined_campaign(tmp_path: Path) -> None:
     run_dir = next(work.glob("sine-*"))
 
     # the pipelined policy really ran a generate sim while the surrogate trained
-    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    t_train = next(e["t"] for e in events if e["event"] == "train_start")
-    t_trained = next(e["t"] for e in events if e["event"] == "train_end")
-    start = {e["run_id"]: e["t"] for e in events if e["event"] == "sim_start" and e["role"] == "generate"}
-    during = [e for e in events if e["event"] == "sim_end" and e["run_id"] in start
+    events = read_events(run_dir)
+    t_train = next(e["t"] for e in events if e.kind is EventKind.TRAIN_START)
+    t_trained = next(e["t"] for e in events if e.kind is EventKind.TRAIN_END)
+    start = {e["run_id"]: e["t"] for e in events if e.kind is EventKind.SIM_START and e["role"] == "generate"}
+    during = [e for e in events if e.kind is EventKind.SIM_END and e["run_id"] in start
               and start[e["run_id"]] < t_trained and e["t"] > t_train]
     assert during, "no generate sim ran while the first training ran"
 

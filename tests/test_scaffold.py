@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from orchestrator import cli
+from orchestrator.runlog import EventKind
 from orchestrator.scaffold import cmake_declarations, loop_entry
+from orchestrator.store import read_events
 from tests.conftest import BIN, REPO
 
 
@@ -107,8 +109,8 @@ def test_scaffolded_sim_builds_and_runs_a_campaign(project: Path, tmp_path: Path
     (run_dir,) = work.glob("square-*")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["target_met"] and summary["sims_failed"] == 0
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    checks = [e for e in events if e["event"] == "check" and "truth" in e]
+    events = read_events(run_dir)
+    checks = [e for e in events if e.kind is EventKind.CHECK and "truth" in e]
     assert checks and all(abs(e["truth"][0] - e["x"][0] ** 2) < 1e-12 for e in checks)
-    starts = [e for e in events if e["event"] == "sim_start"]
+    starts = [e for e in events if e.kind is EventKind.SIM_START]
     assert all(str(build / "sim-square") in e["argv"] for e in starts)

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from orchestrator.runlog import EventKind, LoggedEvent
+from orchestrator.store import read_events
 from tests.conftest import REPO, fast_loop, pids_of, sim, write_loop
 from tests.slurm_cluster import slurm_client_env
 
@@ -109,8 +111,8 @@ def probe() -> None:
     (out / "probe.json").write_text(json.dumps({"job": job, "steps": steps, "stepds": stepds}))
 
 
-def events(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+def events(run_dir: Path) -> list[LoggedEvent]:
+    return read_events(run_dir)
 
 
 def only_run_dir(workdir: Path) -> Path:
@@ -147,12 +149,12 @@ def test_campaign_in_allocation_spreads_sims_and_trains_on_allocation_workers(
     ev = events(run_dir)
 
     # exactly the allocation: 5 slots per node, one kept for the Dask worker on the last node
-    start = next(e for e in ev if e["event"] == "campaign_start")
+    start = next(e for e in ev if e.kind is EventKind.CAMPAIGN_START)
     assert start["sim_slots"] == {"n1": 5, "n2": 5, "n3": 4}
 
     # every sim an srun step of this job, with --exact and its run id as step name
-    starts = {e["run_id"]: e for e in ev if e["event"] == "sim_start"}
-    ends = {e["run_id"]: e for e in ev if e["event"] == "sim_end"}
+    starts = {e["run_id"]: e for e in ev if e.kind is EventKind.SIM_START}
+    ends = {e["run_id"]: e for e in ev if e.kind is EventKind.SIM_END}
     assert starts.keys() == ends.keys() and len(ends) == summary["sims_launched"]
     for run_id, e in starts.items():
         argv = e["argv"]
@@ -175,11 +177,11 @@ def test_campaign_in_allocation_spreads_sims_and_trains_on_allocation_workers(
         assert "step creation temporarily disabled" not in log.read_text(), log
 
     # training ran on Dask workers started as a step of this allocation, on the kept slot
-    backend = next(e for e in ev if e["event"] == "training_backend")
+    backend = next(e for e in ev if e.kind is EventKind.TRAINING_BACKEND)
     assert backend["backend"] == "allocation" and backend["tls"] is False
     assert backend["step_id"].startswith(f"{job}.") and backend["nodes"] == ["n3"]
     assert len(backend["workers"]) == 1 and backend["scheduler"].startswith("tcp://127.0.0.1:")
-    assert any(e["event"] == "train_end" for e in ev)
+    assert any(e.kind is EventKind.TRAIN_END for e in ev)
 
     # nothing left: no step listed, no slurmstepd of the job alive, no sim or worker process
     assert probed["steps"] == [] and probed["stepds"] == []
@@ -352,10 +354,10 @@ def test_campaign_with_jobqueue_workers(slurm_env: dict[str, str], tmp_path: Pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["target_met"] is True
     ev = events(run_dir)
-    backend = next(e for e in ev if e["event"] == "training_backend")
+    backend = next(e for e in ev if e.kind is EventKind.TRAINING_BACKEND)
     assert backend["backend"] == "jobqueue" and backend["tls"] is False
     assert len(backend["jobs"]) == 1 and len(backend["workers"]) == 1
-    assert any(e["event"] == "train_end" for e in ev)
+    assert any(e.kind is EventKind.TRAIN_END for e in ev)
     # closing the cluster cancelled the worker job, and its processes went with it
     out = subprocess.run(["squeue", "-h", "-j", ",".join(backend["jobs"]), "-o", "%i %T"],
                          env={**os.environ, **slurm_env}, capture_output=True, text=True, timeout=30)

@@ -21,6 +21,8 @@ from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.launchers.base import LaunchRequest, Outcome, SimResult
 from orchestrator.launchers.mpiexec import MpiexecLauncher
 from orchestrator.launchers.spawn import WRAPPER, SpawnLauncher
+from orchestrator.runlog import EventKind
+from orchestrator.store import read_events
 from tests.conftest import fast_loop, pids_of, sim, write_loop
 from tests.slurm_cluster import slurm_client_env
 
@@ -234,10 +236,10 @@ def check_campaign(proc: subprocess.CompletedProcess[str], work: Path) -> list[d
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["target_met"] is True and summary["successes"] == 5
     assert summary["sims_failed"] == 0
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    starts = [e for e in events if e["event"] == "sim_start"]
+    events = read_events(run_dir)
+    starts = [e for e in events if e.kind is EventKind.SIM_START]
     ranks = {e["run_id"]: e["ranks"] for e in starts}
-    ends = [e for e in events if e["event"] == "sim_end"]
+    ends = [e for e in events if e.kind is EventKind.SIM_END]
     assert ends and all(e["launcher"] == "spawn" and e["outcome"] == "ok" for e in ends)
     assert all(e["remote_size"] == ranks[e["run_id"]] for e in ends), "world size = ranks asked for"
     assert all("MPI_Comm_spawn" in e["argv"] for e in starts)

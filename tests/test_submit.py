@@ -22,6 +22,8 @@ import yaml
 from orchestrator import cli
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError, UsageError
+from orchestrator.runlog import EventKind
+from orchestrator.store import read_events
 from orchestrator.submit import JobSpec, SubmitError, directive, parse_job_id, prepare, write
 from orchestrator.templating import TemplateError, escape_sbatch, escape_sh, render
 from tests.conftest import REPO, fast_loop, sim, write_loop
@@ -426,8 +428,8 @@ def read(path: Path) -> str:
 
 
 def accepted_rows_are_all_on_disk(run_dir: Path, summary: dict[str, Any]) -> None:
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    accepted = sum(e["rows"] for e in events if e["event"] == "data_accepted")
+    events = read_events(run_dir)
+    accepted = sum(e["rows"] for e in events if e.kind is EventKind.DATA_ACCEPTED)
     on_disk = sum(np.load(f).shape[0] for f in (run_dir / "data").glob("*.npy"))
     assert on_disk == accepted == summary["data_points"]
 
@@ -492,7 +494,7 @@ def test_walltime_warning_brings_the_job_back_and_it_resumes(tmp_path: Path, slu
 
     def first_data_accepted() -> bool:
         run_dir = run_dir_of(workdir)
-        return run_dir is not None and '"data_accepted"' in read(run_dir / "events.jsonl")
+        return run_dir is not None and any(e.kind is EventKind.DATA_ACCEPTED for e in read_events(run_dir))
 
     wait_for(first_data_accepted, JOB_WAIT_S, "the first accepted generate run", interval=0.2)
     # What Slurm sends --signal=B:USR1@N seconds before the time limit, sent now.
@@ -527,7 +529,7 @@ def test_walltime_warning_brings_the_job_back_and_it_resumes(tmp_path: Path, slu
         assert len(hosts) == 2 and hosts[0] != hosts[1]  # resumed on another node
     run_dir = run_dir_of(workdir)
     assert run_dir is not None
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    starts = [e for e in events if e["event"] == "campaign_start"]
+    events = read_events(run_dir)
+    starts = [e for e in events if e.kind is EventKind.CAMPAIGN_START]
     assert [e["resumed"] for e in starts] == [False, True]
     accepted_rows_are_all_on_disk(run_dir, summary)

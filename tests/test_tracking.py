@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,3 +291,11 @@ def test_long_and_many_params_are_accepted(store: str, client: MlflowClient) -> 
     logged = client.get_run(run_id).data.params
     assert len(logged) == 241
     assert len(logged["blob.text"]) == MAX_PARAM_VALUE_LENGTH
+
+
+def test_importing_tracking_changes_no_environment_variable() -> None:
+    code = ("import os; before = dict(os.environ); import orchestrator.tracking; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

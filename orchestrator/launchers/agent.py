@@ -34,10 +34,11 @@ from typing import Any, ClassVar
 from orchestrator import shm
 from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
-from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.launchers.base import LaunchRequest, Outcome, ProcessLauncher, SimResult
 from orchestrator.launchers.mpiexec import find_mpiexec
-from orchestrator.launchers.srun import SrunLauncher, end_steps, srun_env
-from orchestrator.procs import KILL_GRACE_S, ProcessOutcome, kill_group
+from orchestrator.launchers.srun import SrunLauncher
+from orchestrator.procs import KILL_GRACE_S, ProcessOutcome, kill_group, start
+from orchestrator.slurm import end_steps, srun_env
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class AgentProcess:
         await self._reader
 
 
-class NodeAgentLauncher(Launcher):
+class NodeAgentLauncher(ProcessLauncher):
     """Single-node sims through a per-node agent (node-local mpiexec); multi-node sims via srun."""
 
     name: ClassVar[str] = "agent"
@@ -187,10 +188,8 @@ class NodeAgentLauncher(Launcher):
         log_dir.mkdir(parents=True, exist_ok=True)
         log.info("agent %s: starting %s", node, argv)
         with (log_dir / AGENT_LOG.format(node=node)).open("ab") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                env=srun_env(dict(os.environ)), start_new_session=True, limit=1 << 24,
-            )
+            proc = await start(argv, env=srun_env(dict(os.environ)), stdin=asyncio.subprocess.PIPE,
+                               stdout=asyncio.subprocess.PIPE, stderr=err, limit=1 << 24)
         self.steps_started += 1
         agent = AgentProcess(node, proc)
         try:
@@ -230,6 +229,9 @@ class NodeAgentLauncher(Launcher):
                              {"launcher": self.name, "node": node})
         if "error" in reply:
             raise LaunchError(f"sim {req.run_id}: {reply['error']}")
+        if reply.get("cancelled"):  # the agent was stopped (scancel, a signal) and ended the run
+            return SimResult(req, Outcome.FAILED, None, None, f"the node agent on {node} exited and ended this run",
+                             started, time.monotonic() - t0, {"launcher": self.name, "node": node})
         proc = ProcessOutcome(reply["returncode"], bool(reply["timed_out"]), int(reply["pid"]),
                               float(reply["wall_s"]))
         result = self.classify(req, proc, started)

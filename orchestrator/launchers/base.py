@@ -1,8 +1,15 @@
 """What every launcher shares: the request, the result, and the run itself.
 
-A launcher turns (sim, args, slots) into an argv list (never a shell string),
-runs it under :func:`orchestrator.procs.supervise` and classifies how it ended.
-Subclasses only say how the command is built (:meth:`Launcher.command`).
+Two kinds of launcher share :class:`Launcher` (``run``, ``command``, ``close``):
+
+* :class:`ProcessLauncher` -- one process per sim (mpiexec, srun). The base runs
+  the argv (never a shell string) under :func:`orchestrator.procs.supervise` and
+  classifies how it ended; a subclass supplies only what differs: the command,
+  the environment, where the launcher's own output goes, launch facts, and the
+  hooks around a run (:meth:`ProcessLauncher.prepare`, :meth:`~ProcessLauncher.cancelled`,
+  :meth:`~ProcessLauncher.finished`, e.g. scancel of a step srun left behind).
+* a launcher with its own transport (spawn: a long-lived agent is asked to
+  ``MPI_Comm_spawn`` the ranks), which implements :meth:`Launcher.run` itself.
 """
 
 from __future__ import annotations
@@ -108,16 +115,56 @@ def exit_description(rc: int | None) -> str:
 
 
 class Launcher(ABC):
-    """Builds and runs the command for a request."""
+    """Runs one attempt of a sim to a :class:`SimResult`."""
 
     name: ClassVar[str]
 
     @abstractmethod
     def command(self, req: LaunchRequest) -> list[str]:
-        """The whole argv: launcher, its options, the binary, its args, ``--out``."""
+        """What runs for ``req``, as data; it is logged as ``argv`` in the sim_start event.
+
+        For a process launcher it is the exact argv executed. For spawn it is the
+        agent's argv followed by the ``MPI_Comm_spawn`` call the agent makes.
+        """
+
+    @abstractmethod
+    async def run(self, req: LaunchRequest) -> SimResult:
+        """Run one attempt to its end and classify it; failures are results."""
 
     async def close(self) -> None:
         """Release what the launcher holds between runs (an agent process); default: nothing."""
+        return None
+
+    @staticmethod
+    def sweep_segments(result: SimResult, before: set[str]) -> None:
+        """After a crash or timeout, remove the shared-memory segments the run's killed ranks left."""
+        if result.outcome in (Outcome.FAILED, Outcome.TIMEOUT):
+            removed = shm.sweep(before, result.started_wall, time.time())
+            if removed:
+                result.info["shm_removed"] = removed
+
+
+class ProcessLauncher(Launcher):
+    """A launcher that runs one process per sim; subclasses supply only what differs."""
+
+    @abstractmethod
+    def command(self, req: LaunchRequest) -> list[str]:
+        """The whole argv: launcher, its options, the binary, its args, ``--out``."""
+
+    def prepare(self, req: LaunchRequest) -> None:
+        """Before the start: the run's directory exists."""
+        req.workdir.mkdir(parents=True, exist_ok=True)
+
+    def output_paths(self, req: LaunchRequest) -> tuple[Path, Path]:
+        """Where the process's stdout and stderr go (default: the sim's own logs)."""
+        return req.stdout_path, req.stderr_path
+
+    async def cancelled(self, req: LaunchRequest) -> None:
+        """After a cancelled run's process tree was killed; default: nothing more."""
+        return None
+
+    async def finished(self, req: LaunchRequest, result: SimResult) -> None:
+        """After a run ended and was classified; default: nothing more."""
         return None
 
     def environment(self, req: LaunchRequest) -> dict[str, str]:
@@ -133,32 +180,25 @@ class Launcher(ABC):
 
     async def run(self, req: LaunchRequest) -> SimResult:
         """Run one attempt to its end and classify it."""
-        req.workdir.mkdir(parents=True, exist_ok=True)
+        self.prepare(req)
         argv = self.command(req)
+        stdout, stderr = self.output_paths(req)
         segments = shm.snapshot()
         started = time.time()
         try:
-            proc = await supervise(
-                argv, env=self.environment(req), stdout=req.stdout_path, stderr=req.stderr_path,
-                timeout=req.timeout_s, cwd=req.workdir,
-            )
+            proc = await supervise(argv, env=self.environment(req), stdout=stdout, stderr=stderr,
+                                   timeout=req.timeout_s, cwd=req.workdir)
         except FileNotFoundError as exc:
             raise LaunchError(f"sim {req.run_id}: cannot start {argv[0]!r}: {exc.strerror}") from exc
         except asyncio.CancelledError:
+            await asyncio.shield(self.cancelled(req))
             shm.sweep(segments, started, time.time())
             raise
         result = self.classify(req, proc, started)
         result.info.update(self.launch_info(req, proc))
+        await self.finished(req, result)
         self.sweep_segments(result, segments)
         return result
-
-    @staticmethod
-    def sweep_segments(result: SimResult, before: set[str]) -> None:
-        """After a crash or timeout, remove the shared-memory segments the run's killed ranks left."""
-        if result.outcome in (Outcome.FAILED, Outcome.TIMEOUT):
-            removed = shm.sweep(before, result.started_wall, time.time())
-            if removed:
-                result.info["shm_removed"] = removed
 
     def classify(self, req: LaunchRequest, proc: ProcessOutcome, started: float) -> SimResult:
         """Turn a finished process into a SimResult, reading and checking the table."""

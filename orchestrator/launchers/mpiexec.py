@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from orchestrator.errors import LaunchError
-from orchestrator.launchers.base import Launcher, LaunchRequest
+from orchestrator.launchers.base import LaunchRequest, ProcessLauncher
 
 
 def find_mpiexec() -> str:
@@ -22,7 +22,7 @@ def find_mpiexec() -> str:
     return found
 
 
-class MpiexecLauncher(Launcher):
+class MpiexecLauncher(ProcessLauncher):
     """``mpiexec -n N BINARY ARGS --out FILE``."""
 
     name: ClassVar[str] = "mpiexec"

@@ -44,13 +44,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from orchestrator import shm
+from orchestrator import procs, shm
 from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description
 from orchestrator.launchers.mpiexec import find_mpiexec
-from orchestrator.launchers.spawn_agent import end_ranks, kill_known, kill_tree, wait_gone
-from orchestrator.procs import tail
+from orchestrator.procs import end_ranks, kill_known, kill_tree, tail, wait_gone
 from orchestrator.results import MalformedResult, check_table
 
 log = logging.getLogger(__name__)
@@ -96,10 +95,8 @@ class SpawnAgent:
         log.info("spawn agent: starting %s (log %s)", argv, log_path)
         with log_path.open("ab") as err:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                    start_new_session=True, limit=1 << 24,
-                )
+                proc = await procs.start(argv, env=env, stdin=asyncio.subprocess.PIPE,
+                                         stdout=asyncio.subprocess.PIPE, stderr=err, limit=1 << 24)
             except FileNotFoundError as exc:
                 raise LaunchError(f"cannot start the spawn agent {argv[0]!r}: {exc.strerror}") from exc
         agent = cls(proc, log_path, {})
@@ -210,7 +207,7 @@ class SpawnLauncher(Launcher):
                 "--job-name=spawn-agent", *agent]
 
     def agent_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the agent is Python: its lines must not wait in a buffer
         if self.mode == "local":
             hydra = str(Path(find_mpiexec()).parent)  # singleton init runs `mpiexec` from PATH
             env["PATH"] = os.pathsep.join([hydra, env.get("PATH", "")])

@@ -49,10 +49,21 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, Literal
+
+from orchestrator.procs import (
+    KILL_GRACE_S,
+    ProcInfo,
+    alive,
+    all_processes,
+    descendants,
+    find_ranks,
+    find_spawned_sruns,
+    signal_procs,
+    wait_gone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,223 +72,11 @@ TAG_ROWS = 7702
 POLL_MIN_S = 0.0002
 POLL_MAX_S = 0.01
 POLL_LAG = 0.05
-KILL_GRACE_S = 2.0
 EXIT_WAIT_S = 5.0
 """After a good run: how long ranks may take to exit before the agent kills them."""
 MAX_CELLS = 1 << 30
 
 Mode = Literal["local", "slurm"]
-
-
-# --------------------------------------------------------------------------
-# /proc: the agent's children, and killing exactly those
-
-
-@dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    ppid: int
-    start: int
-    """Start time in clock ticks since boot: with the pid, a process identity that survives pid reuse."""
-    comm: str
-
-
-def read_stat(pid: int) -> ProcInfo | None:
-    """One process from /proc/<pid>/stat; None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    head, _, rest = text.rpartition(")")
-    fields = rest.split()
-    if len(fields) < 20:
-        return None
-    return ProcInfo(pid, int(fields[1]), int(fields[19]), head.partition("(")[2])
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children, from /proc/<pid>/task/<tid>/children (no scan of all of /proc)."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            found.extend(int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def descendants(root: int) -> list[ProcInfo]:
-    """Every process below ``root`` (not ``root`` itself), parents before children."""
-    found: list[ProcInfo] = []
-    todo = [root]
-    while todo:
-        for pid in children_of(todo.pop()):
-            if (info := read_stat(pid)) is not None:
-                found.append(info)
-                todo.append(pid)
-    return found
-
-
-def all_processes() -> list[ProcInfo]:
-    """Every process on this host (one read of /proc/<pid>/stat each)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (info := read_stat(int(entry.name))) is not None:
-            found.append(info)
-    return found
-
-
-def ancestors(pid: int, depth: int) -> list[ProcInfo]:
-    """Up to ``depth`` parents of ``pid``, nearest first."""
-    chain: list[ProcInfo] = []
-    info = read_stat(pid)
-    while info is not None and len(chain) < depth and info.ppid > 1:
-        info = read_stat(info.ppid)
-        if info is not None:
-            chain.append(info)
-    return chain
-
-
-def alive(pid: int, start: int) -> bool:
-    """Is this very process (pid and start time) still there and not a zombie?"""
-    info = read_stat(pid)
-    if info is None or info.start != start:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def signal_procs(procs: Iterable[tuple[int, int]], sig: int) -> None:
-    """Send ``sig`` to each (pid, start) that is still that process."""
-    for pid, start in procs:
-        if alive(pid, start):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-
-def kill_tree(root: int, known: Iterable[tuple[int, int]] = (), *, include_root: bool = True) -> list[int]:
-    """SIGKILL ``root``, everything below it and the ``known`` (pid, start) pairs.
-
-    The tree is frozen first (SIGSTOP, repeated until no new process appears) so
-    nothing forks or gets reparented away between listing and killing. Returns
-    the pids signalled.
-    """
-    targets: dict[int, int] = {pid: start for pid, start in known}
-    root_info = read_stat(root)
-    for _ in range(10):
-        found = {p.pid: p.start for p in descendants(root)}
-        if include_root and root_info is not None:
-            found[root] = root_info.start
-        new = {pid: start for pid, start in found.items() if targets.get(pid) != start}
-        targets.update(found)
-        signal_procs(new.items(), signal.SIGSTOP)
-        if not new:
-            break
-    signal_procs(targets.items(), signal.SIGKILL)
-    return sorted(targets)
-
-
-def kill_known(procs: Iterable[tuple[int, int]]) -> list[int]:
-    """SIGKILL each (pid, start) pair that is still that process; return those signalled."""
-    live = [(pid, start) for pid, start in procs if alive(pid, start)]
-    signal_procs(live, signal.SIGKILL)
-    return sorted(pid for pid, _ in live)
-
-
-def wait_gone(procs: Iterable[tuple[int, int]], timeout: float) -> bool:
-    """Wait (on pidfds, no polling) until every process has exited; True if they all did."""
-    fds: list[int] = []
-    try:
-        for pid, start in procs:
-            try:
-                fd = os.pidfd_open(pid)
-            except (ProcessLookupError, OSError):
-                continue
-            if alive(pid, start):
-                fds.append(fd)
-            else:
-                os.close(fd)
-        deadline = time.monotonic() + timeout
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        pending = set(fds)
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            for fd, _ in poller.poll(left * 1000):
-                pending.discard(fd)
-                poller.unregister(fd)
-        return True
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _cwd(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return None
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
-
-
-def find_ranks(candidates: Iterable[ProcInfo], wdir: str, binary: str) -> list[ProcInfo]:
-    """The spawned ranks among ``candidates``: running ``binary`` in ``wdir``."""
-    want_exe, want_cwd = os.path.realpath(binary), os.path.realpath(wdir)  # /proc shows resolved paths
-    return [p for p in candidates if _cwd(p.pid) == want_cwd and _exe(p.pid) == want_exe]
-
-
-def end_ranks(wdir: str, binary: str, timeout: float = 5.0) -> list[int]:
-    """SIGKILL any process on this host running ``binary`` in ``wdir`` (one run's ranks) and wait for them.
-
-    The last resort after an agent died: hydra may still be tearing down the
-    ranks it had, and an agent that died early never reported them.
-    """
-    ranks = [(p.pid, p.start) for p in find_ranks(all_processes(), wdir, binary)]
-    signal_procs(ranks, signal.SIGKILL)
-    wait_gone(ranks, timeout)
-    return [pid for pid, _ in ranks]
-
-
-def find_spawned_sruns(agent: int, wdir: str) -> list[ProcInfo]:
-    """The ``srun --mpi=pmi2 … --chdir=WDIR …`` that Slurm's PMI2 forked for one spawn.
-
-    slurmstepd forks it, so it is a child of one of the agent's slurmstepd ancestors
-    (the outer srun only: srun forks a helper of itself).
-    """
-    flag = f"--chdir={wdir}"
-    found = []
-    for parent in ancestors(agent, 3):
-        if parent.comm != "slurmstepd":
-            continue
-        for pid in children_of(parent.pid):
-            argv = _argv(pid)
-            if argv and os.path.basename(argv[0]) == "srun" and flag in argv and (info := read_stat(pid)):
-                found.append(info)
-    return found
 
 
 # --------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Backends:
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable
 from typing import Any, cast
 
@@ -23,10 +22,13 @@ import dask
 from distributed import Client, LocalCluster
 
 from orchestrator.config import TrainingConfig
-from orchestrator.errors import TrainingError
+from orchestrator.errors import OrchestratorError, TrainingError
 from orchestrator.training import remote
+from orchestrator.training.base import Backend
 
 log = logging.getLogger(__name__)
+
+__all__ = ["QUIET_DASK", "Backend", "LocalBackend", "Trainer", "make_backend"]
 
 # The scheduler and nannies live in the coordinator's event loop: their periodic
 # housekeeping (a 20 ms loop-tick probe, 100-500 ms psutil polls) is most of an idle
@@ -37,27 +39,6 @@ QUIET_DASK = {
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
-
-
-class Backend(ABC):
-    """Owns a Dask cluster for the campaign's lifetime."""
-
-    client: Client | None = None
-
-    @abstractmethod
-    async def start(self) -> Client:
-        """Start the cluster and return an asynchronous client with workers ready."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Stop every worker and the scheduler this backend started."""
-
-    def describe(self) -> dict[str, Any]:
-        """Facts for events.jsonl and the summary."""
-        if self.client is None:
-            return {}
-        info = self.client.scheduler_info()
-        return {"scheduler": info.get("address"), "workers": sorted(info.get("workers", {}))}
 
 
 class LocalBackend(Backend):
@@ -111,7 +92,7 @@ class Trainer:
         self.model_kwargs = dict(cfg.model_kwargs)
         self.n_inputs = n_inputs
         self.n_outputs = n_outputs
-        self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams}
+        self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams.model_dump(exclude_unset=True)}
 
     @property
     def client(self) -> Client:
@@ -152,4 +133,23 @@ class Trainer:
             result: list[list[float]] = await future
         except Exception as exc:
             raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
+        return result
+
+    async def register(self, state: bytes, tracking_uri: str, run_id: str, name: str) -> tuple[str, str]:
+        """Register the model in ``state`` under ``name`` in MLflow run ``run_id``, from a worker.
+
+        Loading the model needs torch, which only workers import; the worker logs and
+        registers through :mod:`orchestrator.tracking` with the campaign's URI and run.
+        """
+        future = self.client.submit(
+            remote.call, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id, name,
+            pure=False,
+        )
+        try:
+            result: tuple[str, str] = await future
+        except OrchestratorError:
+            raise
+        except Exception as exc:
+            raise TrainingError(f"registering the model as {name!r} failed on a Dask worker: "
+                                f"{type(exc).__name__}: {exc}") from exc
         return result

@@ -35,12 +35,19 @@ from typing import Any, cast
 from distributed import Client, Scheduler
 from distributed.security import Security
 
+from orchestrator import procs, slurm
 from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.config import TrainingConfig
-from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
-from orchestrator.launchers.srun import end_steps, parse_srun_log, srun_env, srun_errors, step_argv
-from orchestrator.procs import KILL_GRACE_S, kill_group, run_checked, tail
-from orchestrator.training.backends import Backend
+from orchestrator.errors import OrchestratorError, ResourceError, SlurmError, TrainingError
+from orchestrator.procs import KILL_GRACE_S, kill_group, tail
+from orchestrator.slurm import (
+    end_steps,
+    parse_srun_log,
+    srun_env,
+    srun_errors,
+    step_argv,
+)
+from orchestrator.training.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +137,19 @@ def plan_listen(
 
 
 def parse_node_addrs(text: str) -> dict[str, str]:
-    """``sinfo -h -N -o '%N %o'`` output as {node name: NodeAddr}."""
-    addrs: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            addrs[parts[0]] = parts[1]
-        elif parts:
-            raise TrainingError(f"cannot parse a node address from sinfo output line {line!r}")
-    return addrs
+    """``sinfo -h -N -o '%N %o'`` output as {node name: NodeAddr} (:func:`orchestrator.slurm.parse_node_addrs`)."""
+    try:
+        return slurm.parse_node_addrs(text)
+    except SlurmError as exc:
+        raise TrainingError(str(exc)) from exc
 
 
 def node_addresses(nodes: Sequence[str] | None = None, partition: str | None = None) -> dict[str, str]:
     """NodeAddr of the given nodes (or of a partition's nodes, or of all) from ``sinfo``."""
-    argv = ["sinfo", "-h", "-N", "-o", "%N %o"]
-    if nodes:
-        argv += ["-n", ",".join(nodes)]
-    if partition:
-        argv += ["-p", partition]
-    return parse_node_addrs(run_checked(argv, timeout=30))
+    try:
+        return slurm.node_addresses(nodes, partition)
+    except SlurmError as exc:
+        raise TrainingError(str(exc)) from exc
 
 
 def write_worker_tls(security: Security, directory: Path) -> list[str]:
@@ -241,12 +242,9 @@ class AllocationBackend(Backend):
                        job_name=self.step_name, mpi="none", extra=["-v", "--kill-on-bad-exit=0"]),
             *worker_argv(self.scheduler.address, self.cfg, self.dask_dir, tls_flags),
         ]
-        log.debug("exec: %s", argv)
         with self.log_path.open("wb") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, env=srun_env(dict(os.environ)), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
+            self.proc = await procs.start(argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1"}), stdout=out,
+                                          stderr=subprocess.STDOUT)
         self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)
         await self._wait_for_workers(self.client, self.proc)
         return self.client

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.config import HparamsConfig
+
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT_VERSION = 1
@@ -51,19 +53,8 @@ STATE_FORMAT_VERSION = 1
 #: a short full-batch Adam phase (robust from any start, its moments are carried
 #: across rounds) followed by a full-batch L-BFGS polish (fast, precise
 #: convergence on the small, smooth, noise-free data sets simulations produce).
-DEFAULT_HPARAMS: dict[str, Any] = {
-    "epochs": 100,  # Adam passes over ALL accumulated data per round
-    "lr": 1e-2,  # peak Adam learning rate, cosine-decayed within each round
-    "lr_final_factor": 0.01,  # lr at the end of a round = lr * lr_final_factor
-    "batch_size": 0,  # 0 (or >= n_samples) means full batch
-    "weight_decay": 0.0,
-    "loss": "mse",  # "mse" | "smooth_l1"
-    "grad_clip": 1.0,  # max global grad norm for Adam; 0/None disables clipping
-    "lbfgs_iters": 300,  # full-batch L-BFGS iterations after Adam; 0 disables
-    "lbfgs_history": 50,
-    "refit_normalisation": False,
-    "num_threads": 1,  # torch intra-op threads on the worker
-}
+DEFAULT_HPARAMS: dict[str, Any] = HparamsConfig().model_dump()
+"""The defaults of ``training.hparams``, declared (with docs and bounds) in :class:`HparamsConfig`."""
 
 _LOSSES = {"mse": nn.MSELoss, "smooth_l1": nn.SmoothL1Loss}
 
@@ -543,3 +534,13 @@ def warm_up(model: str, model_kwargs: dict[str, Any], n_inputs: int, n_outputs: 
 
     lbfgs.step(closure)
     return time.perf_counter() - t0
+
+
+def register_model(
+    state: bytes, model: str, model_kwargs: dict[str, Any], tracking_uri: str, run_id: str, name: str,
+) -> tuple[str, str]:
+    """Load the checkpoint and register it under ``name`` in the campaign's MLflow run."""
+    from orchestrator.tracking import Tracker
+
+    registered = Tracker.attach(tracking_uri, run_id).register_model(load_model(state, model, model_kwargs), name)
+    return registered.name, registered.version

@@ -1,0 +1,336 @@
+"""The run log's schema: event kinds and their fields, the campaign state, the summary.
+
+``events.jsonl`` is the contract users' own tools read: one JSON object per line,
+``{"t": wall, "mono": monotonic, "event": <kind>, ...fields}``. Each kind is an
+:class:`EventKind` with a dataclass naming its fields; the campaign writes
+dataclasses (:meth:`orchestrator.store.RunStore.log`) and every reader (``report``,
+``status``, tests) reads :class:`LoggedEvent` back through :func:`parse_events`.
+``state.json`` is :class:`State`; ``summary.json`` is :func:`build_summary`'s result,
+the one summary that ``run`` prints, ``campaign_end`` logs and ``report`` extends.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from orchestrator.errors import ExitCode
+
+log = logging.getLogger(__name__)
+
+
+class EventKind(enum.StrEnum):
+    """Every kind of line in events.jsonl."""
+
+    CAMPAIGN_START = "campaign_start"
+    CAMPAIGN_ERROR = "campaign_error"
+    CAMPAIGN_END = "campaign_end"
+    SIM_START = "sim_start"
+    SIM_END = "sim_end"
+    CHECK = "check"
+    DATA_ACCEPTED = "data_accepted"
+    TRAIN_START = "train_start"
+    TRAIN_END = "train_end"
+    TRAINING_BACKEND = "training_backend"
+    MODEL_REGISTERED = "model_registered"
+    WALLTIME_SKIP = "walltime_skip"
+
+
+class Status(enum.StrEnum):
+    """A campaign's state (RUNNING until it ends). INTERRUPTED is not failure."""
+
+    RUNNING = "running"
+    TARGET_MET = "target_met"
+    STOPPED = "stopped"  # max_rounds, time or data budget
+    INTERRUPTED = "interrupted"  # signalled; resumable
+    FAILED = "failed"
+
+    @property
+    def resumable(self) -> bool:
+        return self in (Status.RUNNING, Status.INTERRUPTED)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """What the CLI returns for a campaign that ended in this state."""
+        return {Status.TARGET_MET: ExitCode.OK, Status.STOPPED: ExitCode.STOPPED,
+                Status.INTERRUPTED: ExitCode.INTERRUPTED}.get(self, ExitCode.ERROR)
+
+
+# -- events written ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event; ``extra`` holds launcher-specific facts, written flat."""
+
+    KIND: ClassVar[EventKind]
+
+    def record(self) -> dict[str, Any]:
+        """The fields as written after ``t``, ``mono`` and ``event``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(getattr(self, "extra", {}))
+        return out
+
+
+@dataclass(frozen=True)
+class CampaignStart(Event):
+    KIND = EventKind.CAMPAIGN_START
+    resumed: bool
+    run_dir: str
+    seed: int
+    sim_slots: dict[str, int]
+    allocation_end: float | None = None
+    """When the Slurm allocation ends (epoch s), if Slurm told."""
+    exit_at: float | None = None
+    """When the campaign must be out: the end less the warning signal's lead and a margin."""
+
+
+@dataclass(frozen=True)
+class WalltimeSkip(Event):
+    """A sim was not started: it was expected to run past the allocation's exit time."""
+
+    KIND = EventKind.WALLTIME_SKIP
+    role: str
+    expected_s: float | None
+    left_s: float
+
+
+@dataclass(frozen=True)
+class CampaignError(Event):
+    KIND = EventKind.CAMPAIGN_ERROR
+    error: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SimStart(Event):
+    KIND = EventKind.SIM_START
+    run_id: str
+    role: str
+    attempt: int
+    ranks: int
+    launcher: str
+    placement: tuple[tuple[str, int], ...]
+    argv: list[str]
+    """What really runs: the launcher's argv (for spawn, the agent's request)."""
+
+
+@dataclass(frozen=True)
+class SimEnd(Event):
+    KIND = EventKind.SIM_END
+    run_id: str
+    role: str
+    outcome: str
+    attempt: int | None = None
+    returncode: int | None = None
+    wall_s: float | None = None
+    message: str | None = None
+    rows: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """A cancelled run has only its id, role and outcome (as the reports expect)."""
+        return {k: v for k, v in super().record().items()
+                if v is not None or k not in ("attempt", "wall_s", "message")}
+
+
+@dataclass(frozen=True)
+class Check(Event):
+    KIND = EventKind.CHECK
+    x: list[float]
+    version: int
+    outcome: str | None = None
+    predicted: list[float] | None = None
+    truth: list[float] | None = None
+    error: float | None = None
+    success: bool | None = None
+    stale: bool | None = None
+    successes: int | None = None
+    prechecked: bool | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in super().record().items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DataAccepted(Event):
+    KIND = EventKind.DATA_ACCEPTED
+    path: str
+    rows: int
+    data_points: int
+
+
+@dataclass(frozen=True)
+class TrainStart(Event):
+    KIND = EventKind.TRAIN_START
+    version: int
+    files: int
+    rows: int
+    workers: Any
+
+
+@dataclass(frozen=True)
+class TrainEnd(Event):
+    KIND = EventKind.TRAIN_END
+    version: int
+    extra: dict[str, float] = field(default_factory=dict)
+    """The training's metrics (train_loss, train_rmse, ...), data_points and successes."""
+
+
+@dataclass(frozen=True)
+class TrainingBackend(Event):
+    KIND = EventKind.TRAINING_BACKEND
+    warm_up_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The backend's own description (scheduler, workers, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelRegistered(Event):
+    KIND = EventKind.MODEL_REGISTERED
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class CampaignEnd(Event):
+    KIND = EventKind.CAMPAIGN_END
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The summary (:func:`build_summary`) without run_dir."""
+
+
+# -- events read ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One line of events.jsonl as read back."""
+
+    kind: EventKind | str
+    """An :class:`EventKind`; a kind this version does not know stays a string."""
+    t: float
+    mono: float
+    fields: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, record: Mapping[str, Any]) -> LoggedEvent:
+        raw = str(record.get("event", ""))
+        kind: EventKind | str = EventKind(raw) if raw in EventKind._value2member_map_ else raw
+        rest = {k: v for k, v in record.items() if k not in ("t", "mono", "event")}
+        return cls(kind, float(record.get("t", 0.0)), float(record.get("mono", record.get("t", 0.0))), rest)
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "t":
+            return self.t
+        if key == "mono":
+            return self.mono
+        if key == "event":
+            return str(self.kind)
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: str) -> bool:
+        return key in ("t", "mono", "event") or key in self.fields
+
+    def is_(self, kind: EventKind) -> bool:
+        return self.kind is kind
+
+
+def parse_events(lines: Iterable[str], source: str = "events.jsonl") -> list[LoggedEvent]:
+    """Parse events.jsonl lines; a torn (half-written) line is skipped with a warning."""
+    events = []
+    for line in lines:
+        try:
+            events.append(LoggedEvent.parse(json.loads(line)))
+        except json.JSONDecodeError:
+            log.warning("%s: skipping a torn last line", source)
+    return events
+
+
+def of_kind(events: Iterable[LoggedEvent], kind: EventKind) -> list[LoggedEvent]:
+    return [e for e in events if e.kind is kind]
+
+
+# -- state and summary ------------------------------------------------------
+
+
+@dataclass
+class State:
+    """Everything a resume needs; state.json is this, rewritten after every step."""
+
+    model_version: int = 0
+    model_file: str | None = None
+    successes: int = 0
+    checks_done: int = 0
+    failed_current: bool = False
+    data_files: list[str] = field(default_factory=list)
+    """Accepted generate results, relative to the run dir, in acceptance order."""
+    untrained: list[str] = field(default_factory=list)
+    data_points: int = 0
+    sims_launched: int = 0
+    sims_failed: int = 0
+    launch_counter: int = 0
+    failed_points: list[list[float]] = field(default_factory=list)
+    recheck: list[list[float]] = field(default_factory=list)
+    """Query points whose check failed: checked again against the next model."""
+    rng: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    """Wall time of earlier sessions of this campaign (resume adds to it)."""
+    mlflow_run_id: str | None = None
+    status: Status = Status.RUNNING
+    stop_reason: str | None = None
+    last_error: float | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    """Metrics of each finished training."""
+    sim_durations: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Running wall-time estimates per sim role (:class:`orchestrator.walltime.Durations`)."""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> State:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "status" in known:
+            known["status"] = Status(known["status"])
+        return cls(**known)
+
+    def to_json(self) -> dict[str, Any]:
+        # Shallow: json.dumps copies nothing, and asdict's deep copy of the growing lists
+        # was most of a coordinator event's cost.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["status"] = self.status.value
+        return out
+
+
+def status_of(state: Mapping[str, Any]) -> Status | None:
+    """The status of a state.json's content (None if it has none this version knows)."""
+    raw = state.get("status")
+    return Status(raw) if isinstance(raw, str) and raw in Status._value2member_map_ else None
+
+
+def build_summary(
+    state: State, wall_s: float, run_dir: str, registered: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The campaign's summary: summary.json, the ``campaign_end`` event, ``run``'s last lines."""
+    return {
+        "target_met": state.status is Status.TARGET_MET,
+        "status": state.status.value,
+        "stop_reason": state.stop_reason,
+        "rounds": state.model_version,
+        "successes": state.successes,
+        "checks": state.checks_done,
+        "data_points": state.data_points,
+        "sims_launched": state.sims_launched,
+        "sims_failed": state.sims_failed,
+        "wall_s": round(wall_s, 3),
+        "registered_model": dict(registered) if registered else None,
+        "mlflow_run_id": state.mlflow_run_id,
+        "run_dir": run_dir,
+    }

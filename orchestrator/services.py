@@ -1,0 +1,78 @@
+"""Starting the campaign's services while its first sims already run: Dask and MLflow.
+
+The Dask workers get a short head start: on a small box, starting many MPI ranks
+at the same moment slows the worker processes' start far more than the head
+start delays the sims. MLflow starts after Dask (its imports hold the GIL).
+A failed start stops the campaign: the loop awaits :attr:`Services.pending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator.runlog import TrainingBackend
+from orchestrator.store import RunStore
+from orchestrator.tracksink import TrackingSink
+from orchestrator.training.backends import Backend, Trainer
+
+BACKEND_HEAD_START_S = 2.0
+"""The longest the first sims wait for the Dask workers' processes to be up (not warm)."""
+
+
+class Services:
+    """The Dask backend (workers up and warm) and the tracking sink's start."""
+
+    def __init__(self, backend: Backend, trainer: Trainer, store: RunStore, sink: TrackingSink) -> None:
+        self.backend = backend
+        self.trainer = trainer
+        self.store = store
+        self.sink = sink
+        self.backend_ready: asyncio.Future[None] | None = None
+        self._up = asyncio.Event()
+
+    async def start(self, params: Mapping[str, Any]) -> None:
+        """Start both; return once the Dask processes are up or the head start is over."""
+        self.backend_ready = asyncio.ensure_future(self._start_backend())
+        self.sink.start(params, after=self.backend_ready)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), BACKEND_HEAD_START_S)
+
+    async def _start_backend(self) -> None:
+        try:
+            await self.backend.start()
+        finally:
+            self._up.set()
+        seconds = await self.trainer.warm_up()
+        self.store.log(TrainingBackend(round(seconds, 3), extra=self.backend.describe()))
+
+    @property
+    def trainer_up(self) -> bool:
+        """Whether the workers are up and warm (the policy may count on training)."""
+        return self.backend_ready is not None and self.backend_ready.done()
+
+    async def trainer_ready(self) -> None:
+        """Wait until the Dask workers are up and warm; raises what their start raised."""
+        assert self.backend_ready is not None
+        await asyncio.shield(self.backend_ready)
+
+    @property
+    def pending(self) -> list[asyncio.Future[None]]:
+        """Starts still under way: their end changes what the policy may start."""
+        return [f for f in (self.backend_ready, self.sink.ready) if f is not None and not f.done()]
+
+    def started(self, future: asyncio.Future[Any]) -> None:
+        """One start ended: raise what it raised; flush metrics kept for MLflow."""
+        future.result()
+        if future is self.sink.ready:
+            self.sink.flush()
+
+    async def stop(self) -> None:
+        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run)."""
+        if self.backend_ready is not None and not self.backend_ready.done():
+            self.backend_ready.cancel()
+            with contextlib.suppress(BaseException):
+                await self.backend_ready
+        await self.sink.settle()

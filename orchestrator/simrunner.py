@@ -1,0 +1,116 @@
+"""Running one sim for the campaign: slots, retries with back-off, the run log.
+
+The campaign asks for "a check sim at these values"; :class:`SimRunner` turns that
+into attempts (each with its own run id, slots and directory), retries a failed
+attempt after an exponential back-off, and stops the campaign
+(:class:`SimKindFailed`) when one kind fails too often in a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from orchestrator.allocation import SlotPool
+from orchestrator.config import LoopConfig, SimConfig, render_args
+from orchestrator.errors import ResourceError, SimKindFailed
+from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.progress import Progress
+from orchestrator.runlog import SimEnd, SimStart, State
+from orchestrator.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class SimRunner:
+    """Attempts of check and generate sims, with retries; counts go into the campaign's state."""
+
+    def __init__(
+        self, cfg: LoopConfig, store: RunStore, binaries: Mapping[str, Path], launchers: Mapping[str, Launcher],
+        pool: SlotPool, state: State, progress: Progress, on_launch: Callable[[], None],
+        fits: Callable[[str], bool] = lambda role: True, on_end: Callable[[str, SimResult], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.binaries = binaries
+        self.launchers = launchers
+        self.pool = pool
+        self.state = state
+        self.progress = progress
+        self.on_launch = on_launch
+        self.fits = fits
+        """Whether a run of a role may start now (walltime): an attempt that does not fit is not made."""
+        self.on_end = on_end
+        self._consecutive_failures = {"check": 0, "generate": 0}
+
+    async def run(self, role: str, values: Mapping[str, float | int]) -> SimResult | None:
+        """Run one sim with retries; None when every attempt failed."""
+        sim: SimConfig = getattr(self.cfg.sims, role)
+        last: SimResult | None = None
+        for attempt in range(sim.retries + 1):
+            if attempt:
+                await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
+            if not self.fits(role):
+                return None
+            last = await self._attempt(role, sim, values, attempt)
+            if last.ok:
+                self._consecutive_failures[role] = 0
+                return last
+            self._failed(role, sim, last)
+        return None
+
+    def _failed(self, role: str, sim: SimConfig, last: SimResult) -> None:
+        self._consecutive_failures[role] += 1
+        if self._consecutive_failures[role] >= sim.max_consecutive_failures:
+            raise SimKindFailed(
+                f"sim kind {role!r} ({sim.binary}) failed {self._consecutive_failures[role]} times in a row; "
+                f"last failure ({last.request.run_id}): {last.message}"
+            )
+
+    def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> LaunchRequest:
+        self.state.launch_counter += 1
+        run_id = f"{role}-{self.state.launch_counter:06d}"
+        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks}
+        return LaunchRequest(
+            run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),
+            ranks=sim.ranks, workdir=self.store.sim_dir(run_id), timeout_s=sim.timeout_s,
+            ncols=self.cfg.n_columns, nrows=1 if role == "check" else None, ranks_per_node=sim.ranks_per_node,
+            env=sim.env,
+        )
+
+    async def _attempt(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> SimResult:
+        req = self._request(role, sim, values, attempt)
+        try:
+            placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
+        except ValueError as exc:
+            raise ResourceError(f"sims.{role}: {exc}") from exc
+        try:
+            req = dataclasses.replace(req, placement=placement)
+            launcher = self.launchers[role]
+            self.state.sims_launched += 1
+            self.store.log(SimStart(req.run_id, role, attempt, sim.ranks, launcher.name, placement.per_node,
+                                    launcher.command(req)))
+            self.on_launch()
+            try:
+                result = await launcher.run(req)
+            except asyncio.CancelledError:
+                self.store.log(SimEnd(req.run_id, role, Outcome.CANCELLED.value))
+                raise
+        finally:
+            self.pool.release(placement)
+        if self.on_end is not None:
+            self.on_end(role, result)
+        if not result.ok:
+            self.state.sims_failed += 1
+            log.warning("sim %s: %s: %s", req.run_id, result.outcome.value, result.message)
+            self.progress.note(f"sim {req.run_id} {result.outcome.value}: {result.message.splitlines()[0][:160]}")
+        self.store.log(SimEnd(
+            req.run_id, role, result.outcome.value, attempt=attempt, returncode=result.returncode,
+            wall_s=round(result.wall_s, 4), message=result.message,
+            rows=None if result.table is None else int(result.table.shape[0]), extra=dict(result.info),
+        ))
+        return result
+

@@ -1,0 +1,107 @@
+"""The campaign's side of MLflow: buffered metrics, registration, closing the run.
+
+MLflow starts concurrently with the first sims, so metrics that arrive before it
+is up are kept and flushed once it is. Registration loads the model, which needs
+torch: it runs as a task on a Dask worker (:meth:`Trainer.register`), which logs
+to the campaign's MLflow run by its tracking URI and run id. The coordinator never
+imports torch. Every call into MLflow itself is in :mod:`orchestrator.tracking`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.runlog import ModelRegistered, State, Status
+from orchestrator.store import RunStore
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import Tracker
+    from orchestrator.training.backends import Trainer
+
+log = logging.getLogger(__name__)
+
+MLFLOW_STATUS = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED", Status.INTERRUPTED: "KILLED"}
+
+
+class TrackingSink:
+    """Metrics, the registered model and the artifacts of one campaign, into one MLflow run."""
+
+    def __init__(self, tracker: Tracker | None, store: RunStore, state: State, checkpoint: Callable[[], None]) -> None:
+        self.tracker = tracker
+        self.store = store
+        self.state = state
+        self.checkpoint = checkpoint
+        self.ready: asyncio.Future[None] | None = None
+        self._pending: list[tuple[dict[str, float], int]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracker is not None
+
+    def start(self, params: Mapping[str, Any], after: Awaitable[Any] | None) -> asyncio.Future[None]:
+        """Open (or reopen) the MLflow run once ``after`` is done; metrics are kept meanwhile."""
+        self.ready = asyncio.ensure_future(self._start(params, after))
+        return self.ready
+
+    async def _start(self, params: Mapping[str, Any], after: Awaitable[Any] | None) -> None:
+        if self.tracker is None:
+            return
+        # MLflow's start is mostly imports, which hold the GIL: let the Dask start go first.
+        if after is not None:
+            await asyncio.wait([asyncio.ensure_future(after)])
+        run_id = await asyncio.to_thread(self.tracker.start, params, self.state.mlflow_run_id)
+        self.state.mlflow_run_id = run_id
+        self.checkpoint()
+
+    def metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log to MLflow, or keep the metrics until its (concurrent) start is done."""
+        if self.tracker is None:
+            return
+        self._pending.append((dict(metrics), step))
+        if self.ready is not None and self.ready.done():
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if self.tracker is None:
+            return
+        for metrics, step in pending:
+            self.tracker.log_metrics(metrics, step=step)
+
+    async def settle(self) -> None:
+        """Wait for MLflow's start (needed to close the run); a failed start disables tracking."""
+        if self.ready is None:
+            return
+        try:
+            await self.ready
+            self.flush()
+        except Exception as exc:  # already raised in the loop, or the campaign failed first
+            log.warning("MLflow tracking unavailable for this run: %s", exc)
+            self.tracker = None
+
+    async def register(self, trainer: Trainer, model: bytes, name: str) -> dict[str, str] | None:
+        """Register the final model under ``name``, from a Dask worker; None without tracking."""
+        await self.settle()
+        if self.tracker is None or self.state.mlflow_run_id is None:
+            return None
+        reg_name, version = await trainer.register(model, self.tracker.tracking_uri, self.state.mlflow_run_id, name)
+        self.store.log(ModelRegistered(reg_name, version))
+        return {"name": reg_name, "version": version}
+
+    async def close(self, status: Status, artifacts: Sequence[Path]) -> None:
+        """Upload the run's files and end the MLflow run with the campaign's status."""
+        if self.tracker is not None:
+            await asyncio.to_thread(self._close, self.tracker, status, artifacts)
+
+    @staticmethod
+    def _close(tracker: Tracker, status: Status, artifacts: Sequence[Path]) -> None:
+        for artifact in artifacts:
+            if artifact.exists():
+                tracker.log_artifact(artifact)
+        with contextlib.suppress(Exception):
+            tracker.finish(MLFLOW_STATUS.get(status, "FAILED"))  # type: ignore[arg-type]
