@@ -113,12 +113,13 @@ class CountingStore:
 
     @staticmethod
     def make(workdir: Path, launcher: FakeLauncher) -> Any:
+        from orchestrator.runlog import Event, EventKind
         from orchestrator.store import RunStore
 
         class Store(RunStore):
-            def event(self, kind: str, **fields: Any) -> None:
-                super().event(kind, **fields)
-                if kind == "data_accepted":
+            def log(self, event: Event) -> None:
+                super().log(event)
+                if event.KIND is EventKind.DATA_ACCEPTED:
                     launcher.accepted()
 
         loop_file = workdir / "loop.yml"
@@ -154,9 +155,10 @@ def config(slots: int, events: int) -> Any:
 
 async def measure(slots: int, events: int, workdir: Path) -> dict[str, float]:
     from orchestrator import campaign as camp
+    from orchestrator import services
     from orchestrator.allocation import Allocation, Node, SlotPool
 
-    camp.BACKEND_HEAD_START_S = 0.0  # the idle backend never comes up; do not wait for it
+    services.BACKEND_HEAD_START_S = 0.0  # the idle backend never comes up; do not wait for it
     cfg = config(slots, events)
     nodes = tuple(Node(f"n{i:06d}", SLOTS_PER_NODE) for i in range(slots // SLOTS_PER_NODE))
     alloc = Allocation(nodes=nodes, in_slurm=True, job_id="bench")
