@@ -53,9 +53,9 @@ class SimRunner:
         for attempt in range(sim.retries + 1):
             if attempt:
                 await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
-            if not self.fits(role):
-                return None
             last = await self._attempt(role, sim, values, attempt)
+            if last is None:  # it would not end before the allocation does
+                return None
             if last.ok:
                 self._consecutive_failures[role] = 0
                 return last
@@ -81,12 +81,18 @@ class SimRunner:
             env=sim.env,
         )
 
-    async def _attempt(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> SimResult:
-        req = self._request(role, sim, values, attempt)
+    async def _attempt(
+        self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int
+    ) -> SimResult | None:
+        """One attempt; None when, once its slots are free, it no longer fits in the allocation's time."""
         try:
             placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
         except ValueError as exc:
             raise ResourceError(f"sims.{role}: {exc}") from exc
+        if not self.fits(role):
+            self.pool.release(placement)
+            return None
+        req = self._request(role, sim, values, attempt)
         try:
             req = dataclasses.replace(req, placement=placement)
             launcher = self.launchers[role]

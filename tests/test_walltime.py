@@ -55,15 +55,16 @@ def test_guard_starts_only_what_ends_before_the_exit_time() -> None:
 
 # ---------------------------------------------------------------- a real allocation that ends soon
 
-LEAD_S = 36.0
-"""With ``salloc -t 1`` (60 s) the campaign must be out about 20 s after its start."""
+LEAD_S = 80.0
+SAFETY_S = 10.0
+"""With ``salloc -t 2`` (120 s) the campaign must be out 30 s after the allocation starts."""
 
 
 def _session(slurm_env: dict[str, str], tmp_path: Path, name: str, argv: list[str]) -> tuple[int, dict[str, Any]]:
     from tests.test_slurm import in_allocation
 
     proc, probed = in_allocation(slurm_env, tmp_path / name, argv,
-                                 salloc=["salloc", "-N1", "--ntasks-per-node=3", "-t", "1"])
+                                 salloc=["salloc", "-N1", "--ntasks-per-node=3", "-t", "2"])
     assert proc.returncode in (0, 3, 75), proc.stderr[-4000:]
     assert probed["steps"] == [] and probed["stepds"] == []
     return proc.returncode, probed
@@ -76,11 +77,11 @@ def test_campaign_stops_long_sims_before_the_allocation_ends_and_resumes(
 ) -> None:
     from tests.test_slurm import events, only_run_dir
 
-    cfg = fast_loop(**{"sims.generate.ranks": 1, "sims.check.ranks": 1, "policy.max_inflight": 1,
-                       "policy.generates_per_round": 2, "training.backend": "local",
+    cfg = fast_loop(**{"sims.generate.ranks": 1, "sims.check.ranks": 1, "policy.max_inflight": 3,
+                       "policy.generates_per_round": 3, "training.backend": "local",
                        "target.tolerance": 1e-9, "target.max_rounds": 1000,  # never met: runs till walltime
-                       "walltime.signal_lead_s": LEAD_S, "walltime.safety_s": 2.0})
-    cfg["sims"]["generate"]["args"] += ["--work-ms", "4000"]
+                       "walltime.signal_lead_s": LEAD_S, "walltime.safety_s": SAFETY_S})
+    cfg["sims"]["generate"]["args"] += ["--work-ms", "5000"]
     loop = write_loop(tmp_path, cfg)
     work = tmp_path / "runs"
     run = [sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work), "--no-live"]
@@ -92,7 +93,7 @@ def test_campaign_stops_long_sims_before_the_allocation_ends_and_resumes(
     first = events(run_dir)
     start = next(e for e in first if e["event"] == "campaign_start")
     exit_at = start["exit_at"]
-    assert start["allocation_end"] - exit_at == pytest.approx(LEAD_S + 2.0)
+    assert start["allocation_end"] - exit_at == pytest.approx(LEAD_S + SAFETY_S)
     ends = [e for e in first if e["event"] == "sim_end" and e["role"] == "generate"]
     assert len(ends) >= 1 and all(e["outcome"] == "ok" for e in ends)
     assert not [e for e in first if e["event"] == "sim_end" and e["outcome"] != "ok"], "a sim was killed"
@@ -100,7 +101,7 @@ def test_campaign_stops_long_sims_before_the_allocation_ends_and_resumes(
     assert any(e["event"] == "walltime_skip" for e in first), "nothing was held back"
     campaign_end = next(e for e in first if e["event"] == "campaign_end")
     assert campaign_end["t"] <= start["allocation_end"] - LEAD_S, "exited after the warning signal"
-    assert state["sim_durations"]["mean"]["generate"] >= 4.0
+    assert state["sim_durations"]["mean"]["generate"] >= 5.0
     kept = state["data_points"]
     assert kept == 32 * len(ends)
 
