@@ -185,13 +185,14 @@ class Campaign:
             trainer_ready=self.services.trainer_up,
         )
 
-    def checkpoint(self) -> None:
-        """Rewrite state.json (atomically) with the RNG and elapsed time."""
+    def checkpoint(self) -> float:
+        """Rewrite state.json (atomically) with the RNG and elapsed time; returns that elapsed time."""
         self.state.rng = dict(self.rng.bit_generator.state)
         snapshot = self.state.to_json()
-        snapshot["elapsed_s"] = self.elapsed
+        snapshot["elapsed_s"] = elapsed = self.elapsed
         snapshot["config"] = flat_dict(self.cfg)
         self.store.write_state(snapshot)
+        return elapsed
 
     def _show(self) -> None:
         s = self.state
@@ -378,10 +379,12 @@ class Campaign:
         s.untrained = [f for f in s.untrained if f not in self._training_files]
         self._training_files = set()
         self._untrained_in_training = 0
-        metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes}
+        metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes,
+                   "sims_launched": s.sims_launched, "sims_failed": s.sims_failed, "wall_s": round(self.elapsed, 3)}
         s.rounds.append({"round": version, **metrics})
         self.store.log(TrainEnd(version, extra=metrics))
-        self.progress.note(f"training round {version} done: {s.data_points} rows, "
+        trained = int(metrics.get("n_samples", s.data_points))
+        self.progress.note(f"training round {version} done: trained on {trained} rows ({s.data_points} accepted), "
                            f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
                            f"{metrics.get('train_seconds', 0):.1f} s")
         self.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
@@ -515,12 +518,27 @@ class Campaign:
         return await self.sink.register(self.trainer, self.model_state, name)
 
     async def _finish(self, status: Status, registered: dict[str, str] | None) -> dict[str, Any]:
-        summary = build_summary(self.state, self.elapsed, str(self.store.root), registered)
+        # The same wall time in state.json (`status`, `report`) as in the summary.
+        summary = build_summary(self.state, self.checkpoint(), str(self.store.root), registered)
         path = self.store.write_summary(summary)
         self.store.log(CampaignEnd(extra={k: v for k, v in summary.items() if k != "run_dir"}))
         self.store.close()
-        await self.sink.close(status, [self.store.root / LOOP, self.store.root / EVENTS, path])
+        artifacts = [self.store.root / LOOP, self.store.root / EVENTS, path]
+        if self.sink.enabled:
+            artifacts.append(await asyncio.to_thread(self._timeline))
+        await self.sink.close(status, artifacts, summary)
         return summary
+
+    def _timeline(self) -> Path:
+        """timeline.png in the run dir (what `report` draws), for the MLflow run; best effort."""
+        out = self.store.root / "timeline.png"
+        try:
+            from orchestrator.report import plot_timeline
+
+            plot_timeline(self.store.root, out)
+        except Exception as exc:  # a picture is never worth failing the campaign's ending
+            log.warning("campaign %s: no timeline picture: %s", self.cfg.name, exc)
+        return out
 
 
 def _fmt(v: list[float] | None) -> str:

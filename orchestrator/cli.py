@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where a running or finished campaign stands")
     st.add_argument("run_dir", type=Path)
 
-    from orchestrator import predict, scaffold, submit  # cheap imports; their flags live beside them
+    from orchestrator import predict, scaffold, submit, ui  # cheap imports; their flags live beside them
 
-    for module in (submit, scaffold, predict):
+    for module in (submit, scaffold, predict, ui):
         module.add_parser(sub)
     return p
 
@@ -170,8 +170,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict_main(args)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.ui import main as ui_main
+
+    return ui_main(args)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "status": cmd_status,
-            "submit": cmd_submit, "new-sim": cmd_new_sim, "predict": cmd_predict}
+            "submit": cmd_submit, "new-sim": cmd_new_sim, "predict": cmd_predict, "ui": cmd_ui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

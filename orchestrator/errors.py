@@ -108,3 +108,7 @@ class CommandError(OrchestratorError):
         self.stderr = stderr
         tail = (stderr.strip() or stdout.strip())[-800:]
         super().__init__(f"command {' '.join(argv)!r} exited with {returncode}: {tail}")
+
+
+class UIError(OrchestratorError):
+    """The MLflow UI server could not be started or did not answer."""

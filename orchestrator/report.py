@@ -133,11 +133,12 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     overlap = overlap_fraction(tl)
     registered = next((e.fields for e in reversed(of_kind(events, EventKind.MODEL_REGISTERED))), None)
     return {
-        **build_summary(state, tl.end, str(run_dir),
+        # The counts and the wall time a campaign reports are its own (state.json), whatever
+        # view shows them: `run`'s last lines, summary.json, `status`, this report.
+        **build_summary(state, state.elapsed_s, str(run_dir),
                         None if registered is None else {k: str(registered[k]) for k in ("name", "version")}),
         "time_to_target_s": None if tl.target_at is None else round(tl.target_at, 3),
-        "sims": len(ends),
-        "sims_failed": sum(1 for e in ends if e.get("outcome") not in ("ok", "cancelled")),
+        "sims_cancelled": sum(1 for e in of_kind(events, EventKind.SIM_END) if e.get("outcome") == "cancelled"),
         "sim_slot_busy_fraction": round(sim_busy / (slot_total * tl.end), 4) if tl.end else None,
         "training_busy_fraction": round(train_busy / tl.end, 4) if tl.end else None,
         "overlap_fraction": None if overlap is None else round(overlap, 4),
@@ -225,7 +226,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"run            {s['run_dir']} ({s['status']})",
         f"wall time      {sec(s['wall_s'])}; time to target {sec(s['time_to_target_s'])}",
         f"progress       {s['rounds']} training round(s), {s['successes']} successes, {s['data_points']} data points",
-        f"sims           {s['sims']} runs, {s['sims_failed']} failed; median wall {sec(s['median_sim_wall_s'])}, "
+        f"sims           {s['sims_launched']} launched, {s['sims_failed']} failed, {s['sims_cancelled']} cancelled; "
+        f"median wall {sec(s['median_sim_wall_s'])}, "
         f"median launch overhead {sec(s['median_launch_overhead_s'])}",
         f"busy           sim slots {pct(s['sim_slot_busy_fraction'])}, training {pct(s['training_busy_fraction'])}",
         f"overlap        {pct(s['overlap_fraction'])} of training time had a sim running",

@@ -73,7 +73,7 @@ def scaffold(name: str, root: Path) -> Scaffolded:
     if source.exists():
         raise UsageError(f"new-sim: {source} already exists; not overwriting it "
                          "(delete it or choose another name)")
-    text = render(TEMPLATE.read_text(), {"name": name})
+    text = render(TEMPLATE.read_text(), {"name": name}, name=TEMPLATE.name)
     source.parent.mkdir(parents=True, exist_ok=True)
     with source.open("x") as f:  # "x": never overwrite, even if it appeared just now
         f.write(text)

@@ -217,7 +217,7 @@ def prepare(
         "new": new,
     }
     try:
-        script = render(text, context)
+        script = render(text, context, name=template_path.name)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return Submission(name, root, script_path, script, loop_path, loop_text, log_path)

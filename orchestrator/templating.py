@@ -1,35 +1,34 @@
-"""A tiny mustache-like renderer for the project's template files, escaping every value.
+"""The project's template files, rendered with jinja2, every value through an escape filter.
 
-Syntax:
-
-* ``{{name|filter}}`` inserts a value through an escape filter, which is required:
+* ``{{ name|FILTER }}`` inserts a value through an escape filter, which is required:
   ``sh`` (one shell word, :func:`shlex.quote`), ``sbatch`` (the value of an
   ``#SBATCH --opt=VALUE`` directive), ``raw`` (a line validated by the caller,
   inserted as is, still refused if it holds a line break);
-* ``{{#name}}...{{/name}}`` is emitted only when ``name`` is set (not None, False
-  or empty), once per item when it is a list, where ``{{.|filter}}`` is the item.
-  A section tag alone on its line takes the whole line with it.
+* ``{% if name %}...{% endif %}`` for an optional section, ``{% for line in extra %}``
+  for a list; a block tag alone on its line takes the whole line with it
+  (``trim_blocks``/``lstrip_blocks``).
 
-A tag without a filter, an unknown filter or a name the caller did not provide
-is a :class:`TemplateError`, so no value reaches a script unescaped by accident.
-Used for the sbatch job script (:mod:`orchestrator.submit`) and the C file of a
-new simulation (:mod:`orchestrator.scaffold`).
+An output without one of the filters as its last step, a ``{% filter %}`` block, a
+name the caller does not provide (checked before rendering, and ``StrictUndefined``
+while rendering) or a value that is None is a one-line :class:`TemplateError`,
+so no value reaches a script unescaped by accident. Used for the sbatch job script
+(:mod:`orchestrator.submit`) and the C file of a new simulation
+(:mod:`orchestrator.scaffold`).
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import jinja2
+from jinja2 import meta, nodes
 
 from orchestrator.errors import TemplateError
 
 __all__ = ["FILTERS", "TemplateError", "escape_raw", "escape_sbatch", "escape_sh", "one_line", "render"]
-
-
-
 
 _PLAIN_SBATCH = re.compile(r"^[A-Za-z0-9_.,:=@%+/\[\]-]+$")
 _LINE_BREAKS = ("\n", "\r", "\0")
@@ -72,104 +71,58 @@ def escape_raw(value: object) -> str:
 FILTERS: dict[str, Callable[[object], str]] = {"sh": escape_sh, "sbatch": escape_sbatch, "raw": escape_raw}
 
 
-# -- the renderer ---------------------------------------------------------------------
+# -- jinja2 with the escape filters enforced ------------------------------------------
 
-_TAG = re.compile(r"\{\{\s*([#/]?)\s*([A-Za-z_][A-Za-z0-9_]*|\.)\s*(?:\|\s*([A-Za-z_]+)\s*)?\}\}")
-
-
-@dataclass
-class _Section:
-    name: str
-    body: list[_Node] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Var:
-    name: str
-    filter: str
+def _escaping(escape: Callable[[object], str]) -> Callable[[object, str], str]:
+    def apply(value: object, what: str = "") -> str:
+        if value is None:
+            where = f"; put it inside {{% if {what} %}}" if what else ""
+            raise TemplateError(f"inserts {what or 'a value'!r}, but it is not set{where}")
+        return escape(value)
+    return apply
 
 
-_Node = str | _Var | _Section
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                          keep_trailing_newline=True, autoescape=False)
+_ENV.filters.update({name: _escaping(escape) for name, escape in FILTERS.items()})
 
 
-def _standalone(text: str, start: int, end: int) -> tuple[int, int] | None:
-    """The span of the whole line if the tag at [start, end) is alone on it."""
-    line_start = text.rfind("\n", 0, start) + 1
-    line_end = text.find("\n", end)
-    line_end = len(text) if line_end < 0 else line_end + 1
-    if text[line_start:start].strip() or text[end:line_end].strip():
-        return None
-    return line_start, line_end
+def _check(tree: nodes.Template, context: Mapping[str, Any]) -> None:
+    """Refuse, before rendering, an output without an escape filter and a name not in ``context``."""
+    block = next(tree.find_all(nodes.FilterBlock), None)
+    if block is not None:
+        raise TemplateError(f"line {block.lineno}: a {{% filter %}} block would rewrite escaped values; "
+                            "escape each value instead")
+    for output in tree.find_all(nodes.Output):
+        for node in output.nodes:
+            if isinstance(node, nodes.TemplateData):
+                continue
+            if not (isinstance(node, nodes.Filter) and node.name in FILTERS):
+                raise TemplateError(f"line {node.lineno}: an output needs an escape filter as its last step, one "
+                                    f"of {', '.join(FILTERS)} (e.g. {{{{ value|sh }}}})")
+            if isinstance(node.node, nodes.Name) and not node.args:
+                node.args.append(nodes.Const(node.node.name))  # names the value in a "not set" error
+    missing = sorted(meta.find_undeclared_variables(tree) - set(context))
+    if missing:
+        raise TemplateError(f"names {missing[0]!r}, which the caller does not provide")
 
 
-def parse_template(text: str) -> list[_Node]:
-    """Parse a template into literal text, variables and sections."""
-    root = _Section("")
-    stack = [root]
-    pos = 0
-    for m in _TAG.finditer(text):
-        kind, name, filt = m.group(1), m.group(2), m.group(3)
-        lit_end, pos_next = m.start(), m.end()
-        if kind:
-            span = _standalone(text, m.start(), m.end())
-            if span is not None:
-                lit_end, pos_next = span
-        stack[-1].body.append(text[pos:lit_end])
-        pos = pos_next
-        line = text.count("\n", 0, m.start()) + 1
-        if kind == "#":
-            section = _Section(name)
-            stack[-1].body.append(section)
-            stack.append(section)
-        elif kind == "/":
-            if len(stack) == 1 or stack[-1].name != name:
-                raise TemplateError(f"template line {line}: {{{{/{name}}}}} closes no open section")
-            stack.pop()
-        else:
-            if filt is None or filt not in FILTERS:
-                raise TemplateError(
-                    f"template line {line}: {{{{{name}}}}} needs an escape filter, one of "
-                    f"{', '.join(FILTERS)} (e.g. {{{{{name}|sh}}}})"
-                )
-            stack[-1].body.append(_Var(name, filt))
-    if len(stack) > 1:
-        raise TemplateError(f"template: section {{{{#{stack[-1].name}}}}} is never closed")
-    stack[-1].body.append(text[pos:])
-    return root.body
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
-def _lookup(name: str, context: Mapping[str, Any], item: Any) -> Any:
-    if name == ".":
-        return item
-    if name not in context:
-        raise TemplateError(f"template names {name!r}, which submit does not provide")
-    return context[name]
+def render(template: str, context: Mapping[str, Any], name: str = "template") -> str:
+    """Render the jinja2 source ``template`` with ``context``; see the module docstring.
 
-
-def _render(nodes: Sequence[_Node], context: Mapping[str, Any], item: Any, out: list[str]) -> None:
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, _Var):
-            value = _lookup(node.name, context, item)
-            if value is None:
-                raise TemplateError(f"template inserts {node.name!r} outside a section, but it is not set")
-            out.append(FILTERS[node.filter](value))
-        else:
-            value = _lookup(node.name, context, item)
-            for it in _section_items(value):
-                _render(node.body, context, it, out)
-
-
-def _section_items(value: Any) -> Sequence[Any]:
-    """What a section repeats over: a list's items, a set value once, nothing when unset."""
-    if isinstance(value, (list, tuple)):
-        return value
-    return [] if value is None or value is False or value == "" else [value]
-
-
-def render(template: str, context: Mapping[str, Any]) -> str:
-    """Render ``template`` with ``context``; see the module docstring for the syntax."""
-    out: list[str] = []
-    _render(parse_template(template), context, None, out)
-    return "".join(out)
+    Every mistake is a one-line :class:`TemplateError` naming ``name`` (the file).
+    """
+    try:
+        tree = _ENV.parse(template)
+        _check(tree, context)
+        return _ENV.from_string(tree).render(context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"template {name}: line {exc.lineno}: {_one_line(exc.message or 'syntax error')}") from exc
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"template {name}: {_one_line(str(exc))}") from exc
+    except TemplateError as exc:
+        raise TemplateError(f"template {name}: {exc}") from exc

@@ -535,6 +535,14 @@ class Tracker:
             for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=chunk, synchronous=True)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set run tags; ``mlflow.note.content`` is the description the UI shows on the run's page."""
+        client, run_id = self._require_run("set tags")
+        from mlflow.entities import RunTag
+
+        with _wrap(f"set {len(tags)} tags", self.tracking_uri):
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file (or a whole directory) into the run's artifacts.
 

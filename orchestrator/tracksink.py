@@ -31,7 +31,9 @@ MLFLOW_STATUS = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED", Stat
 class TrackingSink:
     """Metrics, the registered model and the artifacts of one campaign, into one MLflow run."""
 
-    def __init__(self, tracker: Tracker | None, store: RunStore, state: State, checkpoint: Callable[[], None]) -> None:
+    def __init__(
+        self, tracker: Tracker | None, store: RunStore, state: State, checkpoint: Callable[[], object]
+    ) -> None:
         self.tracker = tracker
         self.store = store
         self.state = state
@@ -93,15 +95,29 @@ class TrackingSink:
         self.store.log(ModelRegistered(reg_name, version))
         return {"name": reg_name, "version": version}
 
-    async def close(self, status: Status, artifacts: Sequence[Path]) -> None:
-        """Upload the run's files and end the MLflow run with the campaign's status."""
+    async def close(self, status: Status, artifacts: Sequence[Path], summary: Mapping[str, Any]) -> None:
+        """Upload the run's files, describe the run, and end it with the campaign's status."""
         if self.tracker is not None:
-            await asyncio.to_thread(self._close, self.tracker, status, artifacts)
+            await asyncio.to_thread(self._close, self.tracker, status, artifacts, describe(summary))
 
     @staticmethod
-    def _close(tracker: Tracker, status: Status, artifacts: Sequence[Path]) -> None:
+    def _close(tracker: Tracker, status: Status, artifacts: Sequence[Path], tags: Mapping[str, str]) -> None:
         for artifact in artifacts:
             if artifact.exists():
                 tracker.log_artifact(artifact)
+        with contextlib.suppress(Exception):  # a description is not worth losing the run's status
+            tracker.set_tags(tags)
         with contextlib.suppress(Exception):
             tracker.finish(MLFLOW_STATUS.get(status, "FAILED"))  # type: ignore[arg-type]
+
+
+def describe(summary: Mapping[str, Any]) -> dict[str, str]:
+    """Tags for the campaign's MLflow run: its outcome in words (the UI's description) and its run dir."""
+    reg = summary.get("registered_model")
+    model = f"; registered as {reg['name']} version {reg['version']}" if reg else ""
+    why = f" ({summary['stop_reason']})" if summary.get("stop_reason") and not summary.get("target_met") else ""
+    text = (f"{summary['status']}{why}: {summary['rounds']} training round(s), successes {summary['successes']}, "
+            f"{summary['data_points']} rows, {summary['sims_launched']} sims ({summary['sims_failed']} failed), "
+            f"{summary['wall_s']:.1f} s{model}. Run dir: {summary['run_dir']}")
+    return {"mlflow.note.content": text, "campaign.status": str(summary["status"]),
+            "campaign.run_dir": str(summary["run_dir"])}

@@ -38,6 +38,6 @@ fi
 # The build needs the MPI compiler wrappers of the mpich wheel in this venv:
 # the sims are then linked against the very libmpi they run with.
 pip install "scikit-build-core>=0.10" "cmake>=3.20" ninja "mpich==5.0.2"
-pip install --no-build-isolation -e '.[dev,server]'
+pip install --no-build-isolation -e '.[dev,ui]'
 touch "$stamp"
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import orchestrator; print(orchestrator.__file__)'))" >&2

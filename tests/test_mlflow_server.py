@@ -1,7 +1,7 @@
 """One MLflow server for many campaigns; validate warns about sqlite on a shared filesystem.
 
-The server test starts a real ``mlflow server`` on loopback (it needs the ``server``
-extra: ``pip install -e '.[server]'``, which ``make setup`` installs), runs three
+The server test starts a real ``mlflow server`` on loopback (it needs the ``ui``
+extra, full mlflow: ``pip install -e '.[ui]'``, which ``make setup`` installs), runs three
 campaigns at once against it, each registering versions of the same model name, and
 checks from the server that no metric was lost and the versions are in order.
 """
@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    pytest.importorskip("flask", reason="the MLflow server needs the `server` extra: pip install -e '.[server]'")
+    pytest.importorskip("flask", reason="the MLflow server needs the `ui` extra (full mlflow): pip install -e '.[ui]'")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

@@ -90,6 +90,21 @@ def test_report_and_status_of_a_pipelined_campaign(tmp_path: Path) -> None:
     assert st.returncode == 0
     assert "status     target_met" in st.stdout and "successes  5 / 5" in st.stdout
 
+    # every view tells the same story: the run's last line, summary.json, report, status
+    written = json.loads((run_dir / "summary.json").read_text())
+    shared = ("status", "rounds", "successes", "checks", "data_points", "sims_launched", "sims_failed", "wall_s",
+              "registered_model", "mlflow_run_id")
+    assert {k: summary[k] for k in shared} == {k: written[k] for k in shared}
+    last = (f"target_met: {written['rounds']} training round(s), successes {written['successes']}, "
+            f"{written['data_points']} data points, {written['sims_launched']} sims ({written['sims_failed']} "
+            f"failed), {written['wall_s']:.1f} s")
+    assert last in proc.stdout
+    assert f"sims       {written['sims_launched']} launched, {written['sims_failed']} failed" in st.stdout
+    assert f"elapsed    {written['wall_s']:.1f} s" in st.stdout
+    trained = [e for e in events if e.kind is EventKind.TRAIN_END]
+    for e in trained:  # the progress line says how many rows the model trained on, not what had arrived since
+        assert f"training round {e['version']} done: trained on {int(e['n_samples'])} rows" in proc.stdout + proc.stderr
+
 
 def test_status_of_a_non_run_dir_is_a_clear_error(tmp_path: Path) -> None:
     st = subprocess.run([sys.executable, "-m", "orchestrator", "status", str(tmp_path)],

@@ -178,20 +178,25 @@ def test_extra_directives_pass_through() -> None:
 
 
 @pytest.mark.parametrize(("template", "match"), [
-    ("{{x}}", "needs an escape filter"),
-    ("{{x|html}}", "needs an escape filter"),
-    ("{{#x}}open", "never closed"),
-    ("{{/x}}", "closes no open section"),
-    ("{{missing|sh}}", "does not provide"),
-    ("{{none|sh}}", "not set"),
+    ("{{ x }}", "needs an escape filter"),
+    ("{{ x|html }}", "needs an escape filter"),
+    ("{{ x|sh|upper }}", "needs an escape filter"),
+    ("{% filter upper %}{{ x|sh }}{% endfilter %}", "block would rewrite escaped values"),
+    ("{% if x %}open", "needs to be closed is 'if'"),
+    ("{% endif %}", "unknown tag 'endif'"),
+    ("{{ missing|sh }}", "'missing', which the caller does not provide"),
+    ("{% if missing %}x{% endif %}", "'missing', which the caller does not provide"),
+    ("{{ unset|sh }}", "'unset', but it is not set"),
 ])
 def test_template_mistakes_are_errors(template: str, match: str) -> None:
-    with pytest.raises(TemplateError, match=match):
-        render(template, {"x": "1", "none": None})
+    with pytest.raises(TemplateError, match=match) as err:
+        render(template, {"x": "1", "unset": None}, name="t.in")
+    assert str(err.value).startswith("template t.in") and "\n" not in str(err.value)
 
 
 def test_sections_render_only_when_set() -> None:
-    template = "a\n{{#opt}}\nopt={{opt|sh}}\n{{/opt}}\n{{#items}}\n- {{.|raw}}\n{{/items}}\nz\n"
+    template = ("a\n{% if opt %}\nopt={{ opt|sh }}\n{% endif %}\n"
+                "{% for item in items %}\n- {{ item|raw }}\n{% endfor %}\nz\n")
     assert render(template, {"opt": None, "items": []}) == "a\nz\n"
     assert render(template, {"opt": "x y", "items": ["1", "2"]}) == "a\nopt='x y'\n- 1\n- 2\nz\n"
 
@@ -447,7 +452,7 @@ def cancel_jobs(slurm_env: dict[str, str]) -> Any:
 def test_sbatch_reads_escaped_directive_values_back(tmp_path: Path, slurm_env: dict[str, str],
                                                     cancel_jobs: list[str]) -> None:
     env = slurm_client_env(slurm_env)
-    template = "#!/bin/bash\n#SBATCH --comment={{c|sbatch}}\n#SBATCH --job-name={{c|sbatch}}\ntrue\n"
+    template = "#!/bin/bash\n#SBATCH --comment={{ c|sbatch }}\n#SBATCH --job-name={{ c|sbatch }}\ntrue\n"
     for i, value in enumerate(v for v in HOSTILE if v):
         script = tmp_path / f"h{i}.sh"
         script.write_text(render(template, {"c": value}))
