@@ -104,7 +104,7 @@ def test_three_campaigns_share_one_server(mlflow_server: str, tmp_path: Path) ->
 
     procs = []
     for i in range(3):
-        cfg = fast_loop(seed=i, **{"target.successes": 2, "training.hparams": {"epochs": 150},
+        cfg = fast_loop(seed=i, **{"target.successes": 1, "training.hparams": {"epochs": 150},
                                    "tracking": {"enabled": True, "uri": mlflow_server, "experiment": "shared",
                                                 "register_as": "shared-surrogate"}})
         loop = write_loop(tmp_path, cfg, name=f"loop{i}.yml")
