@@ -15,9 +15,11 @@ demo: setup
 	$(BIN)/python -m orchestrator run examples/sine/loop.yml --new
 
 # The Slurm cluster is started first; tests marked `slurm` skip (with the reason)
-# only where it cannot run (not root, no apt).
+# only where it cannot run (not root, no apt); so do the `ui` tests without Debian's chromium
+# (scripts/install-browser.sh).
 test: setup
 	-scripts/slurm-test-cluster.sh start
+	-scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

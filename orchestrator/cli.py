@@ -19,6 +19,9 @@ from orchestrator.errors import ExitCode, OrchestratorError
 
 log = logging.getLogger("orchestrator")
 
+STOP_WORDS = {"max_rounds": "target.max_rounds reached", "time_budget": "target.time_budget_s used up",
+              "data_budget": "policy.max_data_points reached"}
+"""How `run` says why a campaign stopped short of its target (signals are named as they are)."""
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 """OSErrors that are the machine's state, not a bug: one line, no traceback."""
 
@@ -114,7 +117,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_sync(args.loop, workdir=args.workdir, overrides=args.overrides, resume=args.resume,
                       new=args.new, progress=progress)
     s = result.summary
-    line = (f"{result.status.value}: {s['rounds']} training round(s), successes {s['successes']}, "
+    reason = s.get("stop_reason")
+    why = f" ({STOP_WORDS.get(reason, reason)})" if reason and not s["target_met"] else ""
+    line = (f"{result.status.value}{why}: {s['rounds']} training round(s), successes {s['successes']}, "
             f"{s['data_points']} data points, {s['sims_launched']} sims ({s['sims_failed']} failed), "
             f"{s['wall_s']:.1f} s")
     print(line)

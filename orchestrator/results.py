@@ -18,13 +18,19 @@ Table = NDArray[np.float64]
 class MalformedResult(Exception):
     """A sim's output exists but is not a valid table (or does not exist)."""
 
+    def __init__(self, message: str, *, columns: int | None = None) -> None:
+        super().__init__(message)
+        self.columns = columns
+        """The column count the sim returned, when that count was what was wrong."""
+
 
 def check_table(table: np.ndarray, *, ncols: int, nrows: int | None = None, source: str = "result") -> Table:
     """Validate shape and values; return the table as float64."""
     if table.ndim != 2:
         raise MalformedResult(f"{source}: expected a 2-D table, got {table.ndim}-D with shape {table.shape}")
     if table.shape[1] != ncols:
-        raise MalformedResult(f"{source}: expected {ncols} columns, got {table.shape[1]} (shape {table.shape})")
+        raise MalformedResult(f"{source}: expected {ncols} columns, got {table.shape[1]} (shape {table.shape})",
+                              columns=int(table.shape[1]))
     if nrows is not None and table.shape[0] != nrows:
         raise MalformedResult(f"{source}: expected {nrows} rows, got {table.shape[0]}")
     if table.dtype != np.float64:

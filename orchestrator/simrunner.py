@@ -45,6 +45,8 @@ class SimRunner:
         """Whether a run of a role may start now (walltime): an attempt that does not fit is not made."""
         self.on_end = on_end
         self._consecutive_failures = {"check": 0, "generate": 0}
+        self._ever_ok = {"check": False, "generate": False}
+        self._column_mismatches: dict[str, list[int]] = {"check": [], "generate": []}
 
     async def run(self, role: str, values: Mapping[str, float | int]) -> SimResult | None:
         """Run one sim with retries; None when every attempt failed."""
@@ -58,16 +60,36 @@ class SimRunner:
                 return None
             if last.ok:
                 self._consecutive_failures[role] = 0
+                self._ever_ok[role] = True
                 return last
             self._failed(role, sim, last)
         return None
 
     def _failed(self, role: str, sim: SimConfig, last: SimResult) -> None:
         self._consecutive_failures[role] += 1
+        self._stop_if_columns_never_fit(role, sim, last)
         if self._consecutive_failures[role] >= sim.max_consecutive_failures:
             raise SimKindFailed(
                 f"sim kind {role!r} ({sim.binary}) failed {self._consecutive_failures[role]} times in a row; "
                 f"last failure ({last.request.run_id}): {last.message}"
+            )
+
+    def _stop_if_columns_never_fit(self, role: str, sim: SimConfig, last: SimResult) -> None:
+        """A sim that has never returned the declared columns, and twice in a row returned the same
+        other count, disagrees with loop.yml: retrying cannot help (a sim that worked before may
+        have a passing fault, and is retried as usual)."""
+        seen = self._column_mismatches[role]
+        got = last.info.get("columns_returned")
+        if got is None or self._ever_ok[role]:
+            seen.clear()
+            return
+        seen.append(int(got))
+        if len(seen) >= 2 and seen[-1] == seen[-2]:
+            names = ", ".join([*self.cfg.input_names, *self.cfg.outputs])
+            raise SimKindFailed(
+                f"sim kind {role!r} ({sim.binary}) returns {got} columns but loop.yml declares "
+                f"{self.cfg.n_columns} ({names}): fix `inputs`/`outputs` or the sim (not retried: every run "
+                f"so far returned {got}; last: {last.request.run_id})"
             )
 
     def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> LaunchRequest:
@@ -111,7 +133,7 @@ class SimRunner:
             self.on_end(role, result)
         if not result.ok:
             self.state.sims_failed += 1
-            log.warning("sim %s: %s: %s", req.run_id, result.outcome.value, result.message)
+            log.info("sim %s: %s: %s", req.run_id, result.outcome.value, result.message)  # progress shows it
             self.progress.note(f"sim {req.run_id} {result.outcome.value}: {result.message.splitlines()[0][:160]}")
         self.store.log(SimEnd(
             req.run_id, role, result.outcome.value, attempt=attempt, returncode=result.returncode,

@@ -638,8 +638,15 @@ class Tracker:
             # The source is the logged model's artifact location, not "models:/<model_id>":
             # MLflow's sqlite registry resolves the latter with a *global* MlflowClient
             # (wrong store, and it creates ./mlflow.db in the current directory).
+            # The registry's page of the version names the campaign run that made it (the run id alone
+            # is a link the UI shows as an opaque id).
             version = client.create_model_version(
-                name, source=str(logged.artifact_location), run_id=run_id, model_id=model_id
+                name,
+                source=str(logged.artifact_location),
+                run_id=run_id,
+                model_id=model_id,
+                tags={"campaign_run": self.run_name, "campaign_run_id": run_id},
+                description=f"Surrogate trained by campaign run {self.run_name} (MLflow run {run_id}).",
             )
         registered = RegisteredModel(name=name, version=str(version.version))
         logger.info("registered model %s version %s", name, registered.version)

@@ -78,6 +78,7 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
     assert {"loop.yml", "events.jsonl", "summary.json"} <= artifacts
     version = client.get_model_version("sine-test", "1")
     assert version.run_id == run.info.run_id
+    assert version.tags["campaign_run"] == run.info.run_name and run.info.run_name in version.description
 
     import torch
 

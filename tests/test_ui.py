@@ -1,6 +1,6 @@
 """`python -m orchestrator ui`: the MLflow UI over a finished campaign, looked at in a real browser.
 
-The browser is Debian's headless Chromium (`scripts/bootstrap.sh --test-deps` installs it);
+The browser is Debian's headless Chromium (`scripts/install-browser.sh` installs it; `make test` runs it);
 the page is the MLflow single-page app, so it is read after Chromium has run its scripts
 (``--dump-dom`` with a virtual time budget), not as the server's raw HTML.
 """
@@ -89,7 +89,7 @@ def ui(finished_campaign: Path, busy_port: int) -> Iterator[UI]:
         proc.wait()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: scripts/bootstrap.sh --test-deps installs it (root)")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: scripts/install-browser.sh installs it (root, apt)")
 def test_ui_shows_the_campaign_its_metrics_and_model_in_a_browser(ui: UI, busy_port: int) -> None:
     assert ui.url.startswith("http://127.0.0.1:") and not ui.url.endswith(f":{busy_port}")
     descendants = psutil.Process(ui.proc.pid).children(recursive=True)
@@ -114,6 +114,10 @@ def test_ui_shows_the_campaign_its_metrics_and_model_in_a_browser(ui: UI, busy_p
         assert metric in page, metric
     assert "ui-surrogate" in page  # the registered model, on the run that made it
     assert "target_met: 1 training round(s)" in page  # the description says how it ended
+
+    # the registry's page of the model version names the campaign run that made it
+    version = _rendered(f"{ui.url}/#/models/ui-surrogate/versions/1")
+    assert f"Surrogate trained by campaign run {run_name}" in version
 
     artifacts = _api(ui.url, f"artifacts/list?run_id={run['info']['run_id']}")
     names = {f["path"] for f in artifacts.get("files", [])}

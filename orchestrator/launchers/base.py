@@ -104,6 +104,13 @@ class SimResult:
         return self.outcome is Outcome.OK
 
 
+def malformed(result: SimResult, exc: MalformedResult) -> SimResult:
+    """A MALFORMED result, with the column count it returned where that was what was wrong."""
+    if exc.columns is not None:
+        result.info["columns_returned"] = exc.columns
+    return result
+
+
 def exit_description(rc: int | None) -> str:
     if rc is None:
         return "no exit code"
@@ -213,5 +220,5 @@ class ProcessLauncher(Launcher):
         try:
             table = read_table(req.out_path, ncols=req.ncols, nrows=req.nrows)
         except MalformedResult as exc:
-            return result(Outcome.MALFORMED, str(exc))
+            return malformed(result(Outcome.MALFORMED, str(exc)), exc)
         return result(Outcome.OK, "ok", table)

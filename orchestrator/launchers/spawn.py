@@ -47,7 +47,7 @@ import numpy as np
 from orchestrator import procs, shm
 from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
-from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description
+from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description, malformed
 from orchestrator.launchers.mpiexec import find_mpiexec
 from orchestrator.procs import end_ranks, kill_known, kill_tree, tail, wait_gone
 from orchestrator.results import MalformedResult, check_table
@@ -385,6 +385,8 @@ class SpawnLauncher(Launcher):
             nrows, ncols = (int(n) for n in reply["shape"])
             table = np.frombuffer(payload, dtype="<f8").reshape(nrows, ncols).astype(np.float64)
             table = check_table(table, ncols=req.ncols, nrows=req.nrows, source=f"{req.workdir} (spawned rows)")
-        except (MalformedResult, ValueError, KeyError) as exc:
+        except MalformedResult as exc:
+            return malformed(result(Outcome.MALFORMED, str(exc)), exc)
+        except (ValueError, KeyError) as exc:
             return result(Outcome.MALFORMED, str(exc))
         return result(Outcome.OK, "ok", table, rc=0)
