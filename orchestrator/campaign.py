@@ -25,8 +25,10 @@ import numpy as np
 from orchestrator import policy as pol
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, flat_dict
+from orchestrator.continual import ContinualState, DataFile
 from orchestrator.errors import OrchestratorError, StoreError
 from orchestrator.launchers.base import Launcher, SimResult
+from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
 from orchestrator.runlog import (
     CampaignEnd,
@@ -132,6 +134,7 @@ class Campaign:
         self.progress = progress or Progress(enabled=False)
         self.resumed = state is not None
         self.state = state or State()
+        self.continual = ContinualState.from_json(self.state.continual)
         self.rng = np.random.default_rng(cfg.seed)
         if self.state.rng:
             self.rng.bit_generator.state = self.state.rng
@@ -146,9 +149,11 @@ class Campaign:
         self._out_of_time = False
         """A sim was not started because it would overrun the allocation."""
         self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
-                              fits=self._fits, on_end=self._sim_ended)
+                              fits=self._fits, on_end=self._sim_ended,
+                              clock=lambda: self.continual.clock)
         self.sink = TrackingSink(tracker, store, self.state, self.checkpoint)
         self.services = Services(backend, self.trainer, store, self.sink)
+        self.pictures = Pictures(cfg, store.root, self.trainer, self.sink.upload, self.services.trainer_ready)
         self._tasks: dict[asyncio.Task[TaskResult], TaskKind] = {}
         self._counts: Counter[TaskKind] = Counter()
         """Tasks in flight per kind (kept with ``_tasks``, so the view costs the same at any scale)."""
@@ -188,6 +193,7 @@ class Campaign:
     def checkpoint(self) -> float:
         """Rewrite state.json (atomically) with the RNG and elapsed time; returns that elapsed time."""
         self.state.rng = dict(self.rng.bit_generator.state)
+        self.state.continual = self.continual.to_json()
         snapshot = self.state.to_json()
         snapshot["elapsed_s"] = elapsed = self.elapsed
         snapshot["config"] = flat_dict(self.cfg)
@@ -348,6 +354,7 @@ class Campaign:
                 s.failed_current = True
                 s.failed_points.append(r.x)
                 s.recheck.append(r.x)
+        self.pictures.add_check(r.x, r.truth, success)
         self.store.log(Check(r.x, r.version, predicted=r.predicted, truth=r.truth, error=error, success=success,
                              stale=stale, successes=s.successes, prechecked=r.prechecked))
         mark = "ok  " if success else "FAIL"
@@ -377,6 +384,8 @@ class Campaign:
         s.model_file = str(path.relative_to(self.store.root))
         s.failed_current = False
         s.untrained = [f for f in s.untrained if f not in self._training_files]
+        self.pictures.round(version, r.model, [f for f in s.data_files if f in self._training_files],
+                            f"{self.cfg.name}: round {version}, {s.data_points} rows")
         self._training_files = set()
         self._untrained_in_training = 0
         metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes,
@@ -388,6 +397,7 @@ class Campaign:
                            f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
                            f"{metrics.get('train_seconds', 0):.1f} s")
         self.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        self.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
 
     def _collect(self, task: asyncio.Task[TaskResult]) -> None:
         result = task.result()  # a SimKindFailed or TrainingError propagates: the campaign stops
@@ -489,6 +499,8 @@ class Campaign:
         try:
             await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
             reason = await self.loop()
+            if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled:
+                reason = await self._keep_current()
             status = (Status.INTERRUPTED if reason is None
                       else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
             registered = await self._register(status)
@@ -497,6 +509,7 @@ class Campaign:
             self.store.log(CampaignError(type(exc).__name__, str(exc)))
         finally:
             remove_signals()
+            await self.pictures.drain()
             await self._cancel_all()
             await self.services.stop()
             self.state.status = status
@@ -510,8 +523,50 @@ class Campaign:
             raise error
         return CampaignResult(status, summary)
 
+    async def _keep_current(self) -> pol.StopReason | None:
+        """Continual mode (:mod:`orchestrator.twin`) until its end (TARGET_MET) or a signal (None)."""
+        from orchestrator.twin import CampaignPorts, Twin
+
+        twin = Twin(self.cfg, self.continual, CampaignPorts(self), self.rng, lambda: self.elapsed)
+        if not self.continual.active:
+            assert self.model_state is not None
+            reg = await self.register_model(self.model_state)
+            twin.begin(self.state.model_version, None if reg is None else reg["version"], self._data_so_far())
+        task = asyncio.ensure_future(twin.run())
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return None
+        task.result()
+        return pol.StopReason.TARGET_MET
+
+    def _data_so_far(self) -> list[DataFile]:
+        out = []
+        for f in self.state.data_files:
+            path = self.store.root / f
+            out.append(DataFile(f, int(np.load(path, mmap_mode="r").shape[0]), path.stat().st_mtime))
+        return out
+
+    async def register_model(self, model: bytes) -> dict[str, str] | None:
+        """Register ``model`` under ``tracking.register_as``, from a Dask worker (None without tracking)."""
+        name = self.cfg.tracking.register_as
+        if not self.sink.enabled or not name:
+            return None
+        await self.services.trainer_ready()
+        return await self.sink.register(self.trainer, model, name)
+
     async def _register(self, status: Status) -> dict[str, str] | None:
         """On success, the final model into MLflow's registry (from a Dask worker: torch lives there)."""
+        if self.continual.active:  # registered when the phase began; the champion is what counts
+            c = self.continual
+            return None if c.champion_registered is None else {"name": str(self.cfg.tracking.register_as),
+                                                               "version": c.champion_registered}
         name = self.cfg.tracking.register_as
         if status is not Status.TARGET_MET or not self.sink.enabled or not name or self.model_state is None:
             return None

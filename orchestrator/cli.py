@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--new", action="store_true", help="start fresh even if an unfinished run exists")
     run.add_argument("--no-live", action="store_true", help="plain log lines instead of the live panel")
+    run.add_argument("--steps", metavar="STEP[,STEP]", help="only these steps, in order: generate, train, evaluate "
+                     "(e.g. --steps generate,train); the default is the whole loop")
+    run.add_argument("--data", action="append", default=[], metavar="RUN_DIR|FILE.npy",
+                     help="data for --steps train: a run directory's data/ or .npy files (repeatable)")
+    run.add_argument("--model", metavar="NAME[:VERSION]",
+                     help="the registered model --steps evaluate checks (default: tracking.register_as, latest)")
 
     val = sub.add_parser("validate", help="check a loop.yml and the sims it names, then exit")
     val.add_argument("loop", type=Path)
@@ -113,6 +119,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.loop is None and args.resume is None:
         raise _usage("run needs a loop.yml or --resume RUN_DIR")
+    if args.steps is not None or args.data or args.model:
+        if args.resume is not None or args.steps is None:
+            raise _usage("--data and --model go with --steps, and --steps does not resume")
+        from orchestrator.steps import main as steps_main
+
+        return steps_main(args)
     progress = Progress(enabled=False if args.no_live else None)
     result = run_sync(args.loop, workdir=args.workdir, overrides=args.overrides, resume=args.resume,
                       new=args.new, progress=progress)

@@ -57,7 +57,8 @@ class SimConfig(_Strict):
     (relative paths are relative to loop.yml)."""
     args: list[str] = []
     """argv template, never run through a shell. Placeholders in braces: ``{seed}``,
-    ``{run_id}``, ``{attempt}``, ``{ranks}``; for the check sim each input by name (``{x}``);
+    ``{run_id}``, ``{attempt}``, ``{ranks}``, ``{campaign_time}`` (0 until the target is met,
+    then one tick per continual monitoring round); for the check sim each input by name (``{x}``);
     for the generate sim a window per input (``{x_lo}``, ``{x_hi}``; ``{lo}``, ``{hi}``
     when there is one input). Format specs work: ``{x:.3f}``."""
     ranks: int = Field(default=1, ge=1, le=100_000)
@@ -218,6 +219,59 @@ class TrackingConfig(_Strict):
     """Experiment name."""
     register_as: str | None = Field(default=None, pattern=NAME_PATTERN)
     """Register the final model under this name when the target is met."""
+    figures: bool = True
+    """Draw every training round (surrogate against truth on a slice, checked points, data so far):
+    ``<run dir>/figures/round-NNNN.png``, uploaded to the MLflow run under ``figures/``."""
+    tensorboard_dir: str | None = None
+    """Also write the round scalars and figures as TensorBoard event files here (relative: to the
+    run dir); view with ``tensorboard --logdir DIR``."""
+
+
+class ContinualConfig(_Strict):
+    """Continual mode: after the target is met, keep the model current (a digital twin)."""
+
+    enabled: bool = False
+    """Keep going after the target: monitoring checks, drift detection, retraining, champion/challenger."""
+    cadence_s: float = Field(default=0.0, ge=0)
+    """Wait between monitoring rounds (each round advances ``{campaign_time}`` by one)."""
+    checks: int = Field(default=4, ge=1, le=64)
+    """Monitoring checks per round, at fresh points, run in parallel."""
+    drift_window: int = Field(default=4, ge=1)
+    """The drift rule looks at the champion's last N monitoring checks (N = this)."""
+    drift_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    """Drift when at least this fraction of those N checks failed the tolerance."""
+    window_rows: int | None = Field(default=None, ge=1)
+    """Retrain on the newest accepted rows only, at most this many (whole data files, newest first)."""
+    window_s: float | None = Field(default=None, gt=0)
+    """... and/or only on rows accepted within the last this many seconds; neither: all data."""
+    generates: int = Field(default=1, ge=1)
+    """Generate sims run after a drift, to make the fresh data the retraining uses."""
+    max_rounds: int | None = Field(default=None, ge=1)
+    """End the continual phase after this many monitoring rounds; None: only a budget or a signal."""
+    time_budget_s: float | None = Field(default=None, gt=0)
+    """End the continual phase after this much wall time in it; None: no limit."""
+    champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    """The MLflow registry alias of the model in service (``tracking.register_as``)."""
+    promote_margin: float = Field(default=0.0, ge=0, lt=1)
+    """A challenger wins when its mean error on the same checks is below (1 - margin) x the champion's."""
+
+    @model_validator(mode="after")
+    def _budget(self) -> ContinualConfig:
+        if self.enabled and self.max_rounds is None and self.time_budget_s is None:
+            raise ValueError("continual mode needs an end besides a signal: set max_rounds or time_budget_s")
+        return self
+
+
+class StepsConfig(_Strict):
+    """Steps run one at a time (``run LOOP.yml --steps generate,train,evaluate``)."""
+
+    data: list[str] = []
+    """Data for ``--steps train``: run directories (their data/) or .npy files, relative to loop.yml;
+    ``--data`` on the command line adds to these."""
+    generate_runs: int = Field(default=1, ge=1)
+    """Generate sims the ``generate`` step runs."""
+    evaluate_checks: int = Field(default=4, ge=1)
+    """Check sims at fresh points the ``evaluate`` step compares the model against."""
 
 
 class WalltimeConfig(_Strict):
@@ -260,6 +314,10 @@ class LoopConfig(_Strict):
     """MLflow tracking."""
     walltime: WalltimeConfig = WalltimeConfig()
     """Allocation end awareness."""
+    continual: ContinualConfig = ContinualConfig()
+    """Continual mode (keep the model current after the target is met)."""
+    steps: StepsConfig = StepsConfig()
+    """Steps run one at a time."""
 
     @field_validator("outputs")
     @classmethod
@@ -287,7 +345,7 @@ class LoopConfig(_Strict):
         return len(self.inputs) + len(self.outputs)
 
 
-COMMON_FIELDS = ("seed", "run_id", "attempt", "ranks")
+COMMON_FIELDS = ("seed", "run_id", "attempt", "ranks", "campaign_time")
 
 
 def check_fields(inputs: Sequence[str]) -> set[str]:

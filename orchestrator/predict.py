@@ -128,7 +128,7 @@ def check_width(points: Array, n_inputs: int | None, ref: ModelRef) -> Array:
 
 
 def resolve_version(uri: str, ref: ModelRef) -> ModelRef:
-    """``ref`` with its version checked, or the latest one when none was given.
+    """``ref`` with its version checked; when none was given, the ``champion`` alias's, else the latest.
 
     An unknown name or version is a :class:`UsageError` that lists what exists.
     """
@@ -146,7 +146,17 @@ def resolve_version(uri: str, ref: ModelRef) -> ModelRef:
     if ref.version is not None and ref.version not in versions:
         raise UsageError(f"model {ref.name!r} has no version {ref.version} in {uri}; "
                          f"versions: {', '.join(versions)}")
-    return ModelRef(ref.name, ref.version or versions[-1])
+    return ModelRef(ref.name, ref.version or _champion(uri, ref.name) or versions[-1])
+
+
+def _champion(uri: str, name: str) -> str | None:
+    """The version continual mode keeps in service (alias ``champion``), if the model has one."""
+    from orchestrator.tracking import TrackingError, model_alias
+
+    try:
+        return model_alias(uri, name, "champion")
+    except TrackingError as exc:
+        raise PredictError(str(exc)) from exc
 
 
 def load(uri: str, ref: ModelRef) -> torch.nn.Module:

@@ -251,6 +251,7 @@ def status_text(run_dir: Path) -> str:
         f"{len(running)} running" + (f": {', '.join(running)}" if running else ""),
         f"elapsed    {state.elapsed_s:.1f} s",
     ]
+    lines += continual_lines(state.continual, cfg)
     if state.status.resumable:
         lines.append(f"resume     python -m orchestrator run --resume {run_dir}")
     return "\n".join(lines)
@@ -266,3 +267,25 @@ def _running_sims(events: list[LoggedEvent]) -> list[str]:
         elif e.kind is EventKind.SIM_END:
             running.pop(e["run_id"], None)
     return sorted(running)
+
+
+def continual_lines(c: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Continual mode in ``status``: the champion, the drift state, the last retrain."""
+    if not c.get("active"):
+        return []
+    name = (cfg.get("tracking") or {}).get("register_as")
+    reg = c.get("champion_registered")
+    champion = f"model {c.get('champion_model')}" + (f" ({name} v{reg})" if reg and name else "")
+    drift = "drifting (a challenger is being trained or judged)" if c.get("drifting") else "none"
+    if c.get("challenger_model") is not None:
+        drift += f"; challenger model {c['challenger_model']} waits for the next round's checks"
+    last = c.get("last_retrain")
+    lines = [
+        f"champion   {champion}",
+        f"drift      {drift} (campaign time {c.get('clock', 0)}, {c.get('drift_events', 0)} drift(s), "
+        f"{c.get('retrains', 0)} retrain(s), {c.get('promotions', 0)} promotion(s))",
+    ]
+    if last:
+        lines.append(f"retrained  model {last.get('model')} at campaign time {last.get('clock')} on "
+                     f"{last.get('rows')} recent rows ({len(last.get('files', []))} file(s))")
+    return lines

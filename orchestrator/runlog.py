@@ -38,6 +38,14 @@ class EventKind(enum.StrEnum):
     TRAINING_BACKEND = "training_backend"
     MODEL_REGISTERED = "model_registered"
     WALLTIME_SKIP = "walltime_skip"
+    CHAMPION = "champion"
+    MONITOR_CHECK = "monitor_check"
+    DRIFT = "drift"
+    RETRAIN = "retrain"
+    CHALLENGER = "challenger"
+    STEPS_START = "steps_start"
+    STEPS_END = "steps_end"
+    EVALUATE = "evaluate"
 
 
 class Status(enum.StrEnum):
@@ -203,6 +211,90 @@ class CampaignEnd(Event):
     """The summary (:func:`build_summary`) without run_dir."""
 
 
+@dataclass(frozen=True)
+class Champion(Event):
+    """Continual mode: the model in service (the registry alias) is now this one."""
+
+    KIND = EventKind.CHAMPION
+    model: int
+    registered: str | None
+    clock: int
+    reason: str
+    """target_met (the phase began) or promoted."""
+
+
+@dataclass(frozen=True)
+class MonitorCheck(Event):
+    """Continual mode: one monitoring check of the champion (and of a pending challenger, same point)."""
+
+    KIND = EventKind.MONITOR_CHECK
+    clock: int
+    x: list[float]
+    truth: list[float]
+    champion: int | None
+    error: float
+    success: bool
+    challenger: int | None = None
+    challenger_error: float | None = None
+
+
+@dataclass(frozen=True)
+class Drift(Event):
+    KIND = EventKind.DRIFT
+    clock: int
+    failure_rate: float
+    window: int
+    champion: int | None
+
+
+@dataclass(frozen=True)
+class Retrain(Event):
+    """Continual mode: a challenger trained on the recent-data window (``files``) and registered."""
+
+    KIND = EventKind.RETRAIN
+    clock: int
+    model: int
+    registered: str | None
+    files: list[str]
+    rows: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Challenger(Event):
+    """Continual mode: a challenger judged against the champion on the same fresh checks."""
+
+    KIND = EventKind.CHALLENGER
+    verdict: str
+    clock: int
+    challenger: int
+    registered: str | None
+    champion: int | None
+    champion_error: float
+    challenger_error: float
+    checks: int
+
+
+@dataclass(frozen=True)
+class StepsStart(Event):
+    KIND = EventKind.STEPS_START
+    steps: list[str]
+
+
+@dataclass(frozen=True)
+class Evaluate(Event):
+    """``--steps evaluate``: a model's error against fresh check sims."""
+
+    KIND = EventKind.EVALUATE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepsEnd(Event):
+    KIND = EventKind.STEPS_END
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 # -- events read ------------------------------------------------------------
 
 
@@ -293,6 +385,8 @@ class State:
     """Metrics of each finished training."""
     sim_durations: dict[str, dict[str, float]] = field(default_factory=dict)
     """Running wall-time estimates per sim role (:class:`orchestrator.walltime.Durations`)."""
+    continual: dict[str, Any] = field(default_factory=dict)
+    """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:
@@ -332,5 +426,17 @@ def build_summary(
         "wall_s": round(wall_s, 3),
         "registered_model": dict(registered) if registered else None,
         "mlflow_run_id": state.mlflow_run_id,
+        **continual_summary(state.continual),
         "run_dir": run_dir,
+    }
+
+
+def continual_summary(c: Mapping[str, Any]) -> dict[str, Any]:
+    """Continual mode's part of the summary (zeros and None for a campaign without it)."""
+    champion = c.get("champion_registered")
+    return {
+        "retrains": int(c.get("retrains", 0)),
+        "promotions": int(c.get("promotions", 0)),
+        "champion_version": champion if champion is not None else c.get("champion_model"),
+        "drift_events": int(c.get("drift_events", 0)),
     }

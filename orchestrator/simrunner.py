@@ -32,6 +32,7 @@ class SimRunner:
         self, cfg: LoopConfig, store: RunStore, binaries: Mapping[str, Path], launchers: Mapping[str, Launcher],
         pool: SlotPool, state: State, progress: Progress, on_launch: Callable[[], None],
         fits: Callable[[str], bool] = lambda role: True, on_end: Callable[[str, SimResult], None] | None = None,
+        clock: Callable[[], int] = lambda: 0,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -44,6 +45,8 @@ class SimRunner:
         self.fits = fits
         """Whether a run of a role may start now (walltime): an attempt that does not fit is not made."""
         self.on_end = on_end
+        self.clock = clock
+        """``{campaign_time}`` for the sims' args: continual mode's monitoring round (0 before it)."""
         self._consecutive_failures = {"check": 0, "generate": 0}
         self._ever_ok = {"check": False, "generate": False}
         self._column_mismatches: dict[str, list[int]] = {"check": [], "generate": []}
@@ -95,7 +98,8 @@ class SimRunner:
     def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int) -> LaunchRequest:
         self.state.launch_counter += 1
         run_id = f"{role}-{self.state.launch_counter:06d}"
-        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks}
+        fields = {**values, "run_id": self.state.launch_counter, "attempt": attempt, "ranks": sim.ranks,
+                  "campaign_time": self.clock()}
         return LaunchRequest(
             run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),
             ranks=sim.ranks, workdir=self.store.sim_dir(run_id), timeout_s=sim.timeout_s,

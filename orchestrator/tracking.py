@@ -73,6 +73,7 @@ __all__ = [
     "default_tracking_uri",
     "flatten_params",
     "load_registered_model",
+    "model_alias",
     "registered_versions",
     "sqlite_path",
 ]
@@ -652,6 +653,16 @@ class Tracker:
         logger.info("registered model %s version %s", name, registered.version)
         return registered
 
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point registry alias ``alias`` of model ``name`` at ``version`` (e.g. the champion).
+
+        Raises:
+            TrackingError: MLflow failed (unknown name or version).
+        """
+        client, _ = self._require_run("set a model alias")
+        with _wrap(f"set alias {alias!r} of model {name!r} to version {version}", self.tracking_uri):
+            client.set_registered_model_alias(name, alias, str(version))
+
     def finish(self, status: _RunStatus) -> None:
         """Close the run with ``status``. A no-op if :meth:`start` never succeeded.
 
@@ -702,6 +713,24 @@ def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[s
     with _wrap(f"list versions of model {name!r}", tracking_uri):
         versions = _model_versions(client, name)
         return versions, [] if versions else _registered_names(client)
+
+
+def model_alias(tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version registry alias ``alias`` of model ``name`` points at, or None if it is not set.
+
+    Raises:
+        TrackingError: The store is unusable.
+    """
+    client = _make_client(tracking_uri)
+    from mlflow.exceptions import MlflowException
+
+    with _wrap(f"look up alias {alias!r} of model {name!r}", tracking_uri):
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise
 
 
 def load_registered_model(tracking_uri: str, name: str, version: str | int | None = None) -> torch.nn.Module:

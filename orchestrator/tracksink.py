@@ -95,6 +95,20 @@ class TrackingSink:
         self.store.log(ModelRegistered(reg_name, version))
         return {"name": reg_name, "version": version}
 
+    async def upload(self, path: Path, artifact_path: str) -> None:
+        """One file into the run's artifacts, once MLflow's start is done (a no-op without tracking)."""
+        if self.tracker is None:
+            return
+        if self.ready is not None:
+            await asyncio.shield(self.ready)
+        await asyncio.to_thread(self.tracker.log_artifact, path, artifact_path)
+
+    async def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point a registry alias (continual mode's champion) at ``version``, once MLflow's start is done."""
+        await self.settle()
+        if self.tracker is not None:
+            await asyncio.to_thread(self.tracker.set_alias, name, alias, version)
+
     async def close(self, status: Status, artifacts: Sequence[Path], summary: Mapping[str, Any]) -> None:
         """Upload the run's files, describe the run, and end it with the campaign's status."""
         if self.tracker is not None:

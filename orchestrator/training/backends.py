@@ -153,3 +153,16 @@ class Trainer:
             raise TrainingError(f"registering the model as {name!r} failed on a Dask worker: "
                                 f"{type(exc).__name__}: {exc}") from exc
         return result
+
+    async def figure(self, state: bytes, data_paths: list[str], checks: list[tuple[list[float], list[float], bool]],
+                     lo: list[float], hi: list[float], names: tuple[list[str], list[str]], title: str) -> bytes:
+        """A round's picture (PNG bytes), drawn on a worker (:mod:`orchestrator.training.figures`)."""
+        # Below every training and evaluation in the workers' queues: a picture never delays a check.
+        future = self.client.submit(remote.figure, state, self.cfg.model, self.model_kwargs, data_paths, checks,
+                                    lo, hi, names, title, pure=False, priority=-10)
+        try:
+            png: bytes = await future
+        except Exception as exc:
+            raise TrainingError(f"drawing the round's figure failed on a Dask worker: {type(exc).__name__}: {exc}") \
+                from exc
+        return png

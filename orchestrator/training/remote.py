@@ -16,3 +16,22 @@ def call(name: str, *args: Any) -> Any:
     from orchestrator.training import tasks
 
     return getattr(tasks, name)(*args)
+
+
+def figure(*args: Any) -> bytes:
+    """Run ``orchestrator.training.figures.round_figure(*args)`` on the worker."""
+    from orchestrator.training import figures
+
+    return figures.round_figure(*args)
+
+
+def evaluate_registered(tracking_uri: str, name: str, version: str | None, xs: list[list[float]]) -> list[list[float]]:
+    """A registered model's outputs at ``xs``, loaded from the MLflow registry on the worker."""
+    import torch
+
+    from orchestrator.tracking import load_registered_model
+
+    model = load_registered_model(tracking_uri, name, version)
+    with torch.no_grad():
+        out = model(torch.as_tensor(xs, dtype=torch.float32)).double()
+    return [[float(v) for v in row] for row in out.reshape(len(xs), -1).tolist()]

@@ -1,0 +1,93 @@
+"""Pictures of every training round: drawn on a Dask worker, filed in the run dir, MLflow and TensorBoard.
+
+After each training (the first rounds and continual mode's challengers) the
+campaign asks for one figure (:mod:`orchestrator.training.figures`: surrogate
+against truth on a slice, the checked points, the data so far). It is drawn on a
+worker while the loop goes on, written to ``<run dir>/figures/round-NNNN.png``,
+uploaded to the campaign's MLflow run under ``figures/`` and, with
+``tracking.tensorboard_dir``, written with the round's scalars to a TensorBoard
+event file (:mod:`orchestrator.tbevents`). A failed picture is a warning, never
+the campaign's end. The coordinator only moves bytes: no torch, no matplotlib here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+from orchestrator.config import LoopConfig
+from orchestrator.store import atomic_write_bytes
+from orchestrator.training.backends import Trainer
+
+log = logging.getLogger(__name__)
+
+Upload = Callable[[Path, str], Awaitable[None]]
+
+
+class Pictures:
+    """One campaign's round figures."""
+
+    def __init__(self, cfg: LoopConfig, root: Path, trainer: Trainer, upload: Upload,
+                 ready: Callable[[], Awaitable[None]]) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.trainer = trainer
+        self.upload = upload
+        self.ready = ready
+        self.enabled = cfg.tracking.figures
+        self.checked: list[tuple[int, list[float], list[float], bool]] = []
+        """(campaign time, x, truth, passed) of every check: a figure shows its own time's."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tb = None
+        if cfg.tracking.tensorboard_dir:
+            from orchestrator.tbevents import EventWriter
+
+            self._tb = EventWriter(_resolve(cfg.tracking.tensorboard_dir, root))
+
+    def add_check(self, x: list[float], truth: list[float], ok: bool, clock: int = 0) -> None:
+        self.checked.append((clock, list(x), list(truth), ok))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self._tb is not None:
+            self._tb.scalars(values, step)
+
+    def round(self, version: int, model: bytes, files: list[str], title: str, clock: int = 0) -> None:
+        """Draw round ``version``'s figure in the background, with the checks made at campaign time ``clock``."""
+        if not self.enabled:
+            return
+        checks = [(x, t, ok) for c, x, t, ok in self.checked if c == clock]
+        task = asyncio.ensure_future(self._draw(version, model, [str(self.root / f) for f in files], title, checks))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _draw(self, version: int, model: bytes, paths: list[str],
+                    title: str, checks: list[tuple[list[float], list[float], bool]]) -> None:
+        cfg = self.cfg
+        try:
+            await self.ready()
+            png = await self.trainer.figure(model, paths, checks, [i.lo for i in cfg.inputs],
+                                            [i.hi for i in cfg.inputs], (cfg.input_names, list(cfg.outputs)), title)
+            path = self.root / "figures" / f"round-{version:04d}.png"
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, png)
+            if self._tb is not None:
+                self._tb.image("round", png, version)
+            await self.upload(path, "figures")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a picture is never worth the campaign
+            log.warning("figure of round %s: %s", version, exc)
+
+    async def drain(self) -> None:
+        """Wait for the figures still being drawn (before the workers stop)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _resolve(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
