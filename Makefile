@@ -1,15 +1,23 @@
 # The two commands of the README:
 #   make demo   set up .venv and run the sine campaign on this machine
 #   make test   set up .venv, start the throwaway Slurm test cluster, run the tests
+# and, to build the sims against a site's MPI instead of the mpich wheel:
+#   make setup MPICC=/path/to/mpicc
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PYTEST_ARGS ?=
+MPICC ?=
 
-.PHONY: setup demo test test-fast bench lint slurm-up slurm-down clean
+.PHONY: setup test-deps demo test test-fast bench lint slurm-up slurm-down clean
 
 setup:
-	scripts/bootstrap.sh
+	MPICC="$(MPICC)" scripts/bootstrap.sh
+
+# Debian's MPICH and Open MPI and LAMMPS, for the MPI-flavour and third-party-code tests
+# (installed as root with apt; elsewhere those tests skip with the reason).
+test-deps:
+	-scripts/bootstrap.sh --test-deps
 
 demo: setup
 	$(BIN)/python -m orchestrator run examples/sine/loop.yml --new
@@ -17,7 +25,7 @@ demo: setup
 # The Slurm cluster is started first; tests marked `slurm` skip (with the reason)
 # only where it cannot run (not root, no apt); so do the `ui` tests without Debian's chromium
 # (scripts/install-browser.sh).
-test: setup
+test: setup test-deps
 	-scripts/slurm-test-cluster.sh start
 	-scripts/install-browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

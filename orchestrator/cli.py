@@ -94,14 +94,21 @@ def setup_logging(verbosity: int) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config, resolve_binaries
+    from orchestrator.config import load_config
+    from orchestrator.runner import sim_setups
 
     cfg = load_config(args.loop, args.overrides)
-    binaries = resolve_binaries(cfg, args.loop)
+    setups = sim_setups(cfg, args.loop)
     print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
-    for role, path in binaries.items():
+    for role, setup in setups.items():
         sim = getattr(cfg.sims, role)
-        print(f"  {role}: {path} on {sim.ranks} rank(s), launcher {sim.launcher}")
+        print(f"  {role}: {setup.binary} on {sim.ranks} rank(s), launcher {sim.launcher}")
+        print(f"    mpi: {setup.mpi.describe()}")
+        if sim.templates or sim.files:
+            print(f"    inputs: {', '.join([*sim.templates, *(Path(f).name for f in sim.files)])} (per-run directory)")
+        result = (f"parser {sim.parser}" if sim.parser else f"output file {sim.output.path}" if sim.output
+                  else "simkit (--out)")
+        print(f"    results: {result}")
     if cfg.tracking.enabled:
         from orchestrator.sharedfs import read_mounts, sqlite_on_shared_fs
         from orchestrator.tracking import default_tracking_uri

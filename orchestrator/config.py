@@ -49,6 +49,21 @@ class InputSpec(_Strict):
         return self
 
 
+class OutputFile(_Strict):
+    """A result file an existing code writes in its run directory, and the columns to take."""
+
+    path: str = Field(min_length=1)
+    """File name, relative to the run directory (the sim's cwd)."""
+    format: Literal["auto", "npy", "csv", "columns"] = "auto"
+    """npy: a 2-D .npy array; csv: comma-separated; columns: whitespace-separated columns;
+    auto: by the file's suffix (.npy, .csv, anything else columns)."""
+    columns: list[int | str] | None = None
+    """Columns to take, in order: the result's inputs then outputs. 0-based indexes, or header
+    names for csv (its first line is then the header). None: every column."""
+    skip_rows: int = Field(default=0, ge=0)
+    """Lines to skip at the top (headers a code writes); lines starting with ``#`` are always skipped."""
+
+
 class SimConfig(_Strict):
     """How to run one kind of simulation."""
 
@@ -79,6 +94,25 @@ class SimConfig(_Strict):
     """Stop the campaign when this many runs of this kind fail in a row."""
     env: dict[str, str] = {}
     """Extra environment variables for the sim's ranks (names: letters, digits, ``_``)."""
+    mpi: Literal["auto", "mpich", "openmpi"] = "auto"
+    """The binary's MPI family, which decides how it is launched (local mpiexec, srun --mpi=pmi2
+    for MPICH or pmix for Open MPI). auto: read from the libmpi the binary links (``ldd``)."""
+    mpiexec: str | None = None
+    """The local launcher to use (mpiexec launcher); None: that MPI's own, found beside its libmpi."""
+    srun_args: list[str] = []
+    """Extra srun options for this sim's steps, e.g. ``["--cpu-bind=cores"]`` (srun launcher)."""
+    templates: dict[str, str] = {}
+    """Input files rendered into each run directory: {file name there: template file (relative to
+    loop.yml)}. Jinja2 syntax (``{{ x }}``, ``{% for %}``), the same placeholders as ``args``; an
+    undefined name is an error."""
+    files: list[str] = []
+    """Static files (relative to loop.yml) copied into each run directory beside the rendered inputs."""
+    output: OutputFile | None = None
+    """Read the result from a file the code writes (and do not pass ``--out``). None with no
+    ``parser``: the sim uses simkit (``--out FILE``, or rows over the intercommunicator)."""
+    parser: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """A Python function ``module:function(run_dir) -> rows`` that reads the result; the module is
+    looked for next to loop.yml first. Its exception is a failed run (traceback in stderr.log)."""
 
     @field_validator("env")
     @classmethod
@@ -87,6 +121,20 @@ class SimConfig(_Strict):
             if not _IDENT.match(name):
                 raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
         return v
+
+    @model_validator(mode="after")
+    def _one_result_source(self) -> SimConfig:
+        if self.output is not None and self.parser is not None:
+            raise ValueError("give output or parser, not both")
+        for name in self.templates:
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"templates: {name!r} must be a plain file name in the run directory")
+        return self
+
+    @property
+    def uses_simkit(self) -> bool:
+        """Results come from simkit (``--out`` or spawn), not from the code's own files."""
+        return self.output is None and self.parser is None
 
 
 class SimsConfig(_Strict):
@@ -185,9 +233,33 @@ class TrainingConfig(_Strict):
     hparams: HparamsConfig = HparamsConfig()
     """Training hyper-parameters (epochs, lr, batch_size, ...), validated with the rest of loop.yml."""
     task_retries: int = Field(default=2, ge=0)
-    """Dask retries of a training task that raised."""
+    """Dask retries of a training task that raised (for ``ddp``: retries of the whole round)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the workers train: ``cuda`` (a GPU, refused at start when a worker has none),
+    ``cpu``, or ``auto`` (a worker's GPU when it has one, else its CPU). Checkpoints hold
+    CPU tensors, so a model trained on a GPU loads anywhere."""
+    gpus_per_worker: int | None = Field(default=None, ge=0, le=16)
+    """GPUs each Dask worker asks Slurm for (``srun --gpus-per-task``; SLURMCluster jobs
+    ``--gres=gpu:N``) and advertises as the Dask resource ``GPU``; None: 1 when ``device``
+    is ``cuda``, else 0."""
+    strategy: Literal["single", "ddp"] = "single"
+    """``single``: each model trains on one worker (ensemble members side by side, one per
+    worker); ``ddp``: one model trains data-parallel over all ``workers`` with
+    ``torch.distributed`` (gloo on CPU, nccl on GPU)."""
     jobqueue: dict[str, Any] = {}
     """Passed through to dask_jobqueue.SLURMCluster (queue, account, walltime, ...)."""
+
+    @property
+    def gpus(self) -> int:
+        """GPUs per worker after the default (``gpus_per_worker``)."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1 if self.device == "cuda" else 0
+
+    @property
+    def worker_resources(self) -> dict[str, int]:
+        """The Dask resources every training worker advertises: ``train=1``, plus ``GPU=N``."""
+        return {"train": 1, **({"GPU": self.gpus} if self.gpus else {})}
 
 
 class ResourcesConfig(_Strict):

@@ -16,10 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.allocation import Allocation, Node, SlotPool
 from orchestrator.campaign import Campaign, CampaignResult
-from orchestrator.config import LoopConfig, SimConfig, load_config, resolve_binaries
+from orchestrator.config import (
+    LoopConfig,
+    SimConfig,
+    check_fields,
+    generate_fields,
+    load_config,
+    resolve_binaries,
+)
 from orchestrator.errors import ConfigError, ResourceError, StoreError, UsageError
 from orchestrator.launchers.base import Launcher
+from orchestrator.mpi import MpiInfo, mpi_for
 from orchestrator.progress import Progress
+from orchestrator.rundeck import SimIO, sim_io
 from orchestrator.runlog import State, status_of
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
@@ -126,43 +135,85 @@ def resolve_auto(cfg: LoopConfig, alloc: Allocation) -> LoopConfig:
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"backend": backend})})
 
 
+@dataclass(frozen=True)
+class SimSetup:
+    """What one sim role needs beyond its config: its binary, its MPI, its run-directory I/O."""
+
+    binary: Path
+    mpi: MpiInfo
+    io: SimIO
+
+
+def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
+    """Resolve binaries, detect their MPI, load templates and parsers: every mistake fails here, at start."""
+    binaries = resolve_binaries(cfg, loop_file)
+    base = loop_file.resolve().parent
+    allowed = {"check": check_fields(cfg.input_names), "generate": generate_fields(cfg.input_names)}
+    setups = {}
+    for role, binary in binaries.items():
+        sim: SimConfig = getattr(cfg.sims, role)
+        key = f"{loop_file}: sims.{role}"
+        setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
+                                sim_io(sim, base, allowed[role], key))
+        check_launcher(sim, setups[role], key)
+    return setups
+
+
+def check_launcher(sim: SimConfig, setup: SimSetup, key: str) -> None:
+    """Refuse, in one line, a launcher that cannot work with this sim's MPI or result source."""
+    if sim.launcher != "spawn":
+        return
+    problem = setup.mpi.spawn_problem()
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+    if not setup.io.simkit:
+        raise ConfigError(f"{key}: launcher: spawn returns rows over the intercommunicator (simkit only), "
+                          "so it cannot read output/parser results; use launcher: auto")
+
+
 def make_launcher(
-    sim: SimConfig, alloc: Allocation, *, shared: dict[str, Any] | None = None, run_dir: Path | None = None,
-    steps_per_s: float | None = None,
+    sim: SimConfig, alloc: Allocation, setup: SimSetup | None = None, *, shared: dict[str, Any] | None = None,
+    run_dir: Path | None = None, steps_per_s: float | None = None,
 ) -> Launcher:
-    """The launcher a sim asks for; ``auto`` is srun inside Slurm, mpiexec outside.
+    """The launcher a sim asks for, fitted to its MPI; ``auto`` is srun inside Slurm, mpiexec outside.
 
     ``shared`` holds what the roles share: one agent per node, one srun step rate."""
     shared = {} if shared is None else shared
     kind = sim.launcher
     if kind == "auto":
         kind = "srun" if alloc.in_slurm else "mpiexec"
+    launcher: Launcher
     if kind == "mpiexec":
         from orchestrator.launchers.mpiexec import MpiexecLauncher
 
-        return MpiexecLauncher()
-    if kind == "agent":
+        launcher = MpiexecLauncher(sim.mpiexec, mpi=setup.mpi if setup else None)
+    elif kind == "agent":
         from orchestrator.launchers.agent import NodeAgentLauncher
 
         if "agent" not in shared:
-            shared["agent"] = NodeAgentLauncher(alloc, log_dir=run_dir)
-        launcher: Launcher = shared["agent"]
-        return launcher
-    if kind == "srun":
+            shared["agent"] = NodeAgentLauncher(alloc, mpiexec=sim.mpiexec, log_dir=run_dir)
+        launcher = shared["agent"]
+    elif kind == "srun":
         if not alloc.in_slurm:
             raise ConfigError("launcher: srun needs a Slurm allocation (run inside salloc or sbatch), "
                               "or use launcher: auto")
         from orchestrator.launchers.srun import SrunLauncher
 
+        mpi = setup.mpi.srun_plugin if setup else "pmi2"
         if steps_per_s is None:
-            return SrunLauncher(alloc)
-        from orchestrator.launchers.agent import RateLimitedSrunLauncher, StepRate
+            launcher = SrunLauncher(alloc, mpi=mpi, extra_args=sim.srun_args)
+        else:
+            from orchestrator.launchers.agent import RateLimitedSrunLauncher, StepRate
 
-        rate = shared.setdefault("rate", StepRate(steps_per_s))
-        return RateLimitedSrunLauncher(alloc, rate)
-    from orchestrator.launchers.spawn import SpawnLauncher
+            rate = shared.setdefault("rate", StepRate(steps_per_s))
+            launcher = RateLimitedSrunLauncher(alloc, rate, mpi=mpi, extra_args=sim.srun_args)
+    else:
+        from orchestrator.launchers.spawn import SpawnLauncher
 
-    return SpawnLauncher(alloc)
+        launcher = SpawnLauncher(alloc)
+    if setup is not None:
+        launcher.io = setup.io
+    return launcher
 
 
 def walltime_guard(cfg: LoopConfig, alloc: Allocation) -> WalltimeGuard | None:
@@ -223,12 +274,13 @@ async def run(
     """Run (or resume) one campaign to its end."""
     progress = progress or Progress(enabled=False)
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
-    binaries = resolve_binaries(cfg, loop_file if loop_file is not None else store.root / LOOP)
+    setups = sim_setups(cfg, loop_file if loop_file is not None else store.root / LOOP)
+    binaries = {role: s.binary for role, s in setups.items()}
     alloc = Allocation.detect()
     cfg = resolve_auto(cfg, alloc)
     plan = plan_slots(alloc, cfg)
     shared: dict[str, Any] = {}
-    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc, shared=shared, run_dir=store.root,
+    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc, setups[role], shared=shared, run_dir=store.root,
                                      steps_per_s=cfg.resources.srun_steps_per_s) for role in ("check", "generate")}
     backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
     tracker = _tracker(cfg, root, store.root.name)

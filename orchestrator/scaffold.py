@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,34 @@ TEMPLATE = Path(__file__).resolve().parent / "templates" / "new-sim.c.in"
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 RESERVED = frozenset({"all", "clean", "help", "install", "test", "package", "simkit", "edit_cache",
                       "rebuild_cache", "list_install_components", "mpiexec", "mpirun", "python", "python3"})
-REBUILD = "pip install --no-build-isolation -e ."
+MPICC_RECORD = ".mpicc"
+"""Written by scripts/bootstrap.sh into the venv: the mpicc the sims were built with."""
+
+
+def build_mpicc() -> Path | None:
+    """The MPI compiler this environment's sims were built with: bootstrap's record, else the wheel's."""
+    record = Path(sys.prefix) / MPICC_RECORD
+    try:
+        recorded = record.read_text().strip()
+    except OSError:
+        recorded = ""
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    wheel = Path(sys.executable).parent / "mpicc"
+    return wheel if wheel.is_file() else None
+
+
+def rebuild_command(root: Path) -> list[str]:
+    """What rebuilds the sims into this environment, whatever PATH says: this Python's pip, and the
+    MPI compiler named explicitly (CMake would otherwise take the first mpicc on PATH)."""
+    argv = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", str(root.resolve())]
+    constraints = root / "constraints.txt"
+    if constraints.is_file():
+        argv += ["-c", str(constraints.resolve())]
+    mpicc = build_mpicc()
+    if mpicc is not None:
+        argv.append(f"--config-settings=cmake.define.MPI_C_COMPILER={mpicc}")
+    return argv
 _ADD_SIM = re.compile(r"^\s*add_simulation\(\s*([^\s)]+)\s+([^\s)]+)\s*\)", re.MULTILINE)
 
 
@@ -121,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{done.cmake} already declares {args.name}; left it as it is")
     print("\nnext:")
     print(f"  1. edit {done.source}: replace f() with your physics (the comments walk you through it)")
-    print(f"  2. rebuild (installs {args.name} next to python):  {REBUILD}")
+    print(f"  2. rebuild (installs {args.name} next to python; or: make setup):\n"
+          f"     {shlex.join(rebuild_command(args.root))}")
     print(f"  3. try it:  mpiexec -n 2 {args.name} --lo 0 --hi 1 --points-per-rank 4 "
           f"--out /tmp/{args.name}.npy")
     print("  4. use it in a loop.yml (see docs/adding-a-simulation.md):\n")

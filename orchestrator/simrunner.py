@@ -104,7 +104,7 @@ class SimRunner:
             run_id=run_id, role=role, binary=self.binaries[role], args=render_args(sim.args, fields),
             ranks=sim.ranks, workdir=self.store.sim_dir(run_id), timeout_s=sim.timeout_s,
             ncols=self.cfg.n_columns, nrows=1 if role == "check" else None, ranks_per_node=sim.ranks_per_node,
-            env=sim.env,
+            env=sim.env, fields=fields,
         )
 
     async def _attempt(

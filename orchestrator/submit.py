@@ -36,7 +36,10 @@ from orchestrator.templating import one_line, render
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "batch" / "campaign.sbatch.in"
+_TEMPLATE_PLACES = (Path(__file__).resolve().parent / "batch", Path(__file__).resolve().parent.parent / "batch")
+DEFAULT_TEMPLATE = next((d / "campaign.sbatch.in" for d in _TEMPLATE_PLACES if (d / "campaign.sbatch.in").is_file()),
+                        _TEMPLATE_PLACES[-1] / "campaign.sbatch.in")
+"""The sbatch template: inside the installed package (a wheel), else the checkout's ``batch/``."""
 JOBS_DIR = "jobs"
 EXIT_CHECKPOINTED = 75
 OnInterrupt = Literal["requeue", "resubmit", "none"]

@@ -14,6 +14,8 @@
 #   status  print daemon and node state; exit 0 when the cluster answers.
 #   env     print the exports clients need:
 #             eval "$(scripts/slurm-test-cluster.sh env)"
+#   pmix    exit 0 when srun --mpi=pmix spans the nodes (a cluster started
+#           before per-node PMIx dirs existed needs a stop and start)
 #
 # Everything lives under DIR: munge key, munge socket, slurm.conf, state,
 # spool, logs and pid files. Ports are private (16817 for slurmctld,
@@ -33,7 +35,7 @@ die() { echo "slurm-test-cluster: $*" >&2; exit 1; }
 log() { echo "slurm-test-cluster: $*" >&2; }
 
 usage() {
-    echo "usage: $0 start|stop|status|env [DIR]" >&2
+    echo "usage: $0 start|stop|status|env|pmix [DIR]" >&2
     exit 2
 }
 
@@ -48,6 +50,11 @@ readonly MUNGE_DIR="$DIR/munge"
 readonly MUNGE_SOCKET="$MUNGE_DIR/munge.socket"
 readonly MUNGE_PID="$MUNGE_DIR/munged.pid"
 readonly CTLD_PID="$DIR/run/slurmctld.pid"
+# srun --mpi=pmix (Open MPI) across fake nodes: every slurmd puts its PMIx
+# client files under the same path, so each runs in its own mount namespace
+# where PMIX_DIR is a bind mount of its own PMIX_DIR-<node>.
+readonly PMIX_DIR="$DIR/pmix"
+readonly PMIX_MARK="$DIR/run/pmix-per-node"
 
 slurmd_pid_file() { echo "$DIR/run/slurmd-$1.pid"; }
 
@@ -202,7 +209,18 @@ EOF
         done
         echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP"
     } >"$CONF.tmp"
+    if can_unshare; then
+        # Open MPI names its shared-memory segments after the host, which all fake nodes
+        # share: ranks of two nodes would map each other's. Each node's own dir keeps them apart.
+        # The fake nodes also claim more CPUs than the host has, which Open MPI cannot see
+        # under srun: its ranks must yield when idle, as mpirun --oversubscribe makes them.
+        echo "TaskProlog=$DIR/task-prolog.sh" >>"$CONF.tmp"
+        printf '#!/bin/sh\necho "export OMPI_MCA_btl_vader_backing_directory=%s"\n%s\n' "$PMIX_DIR" \
+            'echo "export OMPI_MCA_mpi_yield_when_idle=1"' >"$DIR/task-prolog.sh"
+        chmod 0755 "$DIR/task-prolog.sh"
+    fi
     mv -f "$CONF.tmp" "$CONF"
+    echo "PMIxCliTmpDirBase=$PMIX_DIR" >"$DIR/mpi.conf"
 }
 
 make_dirs() {
@@ -210,7 +228,8 @@ make_dirs() {
     mkdir -p "$DIR" "$DIR/state" "$DIR/run" "$DIR/log" "$DIR/tmp" "$MUNGE_DIR"
     chmod 0755 "$DIR" "$DIR/run" "$DIR/log"
     chmod 0755 "$MUNGE_DIR"
-    for n in "${NODES[@]}"; do mkdir -p "$DIR/spool/slurmd-$n"; done
+    for n in "${NODES[@]}"; do mkdir -p "$DIR/spool/slurmd-$n" "$PMIX_DIR-$n"; done
+    mkdir -p "$PMIX_DIR"
 }
 
 # ---------------------------------------------------------------- daemons
@@ -246,13 +265,31 @@ start_slurmctld() {
         { tail_logs; die "slurmctld failed to start"; }
 }
 
+# True when this host lets us give each slurmd a private mount namespace.
+can_unshare() {
+    unshare --mount --propagation private true 2>/dev/null
+}
+
 start_slurmds() {
-    local n
+    local n private=0
+    can_unshare && private=1
     for n in "${NODES[@]}"; do
         live_pid "$(slurmd_pid_file "$n")" >/dev/null && continue
-        SLURM_CONF=$CONF slurmd -f "$CONF" -N "$n" 9>&- ||
-            { tail_logs; die "slurmd -N $n failed to start"; }
+        if ((private)); then
+            # shellcheck disable=SC2016
+            SLURM_CONF=$CONF unshare --mount --propagation private sh -c \
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"' _ "$PMIX_DIR-$n" "$PMIX_DIR" \
+                slurmd -f "$CONF" -N "$n" 9>&- ||
+                { tail_logs; die "slurmd -N $n failed to start"; }
+        else
+            SLURM_CONF=$CONF slurmd -f "$CONF" -N "$n" 9>&- ||
+                { tail_logs; die "slurmd -N $n failed to start"; }
+        fi
     done
+    if ((private)); then touch "$PMIX_MARK"; else
+        rm -f "$PMIX_MARK"
+        log "no private mount namespaces here: srun --mpi=pmix works only on one node"
+    fi
 }
 
 wait_idle() {
@@ -369,10 +406,16 @@ cmd_env() {
     printf 'export SLURM_CONF=%q\n' "$CONF"
 }
 
+# Exit 0 when srun --mpi=pmix can span the fake nodes (each slurmd has its own PMIx dir).
+cmd_pmix() {
+    [[ -f $PMIX_MARK ]] && cluster_answers
+}
+
 case "$CMD" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    pmix) cmd_pmix ;;
     *) usage ;;
 esac

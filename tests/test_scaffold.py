@@ -36,7 +36,7 @@ def test_new_sim_writes_the_source_and_declares_it_once(project: Path, capsys: p
     before = (project / "CMakeLists.txt").read_text()
     assert new_sim(project, "sim-heat") == 0
     out = capsys.readouterr().out
-    assert "add_simulation(sim-heat sims/sim-heat.c)" in out and "pip install --no-build-isolation -e ." in out
+    assert "add_simulation(sim-heat sims/sim-heat.c)" in out and "-m pip install --no-build-isolation -e " in out
     assert "binary: sim-heat" in out
     source = (project / "sims" / "sim-heat.c").read_text()
     assert 'simkit_init(&argc, &argv, "sim-heat", opts);' in source and "{{" not in source
@@ -114,3 +114,39 @@ def test_scaffolded_sim_builds_and_runs_a_campaign(project: Path, tmp_path: Path
     assert checks and all(abs(e["truth"][0] - e["x"][0] ** 2) < 1e-12 for e in checks)
     starts = [e for e in events if e.kind is EventKind.SIM_START]
     assert all(str(build / "sim-square") in e["argv"] for e in starts)
+
+
+@pytest.mark.integration
+def test_printed_rebuild_command_builds_against_the_wheel_mpi_whatever_path_says(tmp_path: Path) -> None:
+    """Issue 12: the `next:` command new-sim prints is run as printed, with a PATH whose first
+    mpicc is another MPI (Debian's Open MPI where installed), in a fresh venv that holds the
+    mpich wheel; the new sim must link that wheel's libmpi."""
+    import sysconfig
+
+    root = tmp_path / "project"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if rel.split("/")[0] in ("CMakeLists.txt", "pyproject.toml", "constraints.txt", "README.md", "sims",
+                                 "orchestrator", "models", "batch"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "project-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")  # build tools, deps
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "-c",
+                    str(REPO / "constraints.txt"), "mpich"], check=True, timeout=300)
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("VIRTUAL_ENV",)}
+    env["PATH"] = "/usr/bin:/bin"  # the venv's bin is not on PATH; a system mpicc may be
+    printed = subprocess.run([str(python), "-m", "orchestrator", "new-sim", "sim-heat", "--root", str(root)],
+                             capture_output=True, text=True, env={**env, "PYTHONPATH": str(root)}, check=True).stdout
+    lines = printed.splitlines()
+    command = lines[lines.index(next(ln for ln in lines if ln.strip().startswith("2. rebuild"))) + 1].strip()
+    assert command.startswith(f"{python} -m pip install --no-build-isolation -e {root}")
+    assert f"MPI_C_COMPILER={venv / 'bin' / 'mpicc'}" in command
+    built = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    linked = subprocess.run(["ldd", str(venv / "bin" / "sim-heat")], capture_output=True, text=True).stdout
+    assert f"libmpi.so.12 => {venv / 'lib' / 'libmpi.so.12'}" in linked, linked

@@ -107,7 +107,8 @@ def test_dask_worker_step_argv(tmp_path: Path) -> None:
         "--distribution=arbitrary"]
     assert argv[argv.index("distributed.cli.dask_worker") + 1:] == [
         "tls://10.0.0.1:4000", "--nthreads", "2", "--memory-limit", "1GB", "--no-dashboard",
-        "--local-directory", str(tmp_path), "--death-timeout", "60", "--tls-ca-file", "ca.pem"]
+        "--local-directory", str(tmp_path), "--death-timeout", "60", "--resources", "train=1", "--tls-ca-file",
+        "ca.pem"]
 
 
 def test_placement_options_single_even_uneven() -> None:
@@ -307,3 +308,23 @@ def test_multi_node_steps_default_to_the_ofi_netmod(tmp_path: Path, monkeypatch:
     assert multi["MPIR_CVAR_CH4_NETMOD"] == "ofi"
     assert "MPIR_CVAR_CH4_NETMOD" not in single
     assert mine["MPIR_CVAR_CH4_NETMOD"] == "ucx"
+
+
+def test_gpu_dask_worker_step_asks_for_gpus(tmp_path: Path) -> None:
+    cfg = TrainingConfig(backend="allocation", workers=2, device="cuda", gpus_per_worker=1)
+    assert ts.gpu_step_options(cfg) == ["--gpus-per-task=1"]
+    assert ts.gpu_step_options(TrainingConfig(backend="allocation", workers=2)) == []
+    argv = ts.worker_argv("tcp://127.0.0.1:4000", cfg, tmp_path)
+    assert argv[argv.index("--resources") + 1] == "train=1,GPU=1"
+    cpu = ts.worker_argv("tcp://127.0.0.1:4000", TrainingConfig(), tmp_path)
+    assert cpu[cpu.index("--resources") + 1] == "train=1"
+
+
+def test_gpu_jobqueue_jobs_ask_for_gres(tmp_path: Path) -> None:
+    cfg = TrainingConfig(backend="jobqueue", device="cuda", gpus_per_worker=2,
+                         jobqueue={"job_extra_directives": ["--constraint=a100"]})
+    opts = ts.jobqueue_options(cfg, tmp_path / "sine-1", ts.LOOPBACK, None)
+    assert opts["job_extra_directives"] == ["--constraint=a100", "--gres=gpu:2"]
+    assert opts["worker_extra_args"][-2:] == ["--resources", "train=1,GPU=2"]
+    own = TrainingConfig(backend="jobqueue", device="cuda", jobqueue={"job_extra_directives": ["--gpus=1"]})
+    assert ts.jobqueue_options(own, tmp_path / "s", ts.LOOPBACK, None)["job_extra_directives"] == ["--gpus=1"]

@@ -29,7 +29,8 @@ from orchestrator import shm
 from orchestrator.allocation import Placement
 from orchestrator.errors import LaunchError
 from orchestrator.procs import ProcessOutcome, supervise, tail
-from orchestrator.results import MalformedResult, Table, read_table
+from orchestrator.results import MalformedResult, Table
+from orchestrator.rundeck import SIMKIT, SimIO
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class LaunchRequest:
     """Where the ranks run (srun); None: wherever the launcher puts them."""
     ranks_per_node: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, float | int] = field(default_factory=dict)
+    """The placeholder values of this run (``args`` were filled from them; so are input templates)."""
 
     @property
     def out_path(self) -> Path:
@@ -125,6 +128,8 @@ class Launcher(ABC):
     """Runs one attempt of a sim to a :class:`SimResult`."""
 
     name: ClassVar[str]
+    io: SimIO = SIMKIT
+    """Inputs staged into the run dir and where the result comes from (set per sim by the runner)."""
 
     @abstractmethod
     def command(self, req: LaunchRequest) -> list[str]:
@@ -137,6 +142,16 @@ class Launcher(ABC):
     @abstractmethod
     async def run(self, req: LaunchRequest) -> SimResult:
         """Run one attempt to its end and classify it; failures are results."""
+
+    def program(self, req: LaunchRequest, *, absolute: bool = False) -> list[str]:
+        """The binary, its args, and ``--out FILE`` for simkit sims."""
+        binary, out = (req.binary.absolute(), req.out_path.absolute()) if absolute else (req.binary, req.out_path)
+        return [str(binary), *req.args, *self.io.out_args(out)]
+
+    def stage(self, req: LaunchRequest) -> None:
+        """Create the run directory and put the sim's rendered inputs and static files in it."""
+        req.workdir.mkdir(parents=True, exist_ok=True)
+        self.io.stage(req.workdir, req.fields)
 
     async def close(self) -> None:
         """Release what the launcher holds between runs (an agent process); default: nothing."""
@@ -156,11 +171,11 @@ class ProcessLauncher(Launcher):
 
     @abstractmethod
     def command(self, req: LaunchRequest) -> list[str]:
-        """The whole argv: launcher, its options, the binary, its args, ``--out``."""
+        """The whole argv: launcher, its options, the binary, its args, ``--out`` (simkit sims)."""
 
     def prepare(self, req: LaunchRequest) -> None:
-        """Before the start: the run's directory exists."""
-        req.workdir.mkdir(parents=True, exist_ok=True)
+        """Before the start: the run's directory exists, with the sim's rendered inputs and static files."""
+        self.stage(req)
 
     def output_paths(self, req: LaunchRequest) -> tuple[Path, Path]:
         """Where the process's stdout and stderr go (default: the sim's own logs)."""
@@ -218,7 +233,7 @@ class ProcessLauncher(Launcher):
             stderr = tail(req.stderr_path)
             return result(Outcome.FAILED, f"{exit_description(proc.returncode)}; stderr: {stderr or '(empty)'}")
         try:
-            table = read_table(req.out_path, ncols=req.ncols, nrows=req.nrows)
+            table = self.io.collect(req.workdir, req.out_path, ncols=req.ncols, nrows=req.nrows)
         except MalformedResult as exc:
             return malformed(result(Outcome.MALFORMED, str(exc)), exc)
         return result(Outcome.OK, "ok", table)

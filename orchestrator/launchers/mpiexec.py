@@ -1,4 +1,10 @@
-"""mpiexec: sims on the local box, no Slurm (the embedded default)."""
+"""mpiexec: sims on the local box, no Slurm (the embedded default).
+
+The launcher is the binary's own MPI's (:mod:`orchestrator.mpi`): hydra's
+``mpiexec`` for MPICH, Open MPI's ``mpiexec`` with ``--oversubscribe`` (a
+laptop has fewer cores than a campaign's ranks) and, as root, the two
+variables Open MPI insists on.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import ClassVar
 
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import LaunchRequest, ProcessLauncher
+from orchestrator.mpi import MpiInfo, local_command, merged_env
 
 
 def find_mpiexec() -> str:
@@ -23,12 +30,21 @@ def find_mpiexec() -> str:
 
 
 class MpiexecLauncher(ProcessLauncher):
-    """``mpiexec -n N BINARY ARGS --out FILE``."""
+    """``mpiexec -n N [--oversubscribe] BINARY ARGS [--out FILE]``."""
 
     name: ClassVar[str] = "mpiexec"
 
-    def __init__(self, mpiexec: str | None = None) -> None:
-        self.mpiexec = mpiexec or find_mpiexec()
+    def __init__(self, mpiexec: str | None = None, *, mpi: MpiInfo | None = None) -> None:
+        self.mpi = mpi
+        self.mpiexec = mpiexec or (mpi.mpiexec if mpi is not None else None) or find_mpiexec()
 
     def command(self, req: LaunchRequest) -> list[str]:
-        return [self.mpiexec, "-n", str(req.ranks), str(req.binary), *req.args, "--out", str(req.out_path)]
+        if self.mpi is None:
+            head = [self.mpiexec, "-n", str(req.ranks)]
+        else:
+            head = [self.mpiexec, *local_command(self.mpi, req.ranks)[1:]]
+        return [*head, *self.program(req)]
+
+    def environment(self, req: LaunchRequest) -> dict[str, str]:
+        env = super().environment(req)
+        return env if self.mpi is None else merged_env(env, self.mpi)

@@ -277,7 +277,7 @@ class SpawnLauncher(Launcher):
     async def run(self, req: LaunchRequest) -> SimResult:
         if not os.access(req.binary, os.X_OK):
             raise LaunchError(f"sim {req.run_id}: {req.binary} does not exist or is not executable")
-        req.workdir.mkdir(parents=True, exist_ok=True)
+        self.stage(req)
         for path in (req.stdout_path, req.stderr_path):
             path.write_bytes(b"")  # every rank appends
         spawn = self.spawn_argv(req)

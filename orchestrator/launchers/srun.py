@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,17 +54,20 @@ MULTI_NODE_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
 
 
 class SrunLauncher(ProcessLauncher):
-    """``srun --exact --mpi=pmi2 -n N -c 1 -N K --nodelist … BINARY ARGS --out FILE``."""
+    """``srun --exact --mpi=pmi2|pmix -n N -c 1 -N K --nodelist … [srun_args] BINARY ARGS [--out FILE]``."""
 
     name: ClassVar[str] = "srun"
 
-    def __init__(self, alloc: Allocation, *, srun: str = "srun", mpi: str = "pmi2") -> None:
+    def __init__(self, alloc: Allocation, *, srun: str = "srun", mpi: str = "pmi2",
+                 extra_args: Sequence[str] = ()) -> None:
         if not alloc.in_slurm or alloc.job_id is None:
             raise LaunchError("the srun launcher needs a Slurm allocation (run inside salloc or sbatch)")
         self.alloc = alloc
         self.job_id: str = alloc.job_id
         self.srun = srun
         self.mpi = mpi
+        self.extra_args = list(extra_args)
+        """The sim's ``srun_args``, after ours (so a user's option wins where srun lets the last one win)."""
 
     def command(self, req: LaunchRequest) -> list[str]:
         # Absolute paths: slurmstepd opens the logs and the sim writes --out from the step's cwd.
@@ -71,8 +75,8 @@ class SrunLauncher(ProcessLauncher):
                 "--output", slurm_filename(req.stdout_path.absolute()),
                 "--error", slurm_filename(req.stderr_path.absolute())]
         head = step_argv(req.ranks, placement=req.placement, ranks_per_node=req.ranks_per_node,
-                         job_name=req.run_id, srun=self.srun, mpi=self.mpi, extra=logs)
-        return [*head, str(req.binary.absolute()), *req.args, "--out", str(req.out_path.absolute())]
+                         job_name=req.run_id, srun=self.srun, mpi=self.mpi, extra=[*logs, *self.extra_args])
+        return [*head, *self.program(req, absolute=True)]
 
     def environment(self, req: LaunchRequest) -> dict[str, str]:
         env = srun_env(super().environment(req))

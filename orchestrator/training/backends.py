@@ -14,16 +14,18 @@ Backends:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, cast
 
 import dask
 from distributed import Client, LocalCluster
 
 from orchestrator.config import TrainingConfig
-from orchestrator.errors import OrchestratorError, TrainingError
-from orchestrator.training import remote
+from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
+from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class LocalBackend(Backend):
             threads_per_worker=self.cfg.threads_per_worker,
             memory_limit=self.cfg.memory_limit,
             processes=True,
+            resources=self.cfg.worker_resources,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             asynchronous=True,
@@ -72,9 +75,25 @@ class LocalBackend(Backend):
             self.cluster = None
 
 
+def local_gpus(dev: Path = Path("/dev")) -> int:
+    """NVIDIA GPUs this host shows (``/dev/nvidia0``, ...), without importing torch."""
+    return sum(1 for p in dev.glob("nvidia*") if p.name[len("nvidia"):].isdigit())
+
+
+def check_local_device(cfg: TrainingConfig, gpus: int | None = None) -> None:
+    """Refuse ``training.device: cuda`` at start when the local workers could have no GPU."""
+    gpus = local_gpus() if gpus is None else gpus
+    if cfg.device == "cuda" and gpus == 0:
+        raise ResourceError("training.device is cuda but this machine has no NVIDIA GPU (no /dev/nvidia0); "
+                            "set training.device: auto or cpu, or run where a GPU is")
+    if cfg.device == "cuda" and gpus < cfg.workers and cfg.strategy == "ddp":
+        log.warning("%d local workers share %d GPU(s)", cfg.workers, gpus)
+
+
 def make_backend(cfg: TrainingConfig, **kwargs: Any) -> Backend:
     """The backend named in the config."""
     if cfg.backend == "local":
+        check_local_device(cfg)
         return LocalBackend(cfg)
     from orchestrator.training import slurm
 
@@ -95,6 +114,12 @@ class Trainer:
         self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams.model_dump(exclude_unset=True)}
 
     @property
+    def train_options(self) -> dict[str, Any]:
+        """Dask submit options of a training task: it needs a training worker (and its GPU)."""
+        need = {"train": 1, **({"GPU": self.cfg.gpus} if self.cfg.gpus else {})}
+        return {"resources": need, "pure": False, "retries": self.cfg.task_retries}
+
+    @property
     def client(self) -> Client:
         if self.backend.client is None:
             raise RuntimeError("the training backend is not started")
@@ -102,21 +127,31 @@ class Trainer:
 
     async def warm_up(self) -> float:
         """Import torch and take one optimizer step on a worker before the first training."""
-        future = self.client.submit(remote.call, "warm_up", self.cfg.model, self.model_kwargs, self.n_inputs,
-                                    self.n_outputs, pure=False)
+        futures = [
+            self.client.submit(remote.call, "warm_up", self.cfg.model, self.model_kwargs, self.n_inputs,
+                               self.n_outputs, self.cfg.device, pure=False, workers=[addr])
+            for addr in await self._training_workers()
+        ]
         try:
-            seconds: float = await future
+            seconds: list[float] = list(await asyncio.gather(*futures))
         except Exception as exc:
+            if type(exc).__name__ == "NoGpuError":  # raised by orchestrator.training.devices on the worker
+                raise TrainingError(str(exc)) from exc
             raise TrainingError(f"the model {self.cfg.model} cannot be built on a worker: {exc}") from exc
-        return seconds
+        return max(seconds)
+
+    async def _training_workers(self) -> list[str]:
+        """Addresses of the connected workers that advertise the ``train`` resource (all of ours)."""
+        workers: dict[str, Any] = (await cast(Any, self.client).scheduler.identity(n_workers=-1))["workers"]
+        able = sorted(a for a, w in workers.items() if w.get("resources", {}).get("train", 0) >= 1)
+        return able or sorted(workers)
 
     async def train(self, state: bytes | None, data_paths: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
         """One training round (warm start from ``state``) on every path given."""
-        future = self.client.submit(
-            remote.call, "train", state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs,
-            seed,
-            pure=False, retries=self.cfg.task_retries,
-        )
+        args = (state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed)
+        if self.cfg.strategy == "ddp":
+            return await ddp.train(self.client, self.cfg.workers, args, self.cfg.device, self.cfg.task_retries)
+        future = self.client.submit(remote.call, "train", *args, self.cfg.device, **self.train_options)
         try:
             result: tuple[bytes, dict[str, float]] = await future
         except Exception as exc:

@@ -35,3 +35,10 @@ def evaluate_registered(tracking_uri: str, name: str, version: str | None, xs: l
     with torch.no_grad():
         out = model(torch.as_tensor(xs, dtype=torch.float32)).double()
     return [[float(v) for v in row] for row in out.reshape(len(xs), -1).tolist()]
+
+
+def call_ddp(name: str, *args: Any) -> Any:
+    """Run ``orchestrator.training.ddp_worker.<name>(*args)`` on the worker."""
+    from orchestrator.training import ddp_worker
+
+    return getattr(ddp_worker, name)(*args)

@@ -200,8 +200,18 @@ def worker_argv(
         sys.executable, "-m", "distributed.cli.dask_worker", address,
         "--nthreads", str(cfg.threads_per_worker), "--memory-limit", cfg.memory_limit,
         "--no-dashboard", "--local-directory", str(local_dir),
-        "--death-timeout", str(WORKER_DEATH_TIMEOUT_S), *tls_flags,
+        "--death-timeout", str(WORKER_DEATH_TIMEOUT_S), "--resources", resources_arg(cfg), *tls_flags,
     ]
+
+
+def resources_arg(cfg: TrainingConfig) -> str:
+    """``dask worker --resources`` value: ``train=1``, plus ``GPU=N`` for GPU workers."""
+    return ",".join(f"{k}={v}" for k, v in cfg.worker_resources.items())  # no space: safe in job scripts
+
+
+def gpu_step_options(cfg: TrainingConfig) -> list[str]:
+    """srun options that give each worker task its own GPU(s); Slurm sets CUDA_VISIBLE_DEVICES per task."""
+    return [f"--gpus-per-task={cfg.gpus}"] if cfg.gpus else []
 
 
 class AllocationBackend(Backend):
@@ -239,7 +249,8 @@ class AllocationBackend(Backend):
         log.info("dask scheduler at %s (tls %s)", self.scheduler.address, self.listen.tls)
         argv = [
             *step_argv(self.cfg.workers, cpus_per_task=self.cfg.threads_per_worker, placement=placement,
-                       job_name=self.step_name, mpi="none", extra=["-v", "--kill-on-bad-exit=0"]),
+                       job_name=self.step_name, mpi="none",
+                       extra=["-v", "--kill-on-bad-exit=0", *gpu_step_options(self.cfg)]),
             *worker_argv(self.scheduler.address, self.cfg, self.dask_dir, tls_flags),
         ]
         with self.log_path.open("wb") as out:
@@ -331,8 +342,13 @@ def jobqueue_options(
         "job_name": f"{run_dir.name}-dask"[:64],
         "log_directory": str(run_dir / "dask-jobs"),
         "python": sys.executable,
-        "worker_extra_args": ["--death-timeout", str(WORKER_DEATH_TIMEOUT_S)],
+        "worker_extra_args": ["--death-timeout", str(WORKER_DEATH_TIMEOUT_S), "--resources", resources_arg(cfg)],
     }
+    if cfg.gpus:
+        gres = f"--gres=gpu:{cfg.gpus}"
+        user_directives = list(user.pop("job_extra_directives", None) or [])
+        opts["job_extra_directives"] = user_directives + ([] if any("gres" in d or "gpus" in d
+                                                                      for d in user_directives) else [gres])
     if security is not None:
         opts.update(security=security, shared_temp_directory=str(run_dir / "dask" / "tls"))
     opts.update(user)

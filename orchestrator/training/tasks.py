@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from orchestrator.config import HparamsConfig
+from orchestrator.training import devices
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ def _build_model(spec: str, model_kwargs: dict[str, Any], n_inputs: int, n_outpu
 # --------------------------------------------------------------------------- #
 # state (de)serialisation
 # --------------------------------------------------------------------------- #
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (nested dicts, lists) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _serialise(blob: dict[str, Any]) -> bytes:
     """``torch.save`` a state blob into bytes."""
     buffer = io.BytesIO()
@@ -232,6 +244,32 @@ def _cosine_lr(step: int, total: int, lr: float, final_factor: float) -> float:
     return lr * (final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+class Reduce:
+    """How the loss and gradients of one process combine with its data-parallel peers.
+
+    This one is a single process: its shard is all the data, nothing is exchanged.
+    :class:`orchestrator.training.ddp_worker.AllReduce` sums over a process group,
+    each rank's loss weighted by its share of the rows, so the sum is the full-data
+    loss and its gradient (the arithmetic of single-process training, up to rounding).
+    """
+
+    weight = 1.0
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows this process computes gradients on."""
+        return x, y
+
+    def grads(self, model: nn.Module) -> None:
+        """Combine the parameters' gradients with the peers' (sum of weighted gradients)."""
+
+    def value(self, loss: torch.Tensor) -> torch.Tensor:
+        """The combined (full-data) value of a weighted loss."""
+        return loss
+
+
+SINGLE = Reduce()
+
+
 def _run_epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -239,6 +277,7 @@ def _run_epochs(
     y: torch.Tensor,
     hp: dict[str, Any],
     generator: torch.Generator,
+    reduce: Reduce = SINGLE,
 ) -> None:
     """Run ``hp["epochs"]`` passes over ``(x, y)`` with a cosine lr schedule."""
     n = x.shape[0]
@@ -257,10 +296,11 @@ def _run_epochs(
                 group["lr"] = _cosine_lr(step, total, float(hp["lr"]), float(hp["lr_final_factor"]))
             optimizer.zero_grad(set_to_none=True)
             pred, target = _loss_pair(model, x[idx], y[idx])
-            loss = loss_fn(pred, target)
-            if not torch.isfinite(loss):
+            loss = loss_fn(pred, target) * reduce.weight
+            if not torch.isfinite(reduce.value(loss.detach().clone())):
                 raise FloatingPointError(f"training diverged: non-finite loss at step {step}")
             loss.backward()
+            reduce.grads(model)
             if clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
@@ -277,7 +317,9 @@ def _full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[str,
     return loss
 
 
-def _polish_lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[str, Any]) -> None:
+def _polish_lbfgs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[str, Any], reduce: Reduce = SINGLE
+) -> None:
     """Full-batch L-BFGS refinement; reverted if it diverges or makes things worse.
 
     L-BFGS curvature pairs describe the current data set only, so its history
@@ -289,7 +331,7 @@ def _polish_lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[s
     model.train()
     snapshot = copy.deepcopy(model.state_dict())
     with torch.no_grad():
-        before = float(_full_loss(model, x, y, hp))
+        before = float(reduce.value(_full_loss(model, x, y, hp) * reduce.weight))
     optimizer = torch.optim.LBFGS(
         model.parameters(),
         lr=1.0,
@@ -303,13 +345,14 @@ def _polish_lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, hp: dict[s
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = _full_loss(model, x, y, hp)
+        loss = _full_loss(model, x, y, hp) * reduce.weight
         torch.autograd.backward(loss)
-        return loss
+        reduce.grads(model)
+        return reduce.value(loss.detach().clone())
 
     optimizer.step(closure)
     with torch.no_grad():
-        after = float(_full_loss(model, x, y, hp))
+        after = float(reduce.value(_full_loss(model, x, y, hp) * reduce.weight))
     if not math.isfinite(after) or after > before:
         logger.warning("L-BFGS polish did not improve the loss (%.3g -> %.3g); reverting", before, after)
         model.load_state_dict(snapshot)
@@ -398,6 +441,8 @@ def train(
     hparams: dict[str, Any],
     n_inputs: int,
     seed: int,
+    device: str = "cpu",
+    reduce: Reduce = SINGLE,
 ) -> tuple[bytes, dict[str, float]]:
     """Train (or warm-start and continue training) a surrogate on all data files.
 
@@ -412,6 +457,9 @@ def train(
         hparams: Overrides for :data:`DEFAULT_HPARAMS`.
         n_inputs: Number of input columns.
         seed: Seeds initialisation (fresh start) and mini-batch shuffling.
+        device: ``training.device`` (``auto`` | ``cpu`` | ``cuda``); the saved
+            state holds CPU tensors whatever the device.
+        reduce: Combines gradients with data-parallel peers (:mod:`.ddp_worker`).
 
     Returns:
         ``(new_state_bytes, metrics)`` with metrics ``train_loss``,
@@ -428,13 +476,16 @@ def train(
     if callable(fit_normalisation) and (not fitted or hp["refit_normalisation"]):
         fit_normalisation(x_np, y_np)
         fitted = True
+    dev = devices.resolve(device)
+    net.to(dev)
     optimizer = _make_optimizer(net, hp, blob.get("optimizer"))
     epochs_done = int(blob.get("epochs_done", 0))
     generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + epochs_done) % 2**63)
-    x, y = torch.from_numpy(x_np).float(), torch.from_numpy(y_np).float()
+    x, y = torch.from_numpy(x_np).float().to(dev), torch.from_numpy(y_np).float().to(dev)
     start = _snapshot_if_warm(net, x, y, hp, warm=state is not None)
-    _run_epochs(net, optimizer, x, y, hp, generator)
-    _polish_lbfgs(net, x, y, hp)
+    xs, ys = reduce.shard(x, y)
+    _run_epochs(net, optimizer, xs, ys, hp, generator, reduce)
+    _polish_lbfgs(net, xs, ys, hp, reduce)
     _keep_best(net, x, y, hp, start)
     metrics = _final_metrics(net, x, y, hp["loss"])
     epochs_total = epochs_done + int(hp["epochs"])
@@ -445,8 +496,8 @@ def train(
         "model_kwargs": dict(model_kwargs),
         "n_inputs": n_inputs,
         "n_outputs": int(y_np.shape[1]),
-        "model": net.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": _to_cpu(net.state_dict()),
+        "optimizer": _to_cpu(optimizer.state_dict()),
         "epochs_done": epochs_total,
         "rounds_done": rounds_total,
         "normalisation_fitted": fitted,
@@ -457,10 +508,11 @@ def train(
         epochs_done=float(epochs_total),
         rounds_done=float(rounds_total),
         train_seconds=time.perf_counter() - started,
+        rows_per_s=float(x_np.shape[0]) * max(1, int(hp["epochs"])) / max(time.perf_counter() - started, 1e-9),
     )
     logger.info(
-        "trained %s round %d on %d samples: loss=%.3g rmse=%.3g in %.2fs",
-        model, rounds_total, x_np.shape[0], metrics["train_loss"], metrics["train_rmse"],
+        "trained %s round %d on %d samples (%s): loss=%.3g rmse=%.3g in %.2fs",
+        model, rounds_total, x_np.shape[0], devices.describe(dev), metrics["train_loss"], metrics["train_rmse"],
         metrics["train_seconds"],
     )
     return _serialise(new_blob), metrics
@@ -513,14 +565,18 @@ def evaluate(
     return result
 
 
-def warm_up(model: str, model_kwargs: dict[str, Any], n_inputs: int, n_outputs: int) -> float:
+def warm_up(
+    model: str, model_kwargs: dict[str, Any], n_inputs: int, n_outputs: int, device: str = "cpu"
+) -> float:
     """Pay a fresh worker's one-time costs (torch's lazy imports, the first optimizer
-    step) before the first real training needs it. Returns the seconds it took."""
+    step, on the training device) before the first real training needs it; refuses
+    ``device: cuda`` on a worker without a GPU. Returns the seconds it took."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
-    net = _build_model(model, model_kwargs, n_inputs, n_outputs)
+    dev = devices.resolve(device)
+    net = _build_model(model, model_kwargs, n_inputs, n_outputs).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x = torch.zeros(4, n_inputs, dtype=torch.float32)
+    x = torch.zeros(4, n_inputs, dtype=torch.float32, device=dev)
     loss = net(x).pow(2).mean()
     loss.backward()
     opt.step()
