@@ -303,6 +303,13 @@ class SlotPool:
                 raise ValueError(f"node {node.name!r} has negative CPUs ({node.cpus})")
             self._capacity[node.name] = node.cpus
         self._free: dict[str, int] = dict(self._capacity)
+        self._free_total = sum(self._free.values())
+        self._by_free: dict[int, dict[str, None]] = {}
+        """Nodes by free-slot count (insertion-ordered sets): a placement walks only the nodes it
+        takes, so acquire and release cost the same on 3 nodes or 30,000."""
+        for name, free in self._free.items():
+            self._by_free.setdefault(free, {})[name] = None
+        self._possible: dict[tuple[int | None, int | None], int] = {}
         self._cond: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_wakeups: set[asyncio.Task[None]] = set()
@@ -317,12 +324,12 @@ class SlotPool:
     @property
     def free_total(self) -> int:
         """Free slots over all nodes."""
-        return sum(self._free.values())
+        return self._free_total
 
     @property
     def capacity(self) -> int:
         """Total slots over all nodes, free or not."""
-        return sum(self._capacity.values())
+        return self._max_possible(None)
 
     # -- synchronous API
 
@@ -334,21 +341,36 @@ class SlotPool:
 
     def _plan(self, n: int, max_nodes: int | None, per_node: int | None = None) -> list[tuple[str, int]] | None:
         """Greedy most-free-first plan; it uses the fewest nodes possible (at most
-        ``per_node`` slots on each)."""
-        order = sorted(self._free.items(), key=lambda kv: -kv[1])  # stable on ties
+        ``per_node`` slots on each). Among nodes with equal free slots, the one that
+        has had that count longest comes first (allocation order while none is used)."""
+        if n > self._free_total:
+            return None
         plan: list[tuple[str, int]] = []
         remaining = n
-        for name, free in order:
-            if remaining == 0 or free == 0:
+        limit = max_nodes if max_nodes is not None else len(self._free)
+        for free in sorted(self._by_free, reverse=True):
+            if free == 0:
                 break
-            take = min(free, remaining, per_node or free)
-            plan.append((name, take))
-            remaining -= take
-        if remaining > 0:
-            return None
-        if max_nodes is not None and len(plan) > max_nodes:
-            return None
-        return plan
+            for name in self._by_free[free]:
+                if remaining == 0 or len(plan) == limit:
+                    break
+                take = min(free, remaining, per_node or free)
+                plan.append((name, take))
+                remaining -= take
+            if remaining == 0 or len(plan) == limit:
+                break
+        return plan if remaining == 0 else None
+
+    def _move(self, name: str, delta: int) -> None:
+        """Change one node's free count, keeping the by-free index."""
+        old = self._free[name]
+        bucket = self._by_free[old]
+        del bucket[name]
+        if not bucket:
+            del self._by_free[old]
+        self._free[name] = old + delta
+        self._by_free.setdefault(old + delta, {})[name] = None
+        self._free_total += delta
 
     def try_acquire(
         self, n: int, *, max_nodes: int | None = None, per_node: int | None = None
@@ -360,9 +382,9 @@ class SlotPool:
         if plan is None:
             return None
         for name, count in plan:
-            self._free[name] -= count
+            self._move(name, -count)
         placement = Placement(tuple(plan))
-        logger.debug("acquired %s (free now %d)", placement.per_node, self.free_total)
+        logger.debug("acquired %s (free now %d)", placement.per_node, self._free_total)
         return placement
 
     def release(self, placement: Placement) -> None:
@@ -376,15 +398,18 @@ class SlotPool:
                     f"{self._capacity[name]} (released twice?)"
                 )
         for name, count in placement.per_node:
-            self._free[name] += count
-        logger.debug("released %s (free now %d)", placement.per_node, self.free_total)
+            self._move(name, count)
+        logger.debug("released %s (free now %d)", placement.per_node, self._free_total)
         self._wake_waiters()
 
     # -- asyncio API
 
     def _max_possible(self, max_nodes: int | None, per_node: int | None = None) -> int:
-        sizes = sorted((min(c, per_node or c) for c in self._capacity.values()), reverse=True)
-        return sum(sizes if max_nodes is None else sizes[:max_nodes])
+        key = (max_nodes, per_node)
+        if key not in self._possible:  # capacities never change: once per request shape
+            sizes = sorted((min(c, per_node or c) for c in self._capacity.values()), reverse=True)
+            self._possible[key] = sum(sizes if max_nodes is None else sizes[:max_nodes])
+        return self._possible[key]
 
     def _condition(self) -> asyncio.Condition:
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ import enum
 import logging
 import signal
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from orchestrator.runlog import (
     Status,
     TrainEnd,
     TrainStart,
+    WalltimeSkip,
     build_summary,
 )
 from orchestrator.services import Services
@@ -48,6 +50,7 @@ from orchestrator.simrunner import SimRunner
 from orchestrator.store import EVENTS, LOOP, RunStore
 from orchestrator.tracksink import TrackingSink
 from orchestrator.training.backends import Backend, Trainer
+from orchestrator.walltime import Durations, WalltimeGuard
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
@@ -133,6 +136,7 @@ class Campaign:
         progress: Progress | None = None,
         state: State | None = None,
         strategy: sampling.Strategy | None = None,
+        walltime: WalltimeGuard | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -159,12 +163,25 @@ class Campaign:
         self._data_cache: tuple[int, np.ndarray] | None = None
         self.lo = np.array([i.lo for i in cfg.inputs])
         self.hi = np.array([i.hi for i in cfg.inputs])
+        self.walltime = walltime
+        if walltime is not None:
+            walltime.durations = Durations.from_json(self.state.sim_durations)
+        self._out_of_time = False
+        """A sim was not started because it would overrun the allocation."""
         self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
+                              fits=self._fits, on_end=self._sim_ended,
                               clock=lambda: self.continual.clock)
         self.sink = TrackingSink(tracker, store, self.state, self.checkpoint)
         self.services = Services(backend, self.trainer, store, self.sink)
         self.pictures = Pictures(cfg, store.root, self.trainer, self.sink.upload, self.services.trainer_ready)
         self._tasks: dict[asyncio.Task[TaskResult], TaskKind] = {}
+        self._counts: Counter[TaskKind] = Counter()
+        """Tasks in flight per kind (kept with ``_tasks``, so the view costs the same at any scale)."""
+        self._finished: deque[asyncio.Task[TaskResult]] = deque()
+        """Tasks done and not yet collected, in completion order."""
+        self._finished_event = asyncio.Event()
+        self._untrained_in_training = 0
+        """How many of ``state.untrained`` the in-flight training uses."""
         self._training_files: set[str] = set()
         """Data files the in-flight training uses; they leave ``untrained`` only when it ends."""
         self._known: list[tuple[list[float], list[float] | None]] = []
@@ -179,7 +196,7 @@ class Campaign:
         return self.state.elapsed_s + time.monotonic() - self._t0
 
     def _inflight(self, kind: TaskKind) -> int:
-        return sum(1 for k in self._tasks.values() if k is kind)
+        return self._counts[kind]
 
     def view(self) -> pol.View:
         s = self.state
@@ -188,7 +205,7 @@ class Campaign:
             checks_inflight=self._inflight(TaskKind.CHECK), failed_current=s.failed_current,
             checks_known=len(self._known), prechecks_inflight=self._inflight(TaskKind.PRECHECK),
             generates_inflight=self._inflight(TaskKind.GENERATE),
-            untrained_runs=sum(1 for f in s.untrained if f not in self._training_files),
+            untrained_runs=len(s.untrained) - self._untrained_in_training,
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
             trainer_ready=self.services.trainer_up,
         )
@@ -215,7 +232,47 @@ class Campaign:
 
     # -- actions ----------------------------------------------------------
     def _spawn(self, kind: TaskKind, coro: Coroutine[Any, Any, TaskResult]) -> None:
-        self._tasks[asyncio.ensure_future(coro)] = kind
+        task = asyncio.ensure_future(coro)
+        self._tasks[task] = kind
+        self._counts[kind] += 1
+        task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task[TaskResult]) -> None:
+        self._finished.append(task)
+        self._finished_event.set()
+
+    def _forget(self, task: asyncio.Task[TaskResult]) -> bool:
+        kind = self._tasks.pop(task, None)
+        if kind is None:
+            return False
+        self._counts[kind] -= 1
+        return True
+
+    # -- walltime ---------------------------------------------------------
+    def _fits(self, role: str) -> bool:
+        """A run of ``role`` is expected to end before the campaign must be out."""
+        if self.walltime is None or self.walltime.fits(role):
+            return True
+        if not self._out_of_time:
+            expected, left = self.walltime.durations.expected(role), self.walltime.remaining()
+            log.info("sims.%s: expected %.1f s, %.1f s left before the allocation's exit time: not started",
+                     role, expected or 0.0, left)
+            self.store.log(WalltimeSkip(role, expected, round(left, 3)))
+        self._out_of_time = True
+        return False
+
+    def _sim_ended(self, role: str, result: SimResult) -> None:
+        if self.walltime is not None:
+            self.walltime.durations.observe(role, result.wall_s)
+            self.state.sim_durations = self.walltime.durations.to_json()
+
+    def _walltime_over(self) -> bool:
+        """Out of time: past the exit time, or nothing useful fits and nothing is in flight."""
+        if self.walltime is None:
+            return False
+        return self.walltime.remaining() <= 0 or (self._out_of_time and not self._tasks)
+
+    # -- actions ----------------------------------------------------------
 
     def _random_point(self) -> list[float]:
         return [float(v) for v in self.rng.uniform(self.lo, self.hi)]
@@ -342,12 +399,13 @@ class Campaign:
             if isinstance(action, pol.StartTraining):
                 files = list(self.state.data_files)
                 self._training_files = set(files)
+                self._untrained_in_training = len(self.state.untrained)
                 self._spawn(TaskKind.TRAIN, self._train(files, int(self.rng.integers(2**31))))
             elif isinstance(action, pol.StartGenerates) and sampling.chooses(self.cfg):
                 for _ in range(action.count):
                     self._spawn(TaskKind.GENERATE, self._generate_chosen(int(self.rng.integers(2**31))))
             elif isinstance(action, pol.StartGenerates):
-                for _ in range(action.count):
+                for _ in range(action.count if self._fits("generate") else 0):
                     wlo, whi = pol.sampling_window(self.lo, self.hi, self.state.failed_points,
                                                    self.cfg.policy.sampling, self.cfg.policy.near_failures_width,
                                                    self.rng)
@@ -356,11 +414,11 @@ class Campaign:
                                 self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi]))
             elif isinstance(action, pol.StartChecks):
                 assert self.members
-                for _ in range(action.count):
+                for _ in range(action.count if self._fits("check") else 0):
                     x, known = self._next_query()
                     self._spawn(TaskKind.CHECK, self._check(x, self.state.model_version, list(self.members), known))
             elif isinstance(action, pol.StartPrechecks):
-                for _ in range(action.count):
+                for _ in range(action.count if self._fits("check") else 0):
                     self._spawn(TaskKind.PRECHECK, self._precheck(self._random_point()))
         return None
 
@@ -427,6 +485,7 @@ class Campaign:
         self.pictures.round(version, r.members[0], [f for f in s.data_files if f in self._training_files],
                             f"{self.cfg.name}: round {version}, {s.data_points} rows")
         self._training_files = set()
+        self._untrained_in_training = 0
         metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes,
                    "sims_launched": s.sims_launched, "sims_failed": s.sims_failed, "wall_s": round(self.elapsed, 3)}
         s.rounds.append({"round": version, **metrics})
@@ -473,10 +532,16 @@ class Campaign:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._counts.clear()
+        self._finished.clear()
 
     def _timeout(self) -> float | None:
         budget = self.cfg.target.time_budget_s
-        return None if budget is None else max(0.0, budget - self.elapsed) + 0.01
+        timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
+        if self.walltime is None:
+            return timeout
+        left = max(0.0, self.walltime.remaining()) + 0.01
+        return left if timeout is None else min(timeout, left)
 
     async def loop(self) -> pol.StopReason | None:
         """Decide, start, wait for the next completion; until a Stop or a signal (None)."""
@@ -487,28 +552,48 @@ class Campaign:
                 self._show()
                 if reason is not None:
                     return reason
+                if self._walltime_over():
+                    self._signal = "walltime"
+                    log.info("the allocation ends soon: checkpointing and exiting with the resumable code")
+                    return None
                 if not self._tasks and self.services.trainer_up:
                     raise StoreError("the policy started nothing and nothing is in flight (a bug); state saved")
-                # Ready workers change what the policy may start; a failed start stops the campaign.
-                starting = self.services.pending
-                waiting: list[asyncio.Future[Any]] = [*self._tasks, interrupt, *starting]
-                done, _ = await asyncio.wait(waiting, timeout=self._timeout(), return_when=asyncio.FIRST_COMPLETED)
-                if interrupt in done:
+                if not self._finished and await self._wait(interrupt):
                     return None
-                for service in [f for f in starting if f in done]:
-                    self.services.started(service)
-                for task in [t for t in self._tasks if t in done]:
-                    del self._tasks[task]
-                    self._collect(task)
+                # Completions arrive through a done-callback queue: waiting costs the same with
+                # 10 or 100,000 sims in flight (asyncio.wait over every task does not).
+                while self._finished:
+                    task = self._finished.popleft()
+                    if self._forget(task):
+                        self._collect(task)
             return None
         finally:
             interrupt.cancel()
+
+    async def _wait(self, interrupt: asyncio.Future[Any]) -> bool:
+        """Until a task ends, a service starts, the time is up or a signal comes (True)."""
+        self._finished_event.clear()
+        finished: asyncio.Future[Any] = asyncio.ensure_future(self._finished_event.wait())
+        # Ready workers change what the policy may start; a failed start stops the campaign.
+        starting = self.services.pending
+        try:
+            done, _ = await asyncio.wait([finished, interrupt, *starting], timeout=self._timeout(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+        if interrupt in done:
+            return True
+        for service in [f for f in starting if f in done]:
+            self.services.started(service)
+        return False
 
     async def run(self) -> CampaignResult:
         """The whole campaign: start everything, loop, end cleanly whatever happens."""
         remove_signals = self._install_signals()
         status, reason, error, registered = Status.FAILED, None, None, None
-        self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free))
+        self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free,
+                                     None if self.walltime is None else self.walltime.end,
+                                     None if self.walltime is None else self.walltime.exit_at))
         try:
             await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
             if self.resumed:

@@ -114,6 +114,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         result = (f"parser {sim.parser}" if sim.parser else f"output file {sim.output.path}" if sim.output
                   else "simkit (--out)")
         print(f"    results: {result}")
+    if cfg.tracking.enabled:
+        from orchestrator.sharedfs import read_mounts, sqlite_on_shared_fs
+        from orchestrator.tracking import default_tracking_uri
+
+        uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.workdir))
+        warning = sqlite_on_shared_fs(uri, read_mounts())
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return ExitCode.OK
 
 

@@ -83,8 +83,10 @@ class SimConfig(_Strict):
     """MPI ranks per run."""
     ranks_per_node: int | None = Field(default=None, ge=1)
     """Spread the ranks over nodes, at most this many per node (srun only)."""
-    launcher: Literal["auto", "srun", "mpiexec", "spawn"] = "auto"
-    """auto: srun inside a Slurm allocation, mpiexec outside."""
+    launcher: Literal["auto", "srun", "mpiexec", "spawn", "agent"] = "auto"
+    """auto: srun inside a Slurm allocation, mpiexec outside. agent: one long-lived agent per
+    node (one srun step per node) starts single-node runs with the node-local mpiexec; runs
+    spanning nodes still go through srun. For many small sims."""
     timeout_s: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one run; past it the whole process tree is killed."""
     retries: int = Field(default=2, ge=0, le=100)
@@ -197,7 +199,7 @@ class PolicyConfig(_Strict):
         return v
     near_failures_width: float = Field(default=0.25, gt=0, le=1)
     """near-failures: window width as a fraction of each input's domain."""
-    max_inflight: int = Field(default=2, ge=1, le=1024)
+    max_inflight: int = Field(default=2, ge=1, le=1_000_000)
     """Generate sims in flight at once; with ``pipeline``, also the most runs kept ahead of
     a running training (in flight or finished, not yet trained on)."""
     pipeline: bool = True
@@ -299,6 +301,10 @@ class ResourcesConfig(_Strict):
     (allocation backend) or none (local and jobqueue backends)."""
     training_nodes: int = Field(default=0, ge=0)
     """Whole nodes kept for training (allocation backend); overrides training_cores."""
+    srun_steps_per_s: float | None = Field(default=None, gt=0)
+    """Cap on srun step creations per second by the srun launcher (all roles together), for
+    sites that flag jobs creating steps too fast; None: no cap. The agent launcher creates
+    one step per node instead."""
     sim_slots: int | None = Field(default=None, ge=1)
     """Cap on sim slots; None: every CPU not kept for training. Outside Slurm the
     local box may be oversubscribed up to this number (default: 2 x its CPUs, or
@@ -371,6 +377,19 @@ class StepsConfig(_Strict):
     """Check sims at fresh points the ``evaluate`` step compares the model against."""
 
 
+class WalltimeConfig(_Strict):
+    """Walltime-aware placement inside a Slurm allocation (see :mod:`orchestrator.walltime`)."""
+
+    enabled: bool = True
+    """Ask Slurm when the allocation ends; start no sim expected to overrun it, and exit with
+    the resumable code 75 before Slurm's warning signal."""
+    signal_lead_s: float = Field(default=120.0, ge=0)
+    """Slurm's warning signal comes this long before the end (``submit --signal-lead``;
+    ``#SBATCH --signal=B:USR1@120``): the campaign is out before it."""
+    safety_s: float = Field(default=10.0, ge=0)
+    """Further time kept for the final checkpoint and exit."""
+
+
 class LoopConfig(_Strict):
     """A whole campaign: what loop.yml holds."""
 
@@ -396,6 +415,8 @@ class LoopConfig(_Strict):
     """Split of the allocation."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow tracking."""
+    walltime: WalltimeConfig = WalltimeConfig()
+    """Allocation end awareness."""
     continual: ContinualConfig = ContinualConfig()
     """Continual mode (keep the model current after the target is met)."""
     steps: StepsConfig = StepsConfig()

@@ -15,7 +15,7 @@ import enum
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from orchestrator.errors import ExitCode
@@ -37,6 +37,7 @@ class EventKind(enum.StrEnum):
     TRAIN_END = "train_end"
     TRAINING_BACKEND = "training_backend"
     MODEL_REGISTERED = "model_registered"
+    WALLTIME_SKIP = "walltime_skip"
     CHAMPION = "champion"
     MONITOR_CHECK = "monitor_check"
     DRIFT = "drift"
@@ -91,6 +92,20 @@ class CampaignStart(Event):
     run_dir: str
     seed: int
     sim_slots: dict[str, int]
+    allocation_end: float | None = None
+    """When the Slurm allocation ends (epoch s), if Slurm told."""
+    exit_at: float | None = None
+    """When the campaign must be out: the end less the warning signal's lead and a margin."""
+
+
+@dataclass(frozen=True)
+class WalltimeSkip(Event):
+    """A sim was not started: it was expected to run past the allocation's exit time."""
+
+    KIND = EventKind.WALLTIME_SKIP
+    role: str
+    expected_s: float | None
+    left_s: float
 
 
 @dataclass(frozen=True)
@@ -384,6 +399,8 @@ class State:
     last_error: float | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Metrics of each finished training."""
+    sim_durations: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Running wall-time estimates per sim role (:class:`orchestrator.walltime.Durations`)."""
     continual: dict[str, Any] = field(default_factory=dict)
     """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
     member_files: list[str] = field(default_factory=list)
@@ -401,7 +418,9 @@ class State:
         return cls(**known)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # Shallow: json.dumps copies nothing, and asdict's deep copy of the growing lists
+        # was most of a coordinator event's cost.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["status"] = self.status.value
         return out
 

@@ -33,6 +33,7 @@ from orchestrator.rundeck import SimIO, sim_io
 from orchestrator.runlog import State, status_of
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
+from orchestrator.walltime import WalltimeGuard, allocation_end
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
@@ -171,8 +172,14 @@ def check_launcher(sim: SimConfig, setup: SimSetup, key: str) -> None:
                           "so it cannot read output/parser results; use launcher: auto")
 
 
-def make_launcher(sim: SimConfig, alloc: Allocation, setup: SimSetup | None = None) -> Launcher:
-    """The launcher a sim asks for, fitted to its MPI; ``auto`` is srun inside Slurm, mpiexec outside."""
+def make_launcher(
+    sim: SimConfig, alloc: Allocation, setup: SimSetup | None = None, *, shared: dict[str, Any] | None = None,
+    run_dir: Path | None = None, steps_per_s: float | None = None,
+) -> Launcher:
+    """The launcher a sim asks for, fitted to its MPI; ``auto`` is srun inside Slurm, mpiexec outside.
+
+    ``shared`` holds what the roles share: one agent per node, one srun step rate."""
+    shared = {} if shared is None else shared
     kind = sim.launcher
     if kind == "auto":
         kind = "srun" if alloc.in_slurm else "mpiexec"
@@ -181,13 +188,26 @@ def make_launcher(sim: SimConfig, alloc: Allocation, setup: SimSetup | None = No
         from orchestrator.launchers.mpiexec import MpiexecLauncher
 
         launcher = MpiexecLauncher(sim.mpiexec, mpi=setup.mpi if setup else None)
+    elif kind == "agent":
+        from orchestrator.launchers.agent import NodeAgentLauncher
+
+        if "agent" not in shared:
+            shared["agent"] = NodeAgentLauncher(alloc, mpiexec=sim.mpiexec, log_dir=run_dir)
+        launcher = shared["agent"]
     elif kind == "srun":
         if not alloc.in_slurm:
             raise ConfigError("launcher: srun needs a Slurm allocation (run inside salloc or sbatch), "
                               "or use launcher: auto")
         from orchestrator.launchers.srun import SrunLauncher
 
-        launcher = SrunLauncher(alloc, mpi=setup.mpi.srun_plugin if setup else "pmi2", extra_args=sim.srun_args)
+        mpi = setup.mpi.srun_plugin if setup else "pmi2"
+        if steps_per_s is None:
+            launcher = SrunLauncher(alloc, mpi=mpi, extra_args=sim.srun_args)
+        else:
+            from orchestrator.launchers.agent import RateLimitedSrunLauncher, StepRate
+
+            rate = shared.setdefault("rate", StepRate(steps_per_s))
+            launcher = RateLimitedSrunLauncher(alloc, rate, mpi=mpi, extra_args=sim.srun_args)
     else:
         from orchestrator.launchers.spawn import SpawnLauncher
 
@@ -195,6 +215,16 @@ def make_launcher(sim: SimConfig, alloc: Allocation, setup: SimSetup | None = No
     if setup is not None:
         launcher.io = setup.io
     return launcher
+
+
+def walltime_guard(cfg: LoopConfig, alloc: Allocation) -> WalltimeGuard | None:
+    """The guard for a Slurm allocation whose end Slurm tells; None otherwise."""
+    if not (cfg.walltime.enabled and alloc.in_slurm):
+        return None
+    end = allocation_end()
+    if end is None:
+        return None
+    return WalltimeGuard(end, cfg.walltime.signal_lead_s, cfg.walltime.safety_s)
 
 
 def _tracker(cfg: LoopConfig, workdir: Path, run_name: str) -> Tracker | None:
@@ -250,7 +280,9 @@ async def run(
     alloc = Allocation.detect()
     cfg = resolve_auto(cfg, alloc)
     plan = plan_slots(alloc, cfg)
-    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc, setups[role]) for role in ("check", "generate")}
+    shared: dict[str, Any] = {}
+    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc, setups[role], shared=shared, run_dir=store.root,
+                                     steps_per_s=cfg.resources.srun_steps_per_s) for role in ("check", "generate")}
     backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
     tracker = _tracker(cfg, root, store.root.name)
     progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
@@ -259,7 +291,7 @@ async def run(
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
     strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
     campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                        state, strategy)
+                        state, strategy, walltime=walltime_guard(cfg, alloc))
     if loop_file is not None and campaign.state.loop_dir is None:
         campaign.state.loop_dir = str(loop_file.resolve().parent)
     with progress:

@@ -35,6 +35,7 @@ class SimRunner:
     def __init__(
         self, cfg: LoopConfig, store: RunStore, binaries: Mapping[str, Path], launchers: Mapping[str, Launcher],
         pool: SlotPool, state: State, progress: Progress, on_launch: Callable[[], None],
+        fits: Callable[[str], bool] = lambda role: True, on_end: Callable[[str, SimResult], None] | None = None,
         clock: Callable[[], int] = lambda: 0,
     ) -> None:
         self.cfg = cfg
@@ -45,6 +46,9 @@ class SimRunner:
         self.state = state
         self.progress = progress
         self.on_launch = on_launch
+        self.fits = fits
+        """Whether a run of a role may start now (walltime): an attempt that does not fit is not made."""
+        self.on_end = on_end
         self.clock = clock
         """``{campaign_time}`` for the sims' args: continual mode's monitoring round (0 before it)."""
         self._consecutive_failures = {"check": 0, "generate": 0}
@@ -61,6 +65,8 @@ class SimRunner:
             if attempt:
                 await asyncio.sleep(sim.backoff_s * 2 ** (attempt - 1))
             last = await self._attempt(role, sim, values, attempt, points)
+            if last is None:  # it would not end before the allocation does
+                return None
             if last.ok:
                 self._consecutive_failures[role] = 0
                 self._ever_ok[role] = True
@@ -115,13 +121,19 @@ class SimRunner:
             env=sim.env, fields=fields,
         )
 
-    async def _attempt(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
-                       points: np.ndarray | None = None) -> SimResult:
-        req = self._request(role, sim, values, attempt, points)
+    async def _attempt(
+        self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
+        points: np.ndarray | None = None,
+    ) -> SimResult | None:
+        """One attempt; None when, once its slots are free, it no longer fits in the allocation's time."""
         try:
             placement = await self.pool.acquire(sim.ranks, per_node=sim.ranks_per_node)
         except ValueError as exc:
             raise ResourceError(f"sims.{role}: {exc}") from exc
+        if not self.fits(role):
+            self.pool.release(placement)
+            return None
+        req = self._request(role, sim, values, attempt, points)
         try:
             req = dataclasses.replace(req, placement=placement)
             launcher = self.launchers[role]
@@ -136,6 +148,8 @@ class SimRunner:
                 raise
         finally:
             self.pool.release(placement)
+        if self.on_end is not None:
+            self.on_end(role, result)
         if not result.ok:
             self.state.sims_failed += 1
             log.info("sim %s: %s: %s", req.run_id, result.outcome.value, result.message)  # progress shows it

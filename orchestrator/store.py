@@ -100,7 +100,8 @@ class RunStore:
 
     # -- state ------------------------------------------------------------
     def write_state(self, state: Mapping[str, Any]) -> None:
-        atomic_write_json(self.root / STATE, dict(state))
+        # Compact: rewritten after every step, and json's C encoder only serves indent=None.
+        atomic_write_bytes(self.root / STATE, (json.dumps(dict(state), sort_keys=True) + "\n").encode())
 
     def read_state(self) -> dict[str, Any]:
         try:
