@@ -39,6 +39,8 @@ class Timeline:
     target_at: float | None = None
     slots: dict[str, int] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
+    services: list[Interval] = field(default_factory=list)
+    """Time nobody would otherwise see: the Dask workers' start, the model's registration."""
 
 
 def build_timeline(events: list[LoggedEvent]) -> Timeline:
@@ -50,12 +52,19 @@ def build_timeline(events: list[LoggedEvent]) -> Timeline:
     tl.end = events[-1].t - tl.t0
     open_sims: dict[str, dict[str, Any]] = {}
     train_start: float | None = None
+    session_start = 0.0
+    last_check = 0.0
     for e in events:
         t = e.t - tl.t0
         kind = e.kind
         if kind is EventKind.CAMPAIGN_START:
             tl.slots.update(e.get("sim_slots") or {})
             train_start = None  # a resumed run: an interrupted training is gone
+            session_start = t
+        elif kind is EventKind.TRAINING_BACKEND:
+            tl.services.append(Interval("Dask start", session_start, t))
+        elif kind is EventKind.MODEL_REGISTERED:
+            tl.services.append(Interval("MLflow registration", last_check, t))
         elif kind is EventKind.SIM_START:
             open_sims[e["run_id"]] = {**e.fields, "t_rel": t}
         elif kind is EventKind.SIM_END and e["run_id"] in open_sims:
@@ -69,6 +78,7 @@ def build_timeline(events: list[LoggedEvent]) -> Timeline:
             train_start = None
         elif kind is EventKind.CHECK:
             tl.checks.append({**e.fields, "t": e.t, "t_rel": t})
+            last_check = t
     for s in open_sims.values():
         for node, n in (s.get("placement") or [["", s.get("ranks", 1)]]):
             tl.sims.append(Interval(s["role"], s["t_rel"], tl.end, "running", node, n, s["run_id"]))
@@ -138,6 +148,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         **build_summary(state, state.elapsed_s, str(run_dir),
                         None if registered is None else {k: str(registered[k]) for k in ("name", "version")}),
         "time_to_target_s": None if tl.target_at is None else round(tl.target_at, 3),
+        "dask_start_s": _span(tl, "Dask start"),
+        "registration_s": _span(tl, "MLflow registration"),
         "sims_cancelled": sum(1 for e in of_kind(events, EventKind.SIM_END) if e.get("outcome") == "cancelled"),
         "sim_slot_busy_fraction": round(sim_busy / (slot_total * tl.end), 4) if tl.end else None,
         "training_busy_fraction": round(train_busy / tl.end, 4) if tl.end else None,
@@ -145,6 +157,11 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "median_sim_wall_s": round(statistics.median(walls), 4) if walls else None,
         "median_launch_overhead_s": round(statistics.median(overheads), 4) if overheads else None,
     }
+
+
+def _span(tl: Timeline, kind: str) -> float | None:
+    spans = [s.end - s.start for s in tl.services if s.kind == kind]
+    return round(sum(spans), 3) if spans else None
 
 
 def _lanes(intervals: list[Interval]) -> list[tuple[Interval, int]]:
@@ -200,6 +217,14 @@ def plot_timeline(run_dir: Path, out: Path) -> Path:
     for c in tl.checks:
         ax.plot(c["t_rel"], y + 0.5, marker="o" if c.get("success") else "x",
                 color="black" if c.get("success") else "red", markersize=4)
+    y += 1
+    for s in tl.services:  # labelled, so the start-up and registration time is not a silent gap
+        ax.broken_barh([(s.start, max(s.end - s.start, 1e-3))], (y + 0.1, 0.8), facecolors="lightgrey",
+                       edgecolor="grey")
+        ax.text(s.start + 0.01, y + 0.5, f"{s.kind} {s.end - s.start:.1f} s", va="center", fontsize=7)
+    if tl.services:
+        ticks.append(y + 0.5)
+        labels.append("services")
     if tl.target_at is not None:
         ax.axvline(tl.target_at, color="black", linestyle="--", linewidth=1)
     ax.set_yticks(ticks, labels)
@@ -231,6 +256,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"median launch overhead {sec(s['median_launch_overhead_s'])}",
         f"busy           sim slots {pct(s['sim_slot_busy_fraction'])}, training {pct(s['training_busy_fraction'])}",
         f"overlap        {pct(s['overlap_fraction'])} of training time had a sim running",
+        f"services       Dask start {sec(s['dask_start_s'])}, MLflow registration {sec(s['registration_s'])}",
     ])
 
 

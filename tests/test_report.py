@@ -49,6 +49,15 @@ def test_unfinished_sims_and_trainings_end_at_the_last_event() -> None:
     assert tl.trainings[0].end == 4
 
 
+def test_dask_start_and_registration_are_labelled_spans() -> None:
+    events = [ev(0, "campaign_start"), ev(2.5, "training_backend"), ev(4, "check", success=True),
+              ev(6, "check", success=True), ev(10.5, "model_registered", name="m", version="1"),
+              ev(11, "campaign_end")]
+    tl = build_timeline(events)
+    assert [(s.kind, s.start, s.end) for s in tl.services] == [("Dask start", 0, 2.5),
+                                                               ("MLflow registration", 6, 10.5)]
+
+
 def test_no_training_means_no_overlap_figure() -> None:
     assert overlap_fraction(build_timeline([ev(0, "campaign_start")])) is None
 
@@ -82,6 +91,7 @@ def test_report_and_status_of_a_pipelined_campaign(tmp_path: Path) -> None:
     assert summary["overlap_fraction"] > 0
     assert 0 < summary["time_to_target_s"] <= summary["wall_s"]
     assert 0 < summary["sim_slot_busy_fraction"] <= 1
+    assert summary["dask_start_s"] > 0 and summary["registration_s"] is None  # tracking is off here
     png = Path(summary["timeline_png"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
