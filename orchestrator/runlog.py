@@ -36,6 +36,7 @@ class EventKind(enum.StrEnum):
     TRAIN_START = "train_start"
     TRAIN_END = "train_end"
     TRAINING_BACKEND = "training_backend"
+    REGISTERING = "registering"
     MODEL_REGISTERED = "model_registered"
     CHAMPION = "champion"
     MONITOR_CHECK = "monitor_check"
@@ -51,6 +52,7 @@ class Status(enum.StrEnum):
     """A campaign's state (RUNNING until it ends). INTERRUPTED is not failure."""
 
     RUNNING = "running"
+    REGISTERING = "registering"  # target met, the model not yet registered; a resume finishes it
     TARGET_MET = "target_met"
     STOPPED = "stopped"  # max_rounds, time or data budget
     INTERRUPTED = "interrupted"  # signalled; resumable
@@ -58,13 +60,14 @@ class Status(enum.StrEnum):
 
     @property
     def resumable(self) -> bool:
-        return self in (Status.RUNNING, Status.INTERRUPTED)
+        return self in (Status.RUNNING, Status.REGISTERING, Status.INTERRUPTED)
 
     @property
     def exit_code(self) -> ExitCode:
         """What the CLI returns for a campaign that ended in this state."""
         return {Status.TARGET_MET: ExitCode.OK, Status.STOPPED: ExitCode.STOPPED,
-                Status.INTERRUPTED: ExitCode.INTERRUPTED}.get(self, ExitCode.ERROR)
+                Status.INTERRUPTED: ExitCode.INTERRUPTED,
+                Status.REGISTERING: ExitCode.INTERRUPTED}.get(self, ExitCode.ERROR)
 
 
 # -- events written ---------------------------------------------------------
@@ -180,6 +183,14 @@ class TrainingBackend(Event):
     warm_up_s: float
     extra: dict[str, Any] = field(default_factory=dict)
     """The backend's own description (scheduler, workers, ...)."""
+
+
+@dataclass(frozen=True)
+class Registering(Event):
+    """The target is met and state.json says ``registering``: the model goes to the registry next."""
+
+    KIND = EventKind.REGISTERING
+    name: str
 
 
 @dataclass(frozen=True)
@@ -325,11 +336,16 @@ class LoggedEvent:
 def parse_events(lines: Iterable[str], source: str = "events.jsonl") -> list[LoggedEvent]:
     """Parse events.jsonl lines; a torn (half-written) line is skipped with a warning."""
     events = []
-    for line in lines:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            events.append(LoggedEvent.parse(json.loads(line)))
-        except json.JSONDecodeError:
-            log.warning("%s: skipping a torn last line", source)
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an event")
+            events.append(LoggedEvent.parse(record))
+        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("%s:%d: skipping an unreadable line (%s)", source, n, str(exc)[:80])
     return events
 
 
@@ -370,6 +386,8 @@ class State:
     """Metrics of each finished training."""
     continual: dict[str, Any] = field(default_factory=dict)
     """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
+    unsent_metrics: list[list[Any]] = field(default_factory=list)
+    """[metrics, step] pairs MLflow had not taken when the last session ended; the resume sends them."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:
