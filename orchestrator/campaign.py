@@ -10,6 +10,8 @@ loses no accepted data and no finished training (``run --resume``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import logging
 import signal
@@ -25,7 +27,7 @@ from orchestrator import policy as pol
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
-from orchestrator.errors import OrchestratorError, StoreError
+from orchestrator.errors import Interrupted, OrchestratorError, StoreError
 from orchestrator.launchers.base import Launcher, SimResult
 from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
@@ -35,6 +37,7 @@ from orchestrator.runlog import (
     CampaignStart,
     Check,
     DataAccepted,
+    Registering,
     State,
     Status,
     TrainEnd,
@@ -44,7 +47,7 @@ from orchestrator.runlog import (
 from orchestrator.services import Services
 from orchestrator.simrunner import SimRunner
 from orchestrator.store import EVENTS, LOOP, RunStore
-from orchestrator.tracksink import TrackingSink
+from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.training.backends import Backend, Trainer
 
 if TYPE_CHECKING:
@@ -53,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALLED_CLOSE_S = 1.0
+"""After a signal, how long MLflow may take to close the run (a busy database must not delay the exit)."""
 
 __all__ = ["Campaign", "CampaignResult", "State", "Status", "TaskKind"]
 
@@ -370,10 +375,14 @@ class Campaign:
         return remove
 
     async def _cancel_all(self) -> None:
+        """Cancel what is in flight; data a generate already stored still counts (it is on disk)."""
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._tasks:
+            if not task.cancelled() and task.exception() is None and isinstance(task.result(), GenerateResult):
+                self._on_generate(task.result())  # type: ignore[arg-type]
         self._tasks.clear()
 
     def _timeout(self) -> float | None:
@@ -407,33 +416,54 @@ class Campaign:
             interrupt.cancel()
 
     async def run(self) -> CampaignResult:
-        """The whole campaign: start everything, loop, end cleanly whatever happens."""
+        """The whole campaign: start everything, loop, end cleanly whatever happens.
+
+        The signal handlers stay until the very end, so a signal during the shutdown is noted
+        (and shortens it) instead of killing the coordinator with 143. A met target is
+        committed as ``registering`` first and as ``target_met`` only once the model is
+        registered; a resume of a ``registering`` run goes straight to the registration.
+        """
         remove_signals = self._install_signals()
         status, reason, error, registered = Status.FAILED, None, None, None
+        registering = self.state.status is Status.REGISTERING
         self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free))
         try:
-            await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
-            reason = await self.loop()
-            if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled:
-                reason = await self._keep_current()
-            status = (Status.INTERRUPTED if reason is None
-                      else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
-            registered = await self._register(status)
-        except OrchestratorError as exc:
-            error = exc
-            self.store.log(CampaignError(type(exc).__name__, str(exc)))
+            try:
+                await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
+                reason = pol.StopReason.TARGET_MET if registering else await self.loop()
+                if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled and not registering:
+                    reason = await self._keep_current()
+                status = (Status.INTERRUPTED if reason is None
+                          else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
+                if status is Status.TARGET_MET:
+                    status, registered = await self._register()
+            except OrchestratorError as exc:
+                error = exc
+                self.store.log(CampaignError(type(exc).__name__, str(exc)))
+                if exc.transient:  # a passing fault (a worker death, a locked database): resumable
+                    status = Status.INTERRUPTED
+                    error = Interrupted(f"{exc} (the run is resumable: python -m orchestrator run --resume "
+                                        f"{self.store.root})")
+            finally:
+                await self.pictures.drain()
+                await self._cancel_all()
+                await self.services.stop()
+                if status in (Status.INTERRUPTED, Status.FAILED) and self.state.status is Status.REGISTERING:
+                    status = Status.REGISTERING  # interrupted while registering: the resume finishes it
+                self.state.stop_reason = reason.value if reason and status is not Status.REGISTERING else self._signal
+                if status is not Status.TARGET_MET:
+                    self.state.status = status
+                self.checkpoint()
+                for launcher in {id(x): x for x in self.launchers.values()}.values():
+                    await launcher.close()
+                await self.backend.close()
+            summary = await self._finish(status, registered)
+            # The commit point: only now does state.json say target_met (a kill before it leaves
+            # `registering`, which a resume finishes without a second model version).
+            self.state.status = status
+            self.checkpoint()
         finally:
             remove_signals()
-            await self.pictures.drain()
-            await self._cancel_all()
-            await self.services.stop()
-            self.state.status = status
-            self.state.stop_reason = reason.value if reason else self._signal
-            self.checkpoint()
-            for launcher in {id(x): x for x in self.launchers.values()}.values():
-                await launcher.close()
-            await self.backend.close()
-        summary = await self._finish(status, registered)
         if error is not None:
             raise error
         return CampaignResult(status, summary)
@@ -476,27 +506,47 @@ class Campaign:
         await self.services.trainer_ready()
         return await self.sink.register(self.trainer, model, name)
 
-    async def _register(self, status: Status) -> dict[str, str] | None:
-        """On success, the final model into MLflow's registry (from a Dask worker: torch lives there)."""
+    async def _register(self) -> tuple[Status, dict[str, str] | None]:
+        """The target is met: the final model into MLflow's registry (from a Dask worker: torch lives there).
+
+        state.json says ``registering`` while it runs; a signal interrupts it (the resume registers,
+        and the registry never gets a second version from one MLflow run).
+        """
         if self.continual.active:  # registered when the phase began; the champion is what counts
             c = self.continual
-            return None if c.champion_registered is None else {"name": str(self.cfg.tracking.register_as),
-                                                               "version": c.champion_registered}
+            return Status.TARGET_MET, (None if c.champion_registered is None else {
+                "name": str(self.cfg.tracking.register_as), "version": c.champion_registered})
         name = self.cfg.tracking.register_as
-        if status is not Status.TARGET_MET or not self.sink.enabled or not name or self.model_state is None:
-            return None
-        return await self.sink.register(self.trainer, self.model_state, name)
+        if not self.sink.enabled or not name or self.model_state is None:
+            return Status.TARGET_MET, None
+        self.state.status = Status.REGISTERING
+        self.checkpoint()
+        self.store.log(Registering(name))
+        task = asyncio.ensure_future(self.sink.register(self.trainer, self.model_state, name))
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return Status.INTERRUPTED, None
+        return Status.TARGET_MET, task.result()
 
     async def _finish(self, status: Status, registered: dict[str, str] | None) -> dict[str, Any]:
         # The same wall time in state.json (`status`, `report`) as in the summary.
-        summary = build_summary(self.state, self.checkpoint(), str(self.store.root), registered)
+        wall = self.checkpoint()
+        summary = build_summary(dataclasses.replace(self.state, status=status), wall, str(self.store.root), registered)
         path = self.store.write_summary(summary)
         self.store.log(CampaignEnd(extra={k: v for k, v in summary.items() if k != "run_dir"}))
         self.store.close()
         artifacts = [self.store.root / LOOP, self.store.root / EVENTS, path]
-        if self.sink.enabled:
+        if self.sink.enabled and self._signal is None:  # after a signal the exit is prompt: no picture
             artifacts.append(await asyncio.to_thread(self._timeline))
-        await self.sink.close(status, artifacts, summary)
+        await self.sink.close(status, artifacts, summary,
+                              patience=SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
         return summary
 
     def _timeline(self) -> Path:

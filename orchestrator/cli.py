@@ -125,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return steps_main(args)
     progress = Progress(enabled=False if args.no_live else None)
+    os.umask(0o077)  # what the campaign writes (run dir, mlflow.db, mlartifacts, sim logs) is its owner's only
     result = run_sync(args.loop, workdir=args.workdir, overrides=args.overrides, resume=args.resume,
                       new=args.new, progress=progress)
     s = result.summary

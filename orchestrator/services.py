@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.runlog import TrainingBackend
 from orchestrator.store import RunStore
-from orchestrator.tracksink import TrackingSink
+from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.training.backends import Backend, Trainer
 
 BACKEND_HEAD_START_S = 2.0
@@ -75,4 +75,4 @@ class Services:
             self.backend_ready.cancel()
             with contextlib.suppress(BaseException):
                 await self.backend_ready
-        await self.sink.settle()
+        await self.sink.settle(CLOSE_PATIENCE_S)

@@ -585,6 +585,11 @@ class Tracker:
             TrackingError: Saving, uploading or registering failed.
         """
         client, run_id = self._require_run("register a model")
+        with _wrap(f"look up versions of {name!r} from run {run_id}", self.tracking_uri):
+            earlier = _versions_of_run(client, name, run_id)
+        if earlier:  # a resumed registration (the coordinator was killed after it): never a second version
+            logger.info("model %s version %s is already registered from run %s", name, earlier[0], run_id)
+            return RegisteredModel(name=name, version=earlier[0])
         experiment_id = self._experiment_id
         assert experiment_id is not None
         uri = self.tracking_uri
@@ -701,6 +706,13 @@ def _model_versions(client: MlflowClient, name: str) -> list[str]:
     escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     versions = client.search_model_versions(f"name='{escaped}'")
     return [str(v) for v in sorted(int(mv.version) for mv in versions if mv.name == name)]
+
+
+def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[str]:
+    """Versions of ``name`` registered from MLflow run ``run_id``, ascending."""
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    found = client.search_model_versions(f"name='{escaped}' and run_id='{run_id}'")
+    return [str(v) for v in sorted(int(mv.version) for mv in found if mv.name == name and mv.run_id == run_id)]
 
 
 def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[str]]:

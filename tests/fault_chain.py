@@ -66,7 +66,7 @@ def campaign_loop(tmp: Path, name: str = "fi", **overrides: Any) -> Path:
     cfg: dict[str, Any] = yaml.safe_load((REPO / "examples/sine/loop.yml").read_text())
     cfg["name"] = name
     cfg["sims"]["generate"]["args"] = ["--points-per-rank", "16", "--lo", "{lo}", "--hi", "{hi}",
-                                       "--seed", "{seed}", "--work-ms", "400"]
+                                       "--seed", "{seed}", "--work-ms", "3000"]
     cfg["sims"]["generate"]["ranks"] = 4
     cfg["sims"]["check"]["ranks"] = 2
     cfg["target"]["successes"] = 3
@@ -135,7 +135,27 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def left_running(procs: Sequence[psutil.Process], timeout: float = 20.0) -> list[str]:
+ORPHAN_WAIT_S = 2.5
+"""How long the coordinator's processes may outlive it; less than a generate sim's own 3 s of work,
+so a sim left running is caught before it would end by itself."""
+
+
+def wait_for_process(proc: subprocess.Popen[str], needle: str, timeout: float = 10) -> bool:
+    """Until a descendant of the coordinator has ``needle`` in its command line (spawned ranks
+    do not: False after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in tree(proc.pid):
+            try:
+                if needle in " ".join(p.cmdline()):
+                    return True
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.02)
+    return False
+
+
+def left_running(procs: Sequence[psutil.Process], timeout: float = ORPHAN_WAIT_S) -> list[str]:
     """Of the coordinator's descendants, those still alive after ``timeout`` s (their command lines)."""
     _, alive = psutil.wait_procs(list(procs), timeout=timeout)
     out = []
@@ -188,10 +208,12 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
     skip = len(read_events(dirs[-1])) if dirs else 0
     proc = start(loop, work, env=env)
     try:
-        wait_for_event(work, name, BOUNDARIES[boundary], proc, skip)
+        event = wait_for_event(work, name, BOUNDARIES[boundary], proc, skip)
+        if boundary == "mid_generate":  # the sim's processes, not only its start line
+            wait_for_process(proc, str(event["run_id"]))
         procs = tree(proc.pid)
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -219,18 +241,23 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
 
 
 def finish(work: Path, loop: Path, name: str, figures: Figures, env: dict[str, str] | None = None) -> Path:
-    """Resume to the end and audit the run dir, the registry and the processes."""
-    proc = start(loop, work, env=env)
+    """Resume to the end (unless the last fault let it end) and audit the run dir, the registry and
+    the processes."""
     procs: list[psutil.Process] = []
-    try:
-        out, err = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            procs = tree(proc.pid)
-            proc.kill()
-            proc.communicate()
     dirs = run_dirs(work, name)
-    if proc.returncode != 0:
+    ended = bool(dirs) and json.loads((dirs[-1] / "state.json").read_text()).get("status") == "target_met"
+    proc = start(loop, work, env=env) if not ended else None
+    err = ""
+    if proc is not None:
+        try:
+            _, err = proc.communicate(timeout=400)
+        finally:
+            if proc.poll() is None:
+                procs = tree(proc.pid)
+                proc.kill()
+                proc.communicate()
+    dirs = run_dirs(work, name)
+    if proc is not None and proc.returncode != 0:
         figures.problems.append(f"{figures.chain}: final resume exited {proc.returncode}: {err.strip()[-1500:]}")
     if len(dirs) != 1:
         figures.problems.append(f"{figures.chain}: {len(dirs)} run dirs (the campaign was redone)")
