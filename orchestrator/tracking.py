@@ -224,6 +224,28 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(raw).absolute()
 
 
+@contextlib.contextmanager
+def schema_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` (fcntl) for a sqlite URI while MLflow opens the store.
+
+    MLflow creates and migrates the schema of a new sqlite file on first use; two campaigns
+    doing it at once corrupt it (alembic's temporary tables are left behind). Other URIs: no-op.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _hint(uri: str) -> str:
     """What to check when MLflow fails for ``uri``."""
     if uri.startswith("sqlite:"):
@@ -396,9 +418,10 @@ class Tracker:
         """
         if self._run_id is not None:
             raise TrackingError(f"tracker already started (run {self._run_id})")
-        client = self._client or _make_client(self.tracking_uri)
-        self._client = client
-        experiment_id = self._ensure_experiment(client)
+        with schema_lock(self.tracking_uri):  # a fresh sqlite file gets its schema from one campaign at a time
+            client = self._client or _make_client(self.tracking_uri)
+            self._client = client
+            experiment_id = self._ensure_experiment(client)
         flat = flatten_params(params)
         if run_id is None:
             new_run_id = self._create_run(client, experiment_id)

@@ -56,6 +56,8 @@ class TrackingSink:
         self.ready: asyncio.Future[None] | None = None
         self._pending: list[tuple[dict[str, float], int]] = [(dict(m), int(k)) for m, k in state.unsent_metrics]
         self._sender: asyncio.Future[None] | None = None
+        self.failure: BaseException | None = None
+        """Why MLflow's start failed (tracking is then off for the rest of this session)."""
 
     @property
     def enabled(self) -> bool:
@@ -116,12 +118,15 @@ class TrackingSink:
         except Exception as exc:  # already raised in the loop, or the campaign failed first
             log.error("MLflow tracking unavailable for this run: %s", exc or "still starting")
             self.tracker = None
+            self.failure = exc
 
     async def register(self, trainer: Trainer, model: bytes, name: str) -> dict[str, str] | None:
         """Register the final model under ``name``, from a Dask worker; None without tracking."""
         await self.settle()
         if self.tracker is None or self.state.mlflow_run_id is None:
-            return None
+            # loud, and resumable: the target is met but the model is not in the registry yet
+            raise TrackingError(f"MLflow tracking did not start ({self.failure}); the model is not registered "
+                                "yet: resume the run once MLflow is reachable")
         reg_name, version = await trainer.register(model, self.tracker.tracking_uri, self.state.mlflow_run_id, name)
         self.store.log(ModelRegistered(reg_name, version))
         return {"name": reg_name, "version": version}

@@ -66,7 +66,8 @@ class LocalBackend(Backend):
             host="127.0.0.1",
             protocol="tls://",
             security=security,
-            dashboard_address=None,
+            dashboard_address=None,  # no dashboard; the scheduler's HTTP server (health) on loopback
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             asynchronous=True,
         ))
         self.client = await cast(Awaitable[Client], Client(self.cluster, security=security, asynchronous=True))
