@@ -21,7 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -128,6 +130,18 @@ def test_three_campaigns_on_a_fresh_mlflow_db(tmp_path: Path) -> None:
         assert per_run.get(state["mlflow_run_id"], 0) >= logged, (n, per_run)
 
 
+def wait_for_state(run_dir: Path, proc: subprocess.Popen[str], pred: Callable[[dict[str, Any]], bool],
+                   timeout: float = 180) -> None:
+    """Until state.json (rewritten atomically after every step) satisfies pred."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"coordinator ended early ({proc.returncode})"
+        if pred(json.loads((run_dir / "state.json").read_text())):
+            return
+        time.sleep(0.05)
+    raise AssertionError("state.json never got there")
+
+
 def hold_lock(db: Path, seconds: float, locked: threading.Event, release: threading.Event) -> None:
     con = sqlite3.connect(db, isolation_level=None, timeout=60)
     con.execute("BEGIN EXCLUSIVE")
@@ -145,7 +159,7 @@ def test_locked_mlflow_db_neither_freezes_nor_fails_the_campaign(tmp_path: Path)
     proc = start(loop, work)
     wait_for_event(work, "fi", lambda e: e["event"] == "train_end", proc, 0)
     run_dir = run_dirs(work, "fi")[0]
-    assert json.loads((run_dir / "state.json").read_text()).get("mlflow_run_id")
+    wait_for_state(run_dir, proc, lambda s: bool(s.get("mlflow_run_id")))  # MLflow is up: its schema exists
     locked, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=hold_lock, args=(work / "mlflow.db", LOCK_S, locked, release))
     holder.start()
