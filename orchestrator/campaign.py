@@ -447,7 +447,7 @@ class Campaign:
             finally:
                 await self.pictures.drain()
                 await self._cancel_all()
-                await self.services.stop()
+                await self.services.stop(SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
                 if status in (Status.INTERRUPTED, Status.FAILED) and self.state.status is Status.REGISTERING:
                     status = Status.REGISTERING  # interrupted while registering: the resume finishes it
                 self.state.stop_reason = reason.value if reason and status is not Status.REGISTERING else self._signal
@@ -456,7 +456,7 @@ class Campaign:
                 self.checkpoint()
                 for launcher in {id(x): x for x in self.launchers.values()}.values():
                     await launcher.close()
-                await self.backend.close()
+                await self._close_backend()
             summary = await self._finish(status, registered)
             # The commit point: only now does state.json say target_met (a kill before it leaves
             # `registering`, which a resume finishes without a second model version).
@@ -505,6 +505,18 @@ class Campaign:
             return None
         await self.services.trainer_ready()
         return await self.sink.register(self.trainer, model, name)
+
+    async def _close_backend(self) -> None:
+        """Close the Dask backend; after a signal at most SIGNALLED_CLOSE_S (the exit must be prompt:
+        what is still closing then is ended by the process guardian once the coordinator exits)."""
+        if self._signal is None:
+            await self.backend.close()
+            return
+        try:
+            await asyncio.wait_for(self.backend.close(), SIGNALLED_CLOSE_S)
+        except TimeoutError:
+            log.warning("the Dask backend did not close within %.1f s of the signal; the process guardian "
+                        "ends its processes", SIGNALLED_CLOSE_S)
 
     async def _register(self) -> tuple[Status, dict[str, str] | None]:
         """The target is met: the final model into MLflow's registry (from a Dask worker: torch lives there).

@@ -162,6 +162,10 @@ class Guardian:
         self._lock = threading.Lock()
         self._token: str | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> None:
         """Start the guardian (idempotent); call it before anything else is started."""
         with self._lock:

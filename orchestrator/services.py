@@ -69,10 +69,11 @@ class Services:
         if future is self.sink.ready:
             self.sink.flush()
 
-    async def stop(self) -> None:
-        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run)."""
+    async def stop(self, patience: float = CLOSE_PATIENCE_S) -> None:
+        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run),
+        for at most ``patience`` s."""
         if self.backend_ready is not None and not self.backend_ready.done():
             self.backend_ready.cancel()
             with contextlib.suppress(BaseException):
                 await self.backend_ready
-        await self.sink.settle(CLOSE_PATIENCE_S)
+        await self.sink.settle(patience)

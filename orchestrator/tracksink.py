@@ -116,7 +116,7 @@ class TrackingSink:
             await asyncio.wait_for(asyncio.shield(self.ready), patience)
             self.flush()
         except Exception as exc:  # already raised in the loop, or the campaign failed first
-            log.error("MLflow tracking unavailable for this run: %s", exc or "still starting")
+            log.error("MLflow tracking unavailable for this run: %s", str(exc) or "it was still starting")
             self.tracker = None
             self.failure = exc
 
