@@ -445,7 +445,8 @@ class Campaign:
                     error = Interrupted(f"{exc} (the run is resumable: python -m orchestrator run --resume "
                                         f"{self.store.root})")
             finally:
-                await self.pictures.drain()
+                if self._signal is None:  # after a signal the exit is prompt: pictures are not waited for
+                    await self.pictures.drain()
                 await self._cancel_all()
                 await self.services.stop(SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
                 if status in (Status.INTERRUPTED, Status.FAILED) and self.state.status is Status.REGISTERING:
