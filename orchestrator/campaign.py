@@ -10,6 +10,8 @@ loses no accepted data and no finished training (``run --resume``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import logging
 import signal
@@ -27,7 +29,7 @@ from orchestrator import sampling
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
-from orchestrator.errors import OrchestratorError, StoreError
+from orchestrator.errors import Interrupted, OrchestratorError, StoreError
 from orchestrator.launchers.base import Launcher, SimResult
 from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
@@ -37,6 +39,7 @@ from orchestrator.runlog import (
     CampaignStart,
     Check,
     DataAccepted,
+    Registering,
     Scores,
     State,
     Status,
@@ -48,7 +51,7 @@ from orchestrator.runlog import (
 from orchestrator.services import Services
 from orchestrator.simrunner import SimRunner
 from orchestrator.store import EVENTS, LOOP, RunStore
-from orchestrator.tracksink import TrackingSink
+from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.training.backends import Backend, Trainer
 from orchestrator.walltime import Durations, WalltimeGuard
 
@@ -58,6 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALLED_CLOSE_S = 1.0
+"""After a signal, how long MLflow may take to close the run (a busy database must not delay the exit)."""
 
 __all__ = ["Campaign", "CampaignResult", "State", "Status", "TaskKind"]
 
@@ -527,10 +532,14 @@ class Campaign:
         return remove
 
     async def _cancel_all(self) -> None:
+        """Cancel what is in flight; data a generate already stored still counts (it is on disk)."""
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._tasks:
+            if not task.cancelled() and task.exception() is None and isinstance(task.result(), GenerateResult):
+                self._on_generate(task.result())  # type: ignore[arg-type]
         self._tasks.clear()
         self._counts.clear()
         self._finished.clear()
@@ -588,37 +597,59 @@ class Campaign:
         return False
 
     async def run(self) -> CampaignResult:
-        """The whole campaign: start everything, loop, end cleanly whatever happens."""
+        """The whole campaign: start everything, loop, end cleanly whatever happens.
+
+        The signal handlers stay until the very end, so a signal during the shutdown is noted
+        (and shortens it) instead of killing the coordinator with 143. A met target is
+        committed as ``registering`` first and as ``target_met`` only once the model is
+        registered; a resume of a ``registering`` run goes straight to the registration.
+        """
         remove_signals = self._install_signals()
         status, reason, error, registered = Status.FAILED, None, None, None
+        registering = self.state.status is Status.REGISTERING
         self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free,
                                      None if self.walltime is None else self.walltime.end,
                                      None if self.walltime is None else self.walltime.exit_at))
         try:
-            await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
-            if self.resumed:
-                self._start_scoring()  # scores are not saved: recompute the current model's
-            reason = await self.loop()
-            if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled:
-                reason = await self._keep_current()
-            status = (Status.INTERRUPTED if reason is None
-                      else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
-            registered = await self._register(status)
-        except OrchestratorError as exc:
-            error = exc
-            self.store.log(CampaignError(type(exc).__name__, str(exc)))
+            try:
+                await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
+                if self.resumed:
+                    self._start_scoring()  # scores are not saved: recompute the current model's
+                reason = pol.StopReason.TARGET_MET if registering else await self.loop()
+                if reason is pol.StopReason.TARGET_MET and self.cfg.continual.enabled and not registering:
+                    reason = await self._keep_current()
+                status = (Status.INTERRUPTED if reason is None
+                          else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
+                if status is Status.TARGET_MET:
+                    status, registered = await self._register()
+            except OrchestratorError as exc:
+                error = exc
+                self.store.log(CampaignError(type(exc).__name__, str(exc)))
+                if exc.transient:  # a passing fault (a worker death, a locked database): resumable
+                    status = Status.INTERRUPTED
+                    error = Interrupted(f"{exc} (the run is resumable: python -m orchestrator run --resume "
+                                        f"{self.store.root})")
+            finally:
+                if self._signal is None:  # after a signal the exit is prompt: pictures are not waited for
+                    await self.pictures.drain()
+                await self._cancel_all()
+                await self.services.stop(SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
+                if status in (Status.INTERRUPTED, Status.FAILED) and self.state.status is Status.REGISTERING:
+                    status = Status.REGISTERING  # interrupted while registering: the resume finishes it
+                self.state.stop_reason = reason.value if reason and status is not Status.REGISTERING else self._signal
+                if status is not Status.TARGET_MET:
+                    self.state.status = status
+                self.checkpoint()
+                for launcher in {id(x): x for x in self.launchers.values()}.values():
+                    await launcher.close()
+                await self._close_backend()
+            summary = await self._finish(status, registered)
+            # The commit point: only now does state.json say target_met (a kill before it leaves
+            # `registering`, which a resume finishes without a second model version).
+            self.state.status = status
+            self.checkpoint()
         finally:
             remove_signals()
-            await self.pictures.drain()
-            await self._cancel_all()
-            await self.services.stop()
-            self.state.status = status
-            self.state.stop_reason = reason.value if reason else self._signal
-            self.checkpoint()
-            for launcher in {id(x): x for x in self.launchers.values()}.values():
-                await launcher.close()
-            await self.backend.close()
-        summary = await self._finish(status, registered)
         if error is not None:
             raise error
         return CampaignResult(status, summary)
@@ -661,28 +692,60 @@ class Campaign:
         await self.services.trainer_ready()
         return await self.sink.register(self.trainer, model, name)
 
-    async def _register(self, status: Status) -> dict[str, str] | None:
-        """On success, the final model into MLflow's registry (from a Dask worker: torch lives there)."""
+    async def _close_backend(self) -> None:
+        """Close the Dask backend; after a signal at most SIGNALLED_CLOSE_S (the exit must be prompt:
+        what is still closing then is ended by the process guardian once the coordinator exits)."""
+        if self._signal is None:
+            await self.backend.close()
+            return
+        try:
+            await asyncio.wait_for(self.backend.close(), SIGNALLED_CLOSE_S)
+        except TimeoutError:
+            log.warning("the Dask backend did not close within %.1f s of the signal; the process guardian "
+                        "ends its processes", SIGNALLED_CLOSE_S)
+
+    async def _register(self) -> tuple[Status, dict[str, str] | None]:
+        """The target is met: the final model into MLflow's registry (from a Dask worker: torch lives there).
+
+        state.json says ``registering`` while it runs; a signal interrupts it (the resume registers,
+        and the registry never gets a second version from one MLflow run).
+        """
         if self.continual.active:  # registered when the phase began; the champion is what counts
             c = self.continual
-            return None if c.champion_registered is None else {"name": str(self.cfg.tracking.register_as),
-                                                               "version": c.champion_registered}
+            return Status.TARGET_MET, (None if c.champion_registered is None else {
+                "name": str(self.cfg.tracking.register_as), "version": c.champion_registered})
         name = self.cfg.tracking.register_as
-        if status is not Status.TARGET_MET or not self.sink.enabled or not name or self.model_state is None:
-            return None
+        if not self.sink.enabled or not name or self.model_state is None:
+            return Status.TARGET_MET, None
+        self.state.status = Status.REGISTERING
+        self.checkpoint()
+        self.store.log(Registering(name))
         model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
-        return await self.sink.register(self.trainer, model, name)
+        task = asyncio.ensure_future(self.sink.register(self.trainer, model, name))
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return Status.INTERRUPTED, None
+        return Status.TARGET_MET, task.result()
 
     async def _finish(self, status: Status, registered: dict[str, str] | None) -> dict[str, Any]:
         # The same wall time in state.json (`status`, `report`) as in the summary.
-        summary = build_summary(self.state, self.checkpoint(), str(self.store.root), registered)
+        wall = self.checkpoint()
+        summary = build_summary(dataclasses.replace(self.state, status=status), wall, str(self.store.root), registered)
         path = self.store.write_summary(summary)
         self.store.log(CampaignEnd(extra={k: v for k, v in summary.items() if k != "run_dir"}))
         self.store.close()
         artifacts = [self.store.root / LOOP, self.store.root / EVENTS, path]
-        if self.sink.enabled:
+        if self.sink.enabled and self._signal is None:  # after a signal the exit is prompt: no picture
             artifacts.append(await asyncio.to_thread(self._timeline))
-        await self.sink.close(status, artifacts, summary)
+        await self.sink.close(status, artifacts, summary,
+                              patience=SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
         return summary
 
     def _timeline(self) -> Path:

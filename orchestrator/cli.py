@@ -22,6 +22,13 @@ log = logging.getLogger("orchestrator")
 STOP_WORDS = {"max_rounds": "target.max_rounds reached", "time_budget": "target.time_budget_s used up",
               "data_budget": "policy.max_data_points reached"}
 """How `run` says why a campaign stopped short of its target (signals are named as they are)."""
+
+SIGNAL_NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
+PROMPT_EXIT = False
+"""Set when a signal ended the run: everything is checkpointed, so ``python -m orchestrator`` exits at
+once instead of waiting for the interpreter's teardown (Dask's threads and processes, which the
+process guardian ends); a walltime's grace period is short."""
+
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 """OSErrors that are the machine's state, not a bug: one line, no traceback."""
 
@@ -138,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return steps_main(args)
     progress = Progress(enabled=False if args.no_live else None)
+    os.umask(0o077)  # what the campaign writes (run dir, mlflow.db, mlartifacts, sim logs) is its owner's only
     result = run_sync(args.loop, workdir=args.workdir, overrides=args.overrides, resume=args.resume,
                       new=args.new, progress=progress)
     s = result.summary
@@ -153,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run dir: {s['run_dir']}")
     if result.status.resumable:
         print(f"resume with: python -m orchestrator run --resume {s['run_dir']}")
+    global PROMPT_EXIT
+    PROMPT_EXIT = s.get("stop_reason") in SIGNAL_NAMES
     return result.status.exit_code
 
 

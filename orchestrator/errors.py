@@ -88,6 +88,9 @@ class TrackingError(OrchestratorError):
     original MLflow exception, if any, is chained as ``__cause__``.
     """
 
+    transient = True
+    """A busy or unreachable store passes: a campaign it stops stays resumable."""
+
 
 class PredictError(OrchestratorError):
     """The model could not be loaded or evaluated, or its run not logged."""

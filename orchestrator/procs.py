@@ -15,9 +15,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import select
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +73,147 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
 
 
+GUARD_GRACE_S = 1.5
+"""After the coordinator dies, how long its process groups get between SIGTERM and SIGKILL."""
+
+GUARD_ENV = "ORCHESTRATOR_GUARD"
+"""Set in the coordinator's environment to a token of its own; every process it starts inherits it."""
+
+_GUARD = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+token = ("%s=" % sys.argv[2]).encode() + sys.argv[3].encode() + b"\0"
+me = os.getpid()
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except OSError:
+        return None
+groups, pids = set(), {}
+for line in sys.stdin:  # EOF: the coordinator is gone, however it ended (SIGKILL included)
+    op, kind, rest = line[0], line[1], line[2:].split()
+    if kind == "g":
+        groups.add(int(rest[0])) if op == "+" else groups.discard(int(rest[0]))
+    elif op == "+":
+        pids[int(rest[0])] = rest[1]
+    else:
+        pids.pop(int(rest[0]), None)
+def marked():
+    # every process of ours whose environment carries the coordinator's token, started before the
+    # guardian could be told of it included (a fork in flight at the SIGKILL)
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != me:
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if token in f.read():
+                        s = started(d)
+                        if s is not None:
+                            pids.setdefault(int(d), s)
+            except OSError:
+                pass
+def send(sig):
+    for g in list(groups):
+        try:
+            os.killpg(g, sig)
+        except (ProcessLookupError, PermissionError):
+            groups.discard(g)
+    for p, start in list(pids.items()):
+        if started(p) != start:  # gone, or its pid reused: never ours to signal
+            del pids[p]
+            continue
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            del pids[p]
+marked()
+send(signal.SIGTERM)  # srun forwards it to its step; mpiexec ends its ranks
+deadline = time.monotonic() + float(sys.argv[1])
+while (groups or pids) and time.monotonic() < deadline:
+    time.sleep(0.05)
+    send(0)
+marked()
+send(signal.SIGKILL)
+"""
+
+
+def start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), which tells it from a later one with its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Guardian:
+    """A tiny process that ends what the coordinator started once the coordinator is gone.
+
+    The coordinator's environment carries a token (:data:`GUARD_ENV`) that every process it starts
+    inherits; the guardian ends those, plus the groups and pids it was told of. It reads
+    process-group ids (and single pids) to watch from a pipe whose only writer is the coordinator;
+    the kernel closes that pipe when the coordinator dies, even by SIGKILL, and the guardian then
+    sends SIGTERM, waits :data:`GUARD_GRACE_S`, and sends SIGKILL. A normal end
+    unregisters everything first, so the guardian just exits. It runs in its own session: a
+    signal to the coordinator's terminal group does not reach it.
+    """
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._token: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Start the guardian (idempotent); call it before anything else is started."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        if self._token is None:  # this coordinator's own (a parent's token is never reused)
+            self._token = f"{os.getpid()}-{secrets.token_hex(8)}"
+            os.environ[GUARD_ENV] = self._token
+        token = self._token
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _GUARD, str(GUARD_GRACE_S), GUARD_ENV, token],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.debug("guardian %d started", self._proc.pid)
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            self._start()
+            assert self._proc is not None and self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(line.encode())
+                self._proc.stdin.flush()
+            except BrokenPipeError:
+                log.warning("the process guardian is gone; %s is not watched", line.strip())
+
+    def watch_group(self, pgid: int) -> None:
+        self._send(f"+g{pgid}\n")
+
+    def unwatch_group(self, pgid: int) -> None:
+        self._send(f"-g{pgid}\n")
+
+    def watch_pid(self, pid: int) -> None:
+        """Watch one process (not a group), known by its pid and start time."""
+        start = start_time(pid)
+        if start is not None:
+            self._send(f"+p{pid} {start}\n")
+
+    def unwatch_pid(self, pid: int) -> None:
+        self._send(f"-p{pid}\n")
+
+
+guardian = Guardian()
+"""The coordinator's one guardian (started with the first process it watches)."""
+
+
 async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
     """SIGTERM the process group, then SIGKILL it after ``grace`` seconds."""
     kill_group(proc.pid, signal.SIGTERM)
@@ -92,12 +236,16 @@ async def start(
     """Start argv (no shell) in its own session, so its whole tree can be ended by group.
 
     The one place the orchestrator starts a long-lived child: sims (:func:`supervise`),
-    spawn agents, srun'd Dask workers. Raises FileNotFoundError if argv[0] does not exist.
+    spawn agents, srun'd Dask workers. The :data:`guardian` watches its group from here on
+    (whoever ends it normally calls ``guardian.unwatch_group``). Raises FileNotFoundError if
+    argv[0] does not exist.
     """
     log.debug("exec: %s", list(argv))
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         *argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True, limit=limit,
     )
+    guardian.watch_group(proc.pid)  # a SIGKILLed coordinator leaves nothing of it behind
+    return proc
 
 
 async def supervise(
@@ -127,15 +275,48 @@ async def supervise(
     except asyncio.CancelledError:
         await asyncio.shield(_end(proc, grace))
         raise
-    # Ranks may linger after the launcher exits (a crashed mpiexec): end the group.
-    kill_group(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.returncode is not None:
+            # Ranks may linger after the launcher exits (a crashed mpiexec): end the group.
+            kill_group(proc.pid, signal.SIGKILL)
+            guardian.unwatch_group(proc.pid)
+        for path in (stdout, stderr):
+            cap_log(path)
     return ProcessOutcome(rc, False, proc.pid, time.monotonic() - t0)
 
 
-def tail(path: Path, lines: int = 5) -> str:
-    """The last lines of a log file, for error messages."""
+LOG_CAP_BYTES = 8 * 1024 * 1024
+"""A sim's stdout/stderr log keeps at most its last 8 MB once the sim has ended."""
+
+
+def cap_log(path: Path, cap: int = LOG_CAP_BYTES) -> None:
+    """Cut a log down to its last ``cap`` bytes (with a first line saying so); small logs are untouched."""
     try:
-        text = path.read_text(errors="replace")
+        size = path.stat().st_size
+        if size <= cap:
+            return
+        with path.open("rb") as f:
+            f.seek(size - cap)
+            kept = f.read()
+        note = f"[orchestrator: the first {size - cap} bytes of this log were cut; the last {cap} are kept]\n"
+        tmp = path.with_name(f".{path.name}.cap")
+        tmp.write_bytes(note.encode() + kept)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("%s: could not cap the log (%s)", path, exc.strerror)
+
+
+TAIL_BYTES = 64 * 1024
+"""How much of a log's end :func:`tail` reads (a failing sim's stderr may be hundreds of MB)."""
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file, for error messages (read from the end, never whole)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])

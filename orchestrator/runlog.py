@@ -36,6 +36,7 @@ class EventKind(enum.StrEnum):
     TRAIN_START = "train_start"
     TRAIN_END = "train_end"
     TRAINING_BACKEND = "training_backend"
+    REGISTERING = "registering"
     MODEL_REGISTERED = "model_registered"
     WALLTIME_SKIP = "walltime_skip"
     CHAMPION = "champion"
@@ -53,6 +54,7 @@ class Status(enum.StrEnum):
     """A campaign's state (RUNNING until it ends). INTERRUPTED is not failure."""
 
     RUNNING = "running"
+    REGISTERING = "registering"  # target met, the model not yet registered; a resume finishes it
     TARGET_MET = "target_met"
     STOPPED = "stopped"  # max_rounds, time or data budget
     INTERRUPTED = "interrupted"  # signalled; resumable
@@ -60,13 +62,14 @@ class Status(enum.StrEnum):
 
     @property
     def resumable(self) -> bool:
-        return self in (Status.RUNNING, Status.INTERRUPTED)
+        return self in (Status.RUNNING, Status.REGISTERING, Status.INTERRUPTED)
 
     @property
     def exit_code(self) -> ExitCode:
         """What the CLI returns for a campaign that ended in this state."""
         return {Status.TARGET_MET: ExitCode.OK, Status.STOPPED: ExitCode.STOPPED,
-                Status.INTERRUPTED: ExitCode.INTERRUPTED}.get(self, ExitCode.ERROR)
+                Status.INTERRUPTED: ExitCode.INTERRUPTED,
+                Status.REGISTERING: ExitCode.INTERRUPTED}.get(self, ExitCode.ERROR)
 
 
 # -- events written ---------------------------------------------------------
@@ -214,6 +217,14 @@ class TrainingBackend(Event):
 
 
 @dataclass(frozen=True)
+class Registering(Event):
+    """The target is met and state.json says ``registering``: the model goes to the registry next."""
+
+    KIND = EventKind.REGISTERING
+    name: str
+
+
+@dataclass(frozen=True)
 class ModelRegistered(Event):
     KIND = EventKind.MODEL_REGISTERED
     name: str
@@ -356,11 +367,16 @@ class LoggedEvent:
 def parse_events(lines: Iterable[str], source: str = "events.jsonl") -> list[LoggedEvent]:
     """Parse events.jsonl lines; a torn (half-written) line is skipped with a warning."""
     events = []
-    for line in lines:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            events.append(LoggedEvent.parse(json.loads(line)))
-        except json.JSONDecodeError:
-            log.warning("%s: skipping a torn last line", source)
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an event")
+            events.append(LoggedEvent.parse(record))
+        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("%s:%d: skipping an unreadable line (%s)", source, n, str(exc)[:80])
     return events
 
 
@@ -409,6 +425,8 @@ class State:
     """The sampling strategy's RNG state."""
     loop_dir: str | None = None
     """The folder of the loop.yml the run started from (a user's strategy module is there)."""
+    unsent_metrics: list[list[Any]] = field(default_factory=list)
+    """[metrics, step] pairs MLflow had not taken when the last session ended; the resume sends them."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:

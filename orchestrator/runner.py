@@ -21,6 +21,7 @@ from orchestrator.config import (
     LoopConfig,
     SimConfig,
     check_fields,
+    flat_dict,
     generate_fields,
     load_config,
     resolve_binaries,
@@ -28,6 +29,7 @@ from orchestrator.config import (
 from orchestrator.errors import ConfigError, ResourceError, StoreError, UsageError
 from orchestrator.launchers.base import Launcher
 from orchestrator.mpi import MpiInfo, mpi_for
+from orchestrator.procs import guardian
 from orchestrator.progress import Progress
 from orchestrator.rundeck import SimIO, sim_io
 from orchestrator.runlog import State, status_of
@@ -249,23 +251,71 @@ def open_run(
         found = None if new else find_unfinished(root, cfg.name)
         if found is None:
             store = RunStore.create(root, cfg.name, loop_file)
+            store.lock()
+            store.write_state({**State().to_json(), "config": flat_dict(cfg)})  # resumable from the start
             return cfg, store, None, root
         progress.note(f"found an unfinished run of {cfg.name!r} at {found}: resuming it "
                       "(pass --new to start a fresh one)")
         resume = found
     store = RunStore.open(resume)
+    store.lock()
     data = store.read_state()
     status = status_of(data)
     if status is None or not status.resumable:
         raise UsageError(f"{resume} already ended ({data.get('status')}); nothing to resume")
-    if overrides:
-        raise UsageError("--set cannot change a resumed run; start a new one instead")
     try:
         cfg = LoopConfig.model_validate(data["config"])
     except Exception as exc:
         raise StoreError(f"{resume}/state.json holds no valid config: {exc}") from exc
+    if overrides:
+        cfg = resume_config(cfg, load_config(loop_file or store.root / LOOP, overrides))
+    state = store.read_campaign_state()
+    state.launch_counter = store.next_launch(state.launch_counter)
+    for rel, rows in store.reconcile(state):
+        progress.note(f"resume: adopted {rel} ({rows} rows), written just before the run was stopped")
     root = workdir or resume.parent
-    return cfg, store, State.from_json(data), root
+    return cfg, store, state, root
+
+
+RESUME_MAY_CHANGE = ("resources.", "training.memory_limit", "sims.check.timeout_s", "sims.generate.timeout_s",
+                     "training.backend")
+"""Config keys a resume may change (resources only): the campaign's meaning stays the same."""
+
+
+def resume_config(saved: LoopConfig, given: LoopConfig) -> LoopConfig:
+    """The config a resume runs with: the saved one, with ``--set`` changes that touch only resources.
+
+    The same ``--set`` the run was started with changes nothing and is accepted; anything else
+    (the target, the sims, the seed) is a usage error naming the keys.
+    """
+    old, new = _flat(flat_dict(saved)), _flat(flat_dict(given))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = [k for k in changed if not (k == "training.backend" and new.get(k) == "auto")]
+    refused = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        raise UsageError(f"--set cannot change {', '.join(refused)} of a resumed run (only resources, "
+                         "memory limits and timeouts); start a new one with --new instead")
+    if not changed:
+        return saved
+    log.info("resume: taking %s from --set", ", ".join(changed))
+    merged, fresh = flat_dict(saved), flat_dict(given)
+    for key in changed:
+        *parents, last = key.split(".")
+        node, src = merged, fresh
+        for p in parents:
+            node, src = node[p], src[p]
+        node[last] = src[last]
+    return LoopConfig.model_validate(merged)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 async def run(
@@ -274,6 +324,7 @@ async def run(
 ) -> CampaignResult:
     """Run (or resume) one campaign to its end."""
     progress = progress or Progress(enabled=False)
+    guardian.start()  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
     setups = sim_setups(cfg, loop_file if loop_file is not None else store.root / LOOP)
     binaries = {role: s.binary for role, s in setups.items()}

@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.runlog import TrainingBackend
 from orchestrator.store import RunStore
-from orchestrator.tracksink import TrackingSink
+from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.training.backends import Backend, Trainer
 
 BACKEND_HEAD_START_S = 2.0
@@ -69,10 +69,11 @@ class Services:
         if future is self.sink.ready:
             self.sink.flush()
 
-    async def stop(self) -> None:
-        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run)."""
+    async def stop(self, patience: float = CLOSE_PATIENCE_S) -> None:
+        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run),
+        for at most ``patience`` s."""
         if self.backend_ready is not None and not self.backend_ready.done():
             self.backend_ready.cancel()
             with contextlib.suppress(BaseException):
                 await self.backend_ready
-        await self.sink.settle()
+        await self.sink.settle(patience)

@@ -10,6 +10,7 @@
         models/         one checkpoint per finished training
         sims/<run_id>/  stdout.log, stderr.log, result.npy of each attempt
         summary.json    written at the end
+        .lock           held (fcntl) by the one coordinator using the run dir; names its pid and host
 
 Everything is written atomically (temporary name, fsync, rename), so a kill at
 any moment leaves either the old or the new file, never half of one.
@@ -17,10 +18,14 @@ any moment leaves either the old or the new file, never half of one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -39,16 +44,22 @@ STATE = "state.json"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 LOOP = "loop.yml"
+LOCK = ".lock"
+LAUNCH_ID = re.compile(r"^(?:check|generate)-(\d+)$")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path via a temporary file in the same directory, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the old file, never a 0-byte temporary one
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -64,6 +75,7 @@ class RunStore:
         self.models_dir = root / "models"
         self.sims_dir = root / "sims"
         self._events: Any = None
+        self._lock_fd: int | None = None
 
     @classmethod
     def create(cls, workdir: Path, name: str, loop_file: Path) -> RunStore:
@@ -105,14 +117,20 @@ class RunStore:
 
     def read_state(self) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads((self.root / STATE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads((self.root / STATE).read_text())
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError too
             raise StoreError(f"{self.root / STATE}: unreadable ({exc}); the run cannot be resumed") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"{self.root / STATE}: not a campaign state (a JSON {type(data).__name__}); "
+                             "the run cannot be resumed")
         return data
 
     def read_campaign_state(self) -> State:
         """state.json as a :class:`State` (its config stays in :meth:`read_state`)."""
-        return State.from_json(self.read_state())
+        try:
+            return State.from_json(self.read_state())
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"{self.root / STATE}: not a campaign state ({exc}); the run cannot be resumed") from exc
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         path = self.root / SUMMARY
@@ -123,10 +141,24 @@ class RunStore:
     def log(self, event: Event) -> None:
         """Append one event line, flushed at once (monotonic and wall timestamps)."""
         if self._events is None:
-            self._events = (self.root / EVENTS).open("a", buffering=1)
+            self._events = self._open_events()
         record = {"t": time.time(), "mono": time.monotonic(), "event": event.KIND.value, **event.record()}
         self._events.write(json.dumps(record, default=str) + "\n")
         self._events.flush()
+
+    def _open_events(self) -> Any:
+        """events.jsonl for appending; a torn last line (a kill mid-write) is ended first,
+        so it stays one unreadable line instead of swallowing the next event."""
+        path = self.root / EVENTS
+        f = path.open("a+b", buffering=0)
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                log.warning("%s: ending a torn last line", path)
+                f.write(b"\n")
+        f.close()
+        return path.open("a", buffering=1)
 
     def read_events(self) -> list[LoggedEvent]:
         """Every event so far (a torn last line is skipped)."""
@@ -137,6 +169,71 @@ class RunStore:
             self._events.close()
             self._events = None
 
+    # -- one coordinator per run dir -----------------------------------------
+    def lock(self) -> None:
+        """Take the run dir for this process (an fcntl lock, released when it ends, even by SIGKILL).
+
+        Raises StoreError naming the holder (pid and host) when another coordinator has it.
+        """
+        path = self.root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise StoreError(f"{self.root} is in use by {holder}; wait for that coordinator to end "
+                             "(or stop it) before running this campaign again") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    # -- resume: the state checked against the disk --------------------------
+    def next_launch(self, counter: int) -> int:
+        """A launch counter past every sim dir on disk (a sim in flight at a SIGKILL keeps its id)."""
+        if not self.sims_dir.is_dir():
+            return counter
+        used = [int(m.group(1)) for d in self.sims_dir.iterdir() if (m := LAUNCH_ID.match(d.name))]
+        return max([counter, *used])
+
+    def reconcile(self, state: State) -> list[tuple[str, int]]:
+        """Check the state's data files against data/ before a resume; adopt complete ones it missed.
+
+        A file the state counts but the disk lacks (or one that does not load) is a StoreError
+        saying which; a file written just before a kill, whose step the state had not recorded
+        yet, is added to the state (it was accepted: written atomically). Returns the adopted
+        files and their rows.
+        """
+        rows = 0
+        for rel in state.data_files:
+            rows += self._rows(rel, missing=f"{self.root / rel} is missing")
+        if rows != state.data_points:
+            raise StoreError(f"{self.root}: data/ holds {rows} rows of the state's files but state.json counts "
+                             f"{state.data_points}; start a new run (--new)")
+        known = set(state.data_files)
+        adopted = []
+        for path in sorted(self.data_dir.glob("*.npy")):
+            rel = str(path.relative_to(self.root))
+            if rel not in known:
+                n = self._rows(rel, missing=f"{path} is unreadable")
+                state.data_files.append(rel)
+                state.untrained.append(rel)
+                state.data_points += n
+                adopted.append((rel, n))
+        for tmp in self.data_dir.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)  # a write a kill cut short: never accepted
+        return adopted
+
+    def _rows(self, rel: str, missing: str) -> int:
+        try:
+            table = np.load(self.root / rel, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{missing} ({exc.__class__.__name__}); the state counts it: restore the file, "
+                             "or start a new run (--new)") from exc
+        return int(table.shape[0])
+
     # -- data and models --------------------------------------------------
     def sim_dir(self, run_id: str) -> Path:
         return self.sims_dir / run_id
@@ -145,11 +242,15 @@ class RunStore:
         """Store an accepted generate result; it counts only once this returns."""
         path = self.data_dir / f"{run_id}.npy"
         tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as f:
-            np.save(f, table, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as f:
+                np.save(f, table, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     def save_model(self, version: int, state: bytes, member: int = 0) -> Path:
@@ -165,7 +266,11 @@ def read_events(run_dir: Path) -> list[LoggedEvent]:
     path = run_dir / EVENTS
     if not path.exists():
         return []
-    return parse_events(path.read_text().splitlines(), str(path))
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError as exc:
+        raise StoreError(f"{path}: unreadable ({exc.strerror})") from exc
+    return parse_events(text.splitlines(), str(path))
 
 
 def find_unfinished(workdir: Path, name: str) -> Path | None:

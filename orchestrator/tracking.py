@@ -224,6 +224,28 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(raw).absolute()
 
 
+@contextlib.contextmanager
+def schema_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` (fcntl) for a sqlite URI while MLflow opens the store.
+
+    MLflow creates and migrates the schema of a new sqlite file on first use; two campaigns
+    doing it at once corrupt it (alembic's temporary tables are left behind). Other URIs: no-op.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _hint(uri: str) -> str:
     """What to check when MLflow fails for ``uri``."""
     if uri.startswith("sqlite:"):
@@ -396,9 +418,10 @@ class Tracker:
         """
         if self._run_id is not None:
             raise TrackingError(f"tracker already started (run {self._run_id})")
-        client = self._client or _make_client(self.tracking_uri)
-        self._client = client
-        experiment_id = self._ensure_experiment(client)
+        with schema_lock(self.tracking_uri):  # a fresh sqlite file gets its schema from one campaign at a time
+            client = self._client or _make_client(self.tracking_uri)
+            self._client = client
+            experiment_id = self._ensure_experiment(client)
         flat = flatten_params(params)
         if run_id is None:
             new_run_id = self._create_run(client, experiment_id)
@@ -585,6 +608,11 @@ class Tracker:
             TrackingError: Saving, uploading or registering failed.
         """
         client, run_id = self._require_run("register a model")
+        with _wrap(f"look up versions of {name!r} from run {run_id}", self.tracking_uri):
+            earlier = _versions_of_run(client, name, run_id)
+        if earlier:  # a resumed registration (the coordinator was killed after it): never a second version
+            logger.info("model %s version %s is already registered from run %s", name, earlier[0], run_id)
+            return RegisteredModel(name=name, version=earlier[0])
         experiment_id = self._experiment_id
         assert experiment_id is not None
         uri = self.tracking_uri
@@ -722,6 +750,13 @@ def column_names(tracking_uri: str, name: str, version: str) -> tuple[list[str],
     if "inputs" not in tags or "outputs" not in tags:
         return None
     return tags["inputs"].split(","), tags["outputs"].split(",")
+
+
+def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[str]:
+    """Versions of ``name`` registered from MLflow run ``run_id``, ascending."""
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    found = client.search_model_versions(f"name='{escaped}' and run_id='{run_id}'")
+    return [str(v) for v in sorted(int(mv.version) for mv in found if mv.name == name and mv.run_id == run_id)]
 
 
 def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[str]]:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from orchestrator.errors import TrackingError
 from orchestrator.runlog import ModelRegistered, State, Status
 from orchestrator.store import RunStore
 
@@ -25,7 +29,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MLFLOW_STATUS = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED", Status.INTERRUPTED: "KILLED"}
+_T = TypeVar("_T")
+
+MLFLOW_STATUS = {Status.TARGET_MET: "FINISHED", Status.STOPPED: "FINISHED", Status.INTERRUPTED: "KILLED",
+                 Status.REGISTERING: "KILLED"}
+
+START_PATIENCE_S = 180.0
+"""How long MLflow's start is retried (a busy database; campaigns creating a fresh schema together)."""
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
+"""Back-off between attempts of one MLflow call."""
+CLOSE_PATIENCE_S = 3.0
+"""At the end, how long unsent metrics and the run's close may wait for MLflow; what is left is kept
+in state.json (``unsent_metrics``) and sent by the resume."""
 
 
 class TrackingSink:
@@ -39,7 +54,10 @@ class TrackingSink:
         self.state = state
         self.checkpoint = checkpoint
         self.ready: asyncio.Future[None] | None = None
-        self._pending: list[tuple[dict[str, float], int]] = []
+        self._pending: list[tuple[dict[str, float], int]] = [(dict(m), int(k)) for m, k in state.unsent_metrics]
+        self._sender: asyncio.Future[None] | None = None
+        self.failure: BaseException | None = None
+        """Why MLflow's start failed (tracking is then off for the rest of this session)."""
 
     @property
     def enabled(self) -> bool:
@@ -56,12 +74,14 @@ class TrackingSink:
         # MLflow's start is mostly imports, which hold the GIL: let the Dask start go first.
         if after is not None:
             await asyncio.wait([asyncio.ensure_future(after)])
-        run_id = await asyncio.to_thread(self.tracker.start, params, self.state.mlflow_run_id)
+        tracker = self.tracker
+        run_id = await retrying("start tracking", lambda: tracker.start(params, self.state.mlflow_run_id),
+                                START_PATIENCE_S)
         self.state.mlflow_run_id = run_id
         self.checkpoint()
 
     def metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log to MLflow, or keep the metrics until its (concurrent) start is done."""
+        """Queue metrics for MLflow; a worker thread sends them once its (concurrent) start is done."""
         if self.tracker is None:
             return
         self._pending.append((dict(metrics), step))
@@ -69,28 +89,44 @@ class TrackingSink:
             self.flush()
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if self.tracker is None:
+        """Start sending what is queued (off the event loop), unless a send is under way."""
+        if self.tracker is None or not self._pending:
             return
-        for metrics, step in pending:
-            self.tracker.log_metrics(metrics, step=step)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send())
 
-    async def settle(self) -> None:
-        """Wait for MLflow's start (needed to close the run); a failed start disables tracking."""
+    async def _send(self) -> None:
+        tracker = self.tracker
+        while self._pending and tracker is not None:
+            metrics, step = self._pending[0]
+            try:
+                await retrying(f"log metrics at step {step}", functools.partial(tracker.log_metrics, metrics, step),
+                               START_PATIENCE_S)
+            except TrackingError as exc:  # loud: logged and kept for the resume, never dropped silently
+                log.error("MLflow: %s; %d metric batches kept in state.json for the resume", exc, len(self._pending))
+                return
+            self._pending.pop(0)
+
+    async def settle(self, patience: float | None = None) -> None:
+        """Wait for MLflow's start (needed to close the run), at most ``patience`` s; a failed start
+        disables tracking (loudly)."""
         if self.ready is None:
             return
         try:
-            await self.ready
+            await asyncio.wait_for(asyncio.shield(self.ready), patience)
             self.flush()
         except Exception as exc:  # already raised in the loop, or the campaign failed first
-            log.warning("MLflow tracking unavailable for this run: %s", exc)
+            log.error("MLflow tracking unavailable for this run: %s", str(exc) or "it was still starting")
             self.tracker = None
+            self.failure = exc
 
     async def register(self, trainer: Trainer, model: bytes | list[bytes], name: str) -> dict[str, str] | None:
         """Register the final model under ``name``, from a Dask worker; None without tracking."""
         await self.settle()
         if self.tracker is None or self.state.mlflow_run_id is None:
-            return None
+            # loud, and resumable: the target is met but the model is not in the registry yet
+            raise TrackingError(f"MLflow tracking did not start ({self.failure}); the model is not registered "
+                                "yet: resume the run once MLflow is reachable")
         reg_name, version = await trainer.register(model, self.tracker.tracking_uri, self.state.mlflow_run_id, name)
         self.store.log(ModelRegistered(reg_name, version))
         return {"name": reg_name, "version": version}
@@ -109,20 +145,89 @@ class TrackingSink:
         if self.tracker is not None:
             await asyncio.to_thread(self.tracker.set_alias, name, alias, version)
 
-    async def close(self, status: Status, artifacts: Sequence[Path], summary: Mapping[str, Any]) -> None:
-        """Upload the run's files, describe the run, and end it with the campaign's status."""
-        if self.tracker is not None:
-            await asyncio.to_thread(self._close, self.tracker, status, artifacts, describe(summary))
+    async def close(self, status: Status, artifacts: Sequence[Path], summary: Mapping[str, Any],
+                    patience: float = CLOSE_PATIENCE_S) -> None:
+        """Send what is queued, upload the run's files, describe the run and end it with the campaign's
+        status; all within ``patience`` s.
+
+        Metrics MLflow did not take by then are kept in state.json for the resume (loudly).
+        """
+        if self.tracker is None:
+            return
+        tracker = self.tracker
+        self.flush()
+        try:
+            await asyncio.wait_for(self._close(tracker, status, artifacts, describe(summary)), patience)
+        except (TimeoutError, TrackingError) as exc:
+            log.error("MLflow did not close run %s in time (%s); %d metric batches kept for the resume",
+                      self.state.mlflow_run_id, exc or "busy", len(self._pending))
+        finally:
+            if self._sender is not None:
+                self._sender.cancel()
+            self.state.unsent_metrics = [[m, k] for m, k in self._pending]
+            self.checkpoint()
+
+    async def _close(self, tracker: Tracker, status: Status, artifacts: Sequence[Path],
+                     tags: Mapping[str, str]) -> None:
+        if self._sender is not None:
+            await asyncio.shield(self._sender)
+        if self._pending:
+            raise TrackingError(f"{len(self._pending)} metric batches could not be sent")
+        await off_loop(functools.partial(self._upload, tracker, status, artifacts, tags))
 
     @staticmethod
-    def _close(tracker: Tracker, status: Status, artifacts: Sequence[Path], tags: Mapping[str, str]) -> None:
+    def _upload(tracker: Tracker, status: Status, artifacts: Sequence[Path], tags: Mapping[str, str]) -> None:
         for artifact in artifacts:
             if artifact.exists():
                 tracker.log_artifact(artifact)
         with contextlib.suppress(Exception):  # a description is not worth losing the run's status
             tracker.set_tags(tags)
-        with contextlib.suppress(Exception):
-            tracker.finish(MLFLOW_STATUS.get(status, "FAILED"))  # type: ignore[arg-type]
+        tracker.finish(MLFLOW_STATUS.get(status, "FAILED"))  # type: ignore[arg-type]
+
+
+def off_loop(call: Callable[[], _T]) -> asyncio.Future[_T]:
+    """``call()`` in a daemon thread of its own: the event loop goes on meanwhile, and a call stuck
+    in a locked database neither delays a signal's exit nor keeps the process alive at the end
+    (``asyncio.to_thread``'s pool is joined when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        result: _T | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="mlflow", daemon=True).start()
+    return future
+
+
+async def retrying(what: str, call: Callable[[], _T], patience: float) -> _T:
+    """``call()`` in a worker thread, retried with back-off on a TrackingError until ``patience`` s
+    have passed (sqlite's "database is locked", a schema another campaign is creating)."""
+    deadline = time.monotonic() + patience
+    delay = RETRY_FIRST_S
+    while True:
+        try:
+            return await off_loop(call)
+        except TrackingError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("MLflow: could not %s (%s); retrying in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX_S, delay * 2)
 
 
 def describe(summary: Mapping[str, Any]) -> dict[str, str]:

@@ -31,11 +31,13 @@ def run(req: LaunchRequest) -> SimResult:
 
 
 def test_golden_mpiexec_argv(tmp_path: Path) -> None:
-    launcher = MpiexecLauncher(mpiexec="/opt/mpi/bin/mpiexec")
+    launcher = MpiexecLauncher(mpiexec="/opt/mpi/bin/mpiexec", isolate=False)
     req = LaunchRequest(run_id="check-000003", role="check", binary=Path("/x/sim-cheap"), args=["--x", "0.5"],
                         ranks=4, workdir=tmp_path / "r", timeout_s=5, ncols=2)
     assert launcher.command(req) == ["/opt/mpi/bin/mpiexec", "-n", "4", "/x/sim-cheap", "--x", "0.5",
                                      "--out", str(tmp_path / "r" / "result.npy")]
+    isolated = MpiexecLauncher(mpiexec="/opt/mpi/bin/mpiexec", isolate=True).command(req)
+    assert isolated == ["unshare", "--map-current-user", "--net", "--", *launcher.command(req)]
     assert launcher.environment(req)["SIMKIT_EXPECT_RANKS"] == "4"
 
 

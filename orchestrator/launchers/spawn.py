@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -49,7 +50,7 @@ from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult, exit_description, malformed
 from orchestrator.launchers.mpiexec import find_mpiexec
-from orchestrator.procs import end_ranks, kill_known, kill_tree, tail, wait_gone
+from orchestrator.procs import end_ranks, guardian, kill_known, kill_tree, tail, wait_gone
 from orchestrator.results import MalformedResult, check_table
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,12 @@ class SpawnAgent:
         """Every (pid, start time) the agent reported below it: killed with it if it dies."""
 
     def remember(self, event: dict[str, Any]) -> None:
-        """Add the (pid, start time) pairs an event reports."""
-        self.known.update((int(pid), int(start)) for pid, start in event.get("pids", []))
+        """Add the (pid, start time) pairs an event reports (the guardian watches local ones)."""
+        pairs = {(int(pid), int(start)) for pid, start in event.get("pids", [])}
+        if self.ready.get("host", socket.gethostname()) == socket.gethostname():
+            for pid, _ in pairs - self.known:
+                guardian.watch_pid(pid)
+        self.known.update(pairs)
 
     @property
     def pid(self) -> int:
@@ -175,6 +180,10 @@ class SpawnAgent:
         leftovers = [(pid, start) for pid, start in self.known if pid in killed]
         if leftovers:
             await asyncio.to_thread(wait_gone, leftovers, 5.0)
+        guardian.unwatch_group(self.pid)
+        if self.ready.get("host", socket.gethostname()) == socket.gethostname():
+            for pid, _ in self.known:
+                guardian.unwatch_pid(pid)
         log.debug("spawn agent %d stopped (rc %s); killed %s", self.pid, self.proc.returncode, killed)
 
 

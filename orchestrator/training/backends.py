@@ -8,7 +8,7 @@ restarts the worker); a task that raises is retried ``task_retries`` times, then
 surfaces as :class:`TrainingError`.
 
 Backends:
-- ``local``: a ``LocalCluster`` of worker processes, scheduler on loopback.
+- ``local``: a ``LocalCluster`` of worker processes, scheduler on loopback, TLS, no dashboard.
 - ``allocation`` and ``jobqueue``: see :mod:`orchestrator.training.slurm`.
 """
 
@@ -22,9 +22,11 @@ from typing import Any, cast
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
+from orchestrator.procs import guardian
 from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
 
@@ -52,6 +54,9 @@ class LocalBackend(Backend):
 
     async def start(self) -> Client:
         dask.config.set(QUIET_DASK)
+        # TLS with a certificate made for this campaign: another user (or process) on the node cannot
+        # connect, even on loopback, and so cannot run code in the workers. No dashboard.
+        security = Security.temporary()
         self.cluster = await cast(Awaitable[LocalCluster], LocalCluster(
             n_workers=self.cfg.workers,
             threads_per_worker=self.cfg.threads_per_worker,
@@ -59,10 +64,17 @@ class LocalBackend(Backend):
             processes=True,
             resources=self.cfg.worker_resources,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
+            protocol="tls://",
+            security=security,
+            dashboard_address=None,  # no dashboard; the scheduler's HTTP server (health) on loopback
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             asynchronous=True,
         ))
-        self.client = await cast(Awaitable[Client], Client(self.cluster, asynchronous=True))
+        self.client = await cast(Awaitable[Client], Client(self.cluster, security=security, asynchronous=True))
+        for worker in self.cluster.workers.values():  # a SIGKILLed coordinator leaves no worker process behind
+            pid = getattr(getattr(worker, "process", None), "pid", None)
+            if pid:
+                guardian.watch_pid(pid)
         await cast(Awaitable[None], self.client.wait_for_workers(self.cfg.workers))
         return self.client
 
@@ -160,7 +172,7 @@ class Trainer:
         try:
             result: tuple[bytes, dict[str, float]] = await future
         except Exception as exc:
-            raise TrainingError(f"training failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
+            raise training_error(exc, self.cfg.memory_limit) from exc
         return result
 
     async def evaluate(self, state: bytes, xs: list[list[float]]) -> list[list[float]]:
@@ -245,3 +257,19 @@ class Trainer:
         except Exception as exc:
             raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
         return result
+
+
+PASSING = ("KilledWorker", "FileNotFoundError", "CommClosedError", "TimeoutError")
+"""Training failures a resume can get past (a worker death, a data file restored, a slow scheduler)."""
+
+
+def training_error(exc: BaseException, memory_limit: str) -> TrainingError:
+    """A TrainingError for a failed training task; passing faults are transient (the run stays resumable)."""
+    kind = type(exc).__name__
+    hint = ""
+    if kind == "KilledWorker":
+        hint = (f"; workers died running it (often the memory limit, training.memory_limit={memory_limit}: "
+                "resume with --set training.memory_limit=<more>)")
+    err = TrainingError(f"training failed on the Dask workers: {kind}: {exc}{hint}")
+    err.transient = kind in PASSING
+    return err

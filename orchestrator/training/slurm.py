@@ -39,7 +39,7 @@ from orchestrator import procs, slurm
 from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, SlurmError, TrainingError
-from orchestrator.procs import KILL_GRACE_S, kill_group, tail
+from orchestrator.procs import KILL_GRACE_S, guardian, kill_group, tail
 from orchestrator.slurm import (
     end_steps,
     parse_srun_log,
@@ -290,6 +290,7 @@ class AllocationBackend(Backend):
             self.scheduler = None
         if self.proc is not None:
             await self._end_step(self.proc)
+            guardian.unwatch_group(self.proc.pid)
             self.proc = None
 
     async def _end_step(self, proc: asyncio.subprocess.Process) -> None:

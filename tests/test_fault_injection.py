@@ -1,0 +1,264 @@
+"""Nothing lost, even under SIGKILL, two coordinators, a busy MLflow or a shared node.
+
+Real coordinators (``python -m orchestrator run``) are killed at each boundary of a
+campaign, resumed, and audited (:mod:`tests.fault_chain`). The CI subset of the
+boundary x launcher matrix: every boundary with SIGKILL and with SIGTERM locally
+(mpiexec); inside ``salloc`` SIGKILL mid-generate and during registration with srun,
+and SIGKILL mid-generate with spawn.
+
+Figures: ``FAULT_FIGURES=/tmp/fi.jsonl pytest tests/test_fault_injection.py`` then
+``python -m tests.fault_chain --sum /tmp/fi.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+from tests.fault_chain import (
+    BOUNDARIES,
+    Figures,
+    campaign_loop,
+    chain,
+    left_running,
+    read_events,
+    registry,
+    run_dirs,
+    start,
+    tree,
+    wait_for_event,
+)
+
+pytestmark = pytest.mark.integration
+
+EVERY_BOUNDARY = list(BOUNDARIES)
+
+LOCK_S = 60.0
+"""How long another process holds mlflow.db locked (the issue's case, kept real)."""
+
+
+def assert_clean(figures: Figures) -> None:
+    assert not figures.problems, "\n".join(figures.problems)
+
+
+def test_sigkill_at_every_boundary_then_resume_loses_nothing(tmp_path: Path) -> None:
+    figures = chain(tmp_path, "local-mpiexec-SIGKILL", [(b, signal.SIGKILL) for b in EVERY_BOUNDARY])
+    assert_clean(figures)
+    assert figures.faults == len(EVERY_BOUNDARY) and figures.campaigns == 1
+
+
+def test_sigterm_at_every_boundary_then_resume_loses_nothing(tmp_path: Path) -> None:
+    figures = chain(tmp_path, "local-mpiexec-SIGTERM", [(b, signal.SIGTERM) for b in EVERY_BOUNDARY])
+    assert_clean(figures)
+    assert figures.faults == len(EVERY_BOUNDARY) and figures.campaigns == 1
+
+
+def test_second_sigterm_during_shutdown_still_exits_75(tmp_path: Path) -> None:
+    loop = campaign_loop(tmp_path, "fi", **{"tracking.enabled": False})
+    work = tmp_path / "runs"
+    proc = start(loop, work)
+    wait_for_event(work, "fi", BOUNDARIES["mid_generate"], proc, 0)
+    procs = tree(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    # the shutdown has begun once the in-flight sim is logged as cancelled
+    wait_for_event(work, "fi", lambda e: e["event"] == "sim_end" and e["outcome"] == "cancelled", proc, 0, 30)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    assert left_running(procs) == []
+    state = json.loads((run_dirs(work, "fi")[0] / "state.json").read_text())
+    assert state["status"] == "interrupted"
+
+
+def test_second_coordinator_on_one_run_refuses_naming_the_holder(tmp_path: Path) -> None:
+    loop = campaign_loop(tmp_path, "fi", **{"tracking.enabled": False})
+    work = tmp_path / "runs"
+    first = start(loop, work)
+    try:
+        wait_for_event(work, "fi", BOUNDARIES["mid_generate"], first, 0)
+        run_dir = run_dirs(work, "fi")[0]
+        second = subprocess.run([sys.executable, "-m", "orchestrator", "run", "--resume", str(run_dir), "--no-live"],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"pid {first.pid}" in lines[0] and os.uname().nodename in lines[0], lines[0]
+        # a plain `run` (which would look for an unfinished run) refuses the same way
+        third = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work),
+                                "--no-live"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert third.returncode != 0 and f"pid {first.pid}" in third.stderr, third.stderr
+        assert len(run_dirs(work, "fi")) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 75
+
+
+def test_three_campaigns_on_a_fresh_mlflow_db(tmp_path: Path) -> None:
+    work = tmp_path / "runs"
+    names = ["fa", "fb", "fc"]
+    loops = [campaign_loop(tmp_path, n) for n in names]
+    procs = [start(loop, work) for loop in loops]
+    results = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert "tracking unavailable" not in err.lower(), err[-2000:]
+    for n in names:
+        reg = registry(work, f"{n}-surrogate")
+        assert len(reg["versions"]) == 1, reg
+        state = json.loads((run_dirs(work, n)[0] / "state.json").read_text())
+        assert reg["runs"][state["mlflow_run_id"]] == "FINISHED"
+    with sqlite3.connect(work / "mlflow.db") as con:
+        per_run = dict(con.execute("SELECT run_uuid, COUNT(*) FROM metrics GROUP BY run_uuid").fetchall())
+    for n in names:
+        state = json.loads((run_dirs(work, n)[0] / "state.json").read_text())
+        logged = sum(1 for e in read_events(run_dirs(work, n)[0]) if e["event"] in ("check", "train_end"))
+        assert per_run.get(state["mlflow_run_id"], 0) >= logged, (n, per_run)
+
+
+def wait_for_state(run_dir: Path, proc: subprocess.Popen[str], pred: Callable[[dict[str, Any]], bool],
+                   timeout: float = 180) -> None:
+    """Until state.json (rewritten atomically after every step) satisfies pred."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"coordinator ended early ({proc.returncode})"
+        if pred(json.loads((run_dir / "state.json").read_text())):
+            return
+        time.sleep(0.05)
+    raise AssertionError("state.json never got there")
+
+
+def hold_lock(db: Path, seconds: float, locked: threading.Event, release: threading.Event) -> None:
+    con = sqlite3.connect(db, isolation_level=None, timeout=60)
+    con.execute("BEGIN EXCLUSIVE")
+    locked.set()
+    release.wait(seconds)
+    con.execute("ROLLBACK")
+    con.close()
+
+
+def test_locked_mlflow_db_neither_freezes_nor_fails_the_campaign(tmp_path: Path) -> None:
+    # A campaign that cannot reach its target while locked: many successes, slow generates.
+    loop = campaign_loop(tmp_path, "fi", **{"target.successes": 40, "target.tolerance": 1e-9,
+                                          "target.max_rounds": 200})
+    work = tmp_path / "runs"
+    proc = start(loop, work)
+    wait_for_event(work, "fi", lambda e: e["event"] == "train_end", proc, 0)
+    run_dir = run_dirs(work, "fi")[0]
+    wait_for_state(run_dir, proc, lambda s: bool(s.get("mlflow_run_id")))  # MLflow is up: its schema exists
+    locked, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_lock, args=(work / "mlflow.db", LOCK_S, locked, release))
+    holder.start()
+    try:
+        assert locked.wait(60)
+        t_lock = time.monotonic()
+        skip = len(read_events(run_dir))
+        # the loop goes on: sims start and trainings end while the database is locked
+        wait_for_event(work, "fi", lambda e: e["event"] == "train_end", proc, skip, LOCK_S)
+        skip = len(read_events(run_dir))
+        wait_for_event(work, "fi", lambda e: e["event"] == "sim_start", proc, skip, LOCK_S)
+        # near the end of the lock, still locked: SIGTERM exits 75 within 5 s
+        time.sleep(max(0.0, LOCK_S - 5 - (time.monotonic() - t_lock)))
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert not release.is_set()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+        holder.join()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    assert took < 5, f"SIGTERM took {took:.1f} s under a locked database"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "interrupted"
+
+
+def test_local_campaign_is_private(tmp_path: Path) -> None:
+    """No socket off loopback, the Dask scheduler refuses a stranger, every file private."""
+    loop = campaign_loop(tmp_path, "fi")
+    work = tmp_path / "runs"
+    proc = start(loop, work)
+    backend = wait_for_event(work, "fi", lambda e: e["event"] == "training_backend", proc, 0)
+    wait_for_event(work, "fi", BOUNDARIES["mid_generate"], proc, 0)
+    listening = []
+    ours = os.readlink("/proc/self/ns/net")
+    for p in [psutil.Process(proc.pid), *tree(proc.pid)]:
+        try:
+            if os.readlink(f"/proc/{p.pid}/ns/net") != ours:
+                continue  # a private network namespace (mpiexec's): unreachable from the node
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+        listening += [(p.name(), c.laddr) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert listening, "no listening socket found (the Dask scheduler must listen somewhere)"
+    off = [(n, a) for n, a in listening if a.ip not in ("127.0.0.1", "::1")]
+    assert not off, f"listening off loopback: {off}"
+    address = str(backend["scheduler"])
+    assert address.startswith("tls://"), address
+    stranger = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom distributed import Client\n"
+         "for a in (sys.argv[1], sys.argv[1].replace('tls://', 'tcp://')):\n"
+         "    try:\n        c = Client(a, timeout=5)\n    except Exception:\n        continue\n"
+         "    c.submit(print, 'ran').result(timeout=5); print('CONNECTED', a)\n",
+         address], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "CONNECTED" not in stranger.stdout, stranger.stdout
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-2000:]
+    loose = []
+    for path in [work, *work.rglob("*")]:
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        if mode & 0o077:
+            loose.append(f"{oct(mode & 0o777)} {path}")
+    assert not loose, "readable by others:\n" + "\n".join(loose[:20])
+
+
+# ---------------------------------------------------------------- inside salloc
+
+
+def _in_salloc(slurm_env: dict[str, str], tmp_path: Path, label: str, launcher: str,
+               faults: list[str]) -> dict[str, object]:
+    from tests.test_slurm import in_allocation
+
+    out = tmp_path / "figures.json"
+    argv = [sys.executable, "-m", "tests.fault_chain", "--tmp", str(tmp_path / "chain"), "--label", label,
+            "--launcher", launcher, "--out", str(out), *[a for f in faults for a in ("--fault", f)]]
+    proc, probed = in_allocation(slurm_env, tmp_path / "probe", argv, nodes=2, per_node=8)
+    assert out.exists(), f"the chain wrote no figures ({proc.returncode}): {proc.stderr[-3000:]}"
+    figures: dict[str, object] = json.loads(out.read_text())  # the chain adds them to $FAULT_FIGURES itself
+    assert probed.get("steps") in ([], None), probed
+    return figures
+
+
+@pytest.mark.slurm
+def test_sigkill_inside_salloc_with_srun(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    figures = _in_salloc(slurm_env, tmp_path, "salloc-srun-SIGKILL", "srun",
+                         ["mid_generate:SIGKILL", "registration:SIGKILL"])
+    assert not figures["problems"], "\n".join(figures["problems"])  # type: ignore[arg-type]
+    assert figures["campaigns"] == 1
+
+
+@pytest.mark.slurm
+def test_sigkill_inside_salloc_with_spawn(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    figures = _in_salloc(slurm_env, tmp_path, "salloc-spawn-SIGKILL", "spawn", ["mid_generate:SIGKILL"])
+    assert not figures["problems"], "\n".join(figures["problems"])  # type: ignore[arg-type]
+    assert figures["campaigns"] == 1

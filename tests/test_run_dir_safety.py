@@ -1,0 +1,152 @@
+"""The run dir under faults, without a campaign: the lock, torn and garbage lines, data checked on
+resume, a full disk, huge logs, resume-time config changes, the guardian."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.errors import StoreError, UsageError
+from orchestrator.procs import cap_log, tail
+from orchestrator.runlog import State
+from orchestrator.runner import resume_config
+from orchestrator.store import RunStore, atomic_write_bytes
+from tests.conftest import REPO, fast_loop, write_loop
+
+
+def make_store(tmp_path: Path) -> RunStore:
+    loop = write_loop(tmp_path, fast_loop())
+    return RunStore.create(tmp_path / "runs", "sine", loop)
+
+
+def test_second_holder_of_a_run_dir_is_refused_naming_the_first(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom orchestrator.store import RunStore\n"
+         "RunStore(Path(sys.argv[1])).lock(); print('locked', flush=True); time.sleep(60)", str(store.root)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError) as exc:
+            RunStore(store.root).lock()
+        assert f"pid {holder.pid} on {socket.gethostname()}" in str(exc.value)
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock
+        holder.wait()
+    RunStore(store.root).lock()
+
+
+def test_torn_last_line_does_not_swallow_the_next_event(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    (store.root / "events.jsonl").write_text('{"t": 1, "event": "sim_start", "run_id": "a"}\n{"t": 2, "ev')
+    from orchestrator.runlog import CampaignStart
+
+    store.log(CampaignStart(True, str(store.root), 1, {}))
+    events = store.read_events()
+    assert [e["event"] for e in events] == ["sim_start", "campaign_start"]
+
+
+def test_garbage_events_and_state_are_one_line_errors(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    (store.root / "events.jsonl").write_bytes(b'42\n["x"]\n\xff\xfe garbage\n{"t": 1, "event": "check", "x": [0]}\n')
+    assert [e["event"] for e in store.read_events()] == ["check"]
+    for garbage in (b"\xff\xfe", b"[1, 2]", b'{"status": 7, "data_files": 3}', b"{"):
+        (store.root / "state.json").write_bytes(garbage)
+        with pytest.raises(StoreError) as exc:
+            store.read_campaign_state()
+        assert "\n" not in str(exc.value) and "state.json" in str(exc.value)
+    for cmd in (["status", str(store.root)], ["run", "--resume", str(store.root), "--no-live"]):
+        done = subprocess.run([sys.executable, "-m", "orchestrator", *cmd], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_resume_checks_data_files_and_adopts_a_file_a_kill_left_unrecorded(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.accept_data("generate-000001", np.zeros((64, 2)))
+    store.accept_data("generate-000002", np.zeros((32, 2)))
+    state = State(data_files=["data/generate-000001.npy"], untrained=[], data_points=64)
+    (store.data_dir / ".generate-000003.npy.tmp").write_bytes(b"")
+    adopted = store.reconcile(state)
+    assert adopted == [("data/generate-000002.npy", 32)] and state.data_points == 96
+    assert state.untrained == ["data/generate-000002.npy"]
+    assert not list(store.data_dir.glob(".*"))
+    (store.data_dir / "generate-000001.npy").unlink()
+    with pytest.raises(StoreError) as exc:
+        store.reconcile(State(data_files=["data/generate-000001.npy"], data_points=64))
+    assert "generate-000001.npy is missing" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_launch_ids_on_disk_are_never_reused(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    (store.sims_dir / "generate-000007").mkdir()
+    (store.sims_dir / "check-000003").mkdir()
+    assert store.next_launch(5) == 7
+    assert store.next_launch(9) == 9
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_leaves_the_old_state_and_no_temporary_file(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        atomic_write_bytes(disk / "state.json", b"old")
+        with pytest.raises(OSError) as exc:
+            atomic_write_bytes(disk / "state.json", b"x" * 200_000)
+        assert exc.value.errno == errno.ENOSPC
+        assert (disk / "state.json").read_bytes() == b"old"
+        assert sorted(p.name for p in disk.iterdir()) == ["state.json"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_huge_log_is_read_from_its_end_and_capped(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as f:
+        f.truncate(40 * 1024 * 1024)  # sparse: 40 MB of zeros, then the last words
+        f.seek(0, os.SEEK_END)
+        f.write(b"\nline one\nMPI_ABORT: the real error\n")
+    t0 = time.process_time()
+    assert tail(log, 1) == "MPI_ABORT: the real error"
+    assert time.process_time() - t0 < 0.5
+    cap_log(log, cap=1024 * 1024)
+    assert log.stat().st_size < 1024 * 1024 + 200
+    assert log.read_bytes().startswith(b"[orchestrator: the first")
+    assert tail(log, 1) == "MPI_ABORT: the real error"
+
+
+def test_resume_takes_the_same_set_and_resource_changes_only(tmp_path: Path) -> None:
+    loop = write_loop(tmp_path, fast_loop())
+    saved = load_config(loop, ["seed=7"])
+    assert resume_config(saved, load_config(loop, ["seed=7"])) == saved
+    bigger = resume_config(saved, load_config(loop, ["seed=7", "training.memory_limit=4GB",
+                                                     "sims.generate.timeout_s=500"]))
+    assert bigger.training.memory_limit == "4GB" and bigger.sims.generate.timeout_s == 500
+    assert bigger.seed == 7
+    with pytest.raises(UsageError) as exc:
+        resume_config(saved, load_config(loop, ["seed=8", "target.successes=9"]))
+    assert "seed" in str(exc.value) and "target.successes" in str(exc.value)
+
+
+def test_state_json_is_written_when_the_run_dir_is_made(tmp_path: Path) -> None:
+    """A kill before the first completed step leaves a run dir `run` finds and resumes."""
+    from orchestrator.progress import Progress
+    from orchestrator.runner import open_run
+
+    loop = write_loop(tmp_path, fast_loop())
+    _, store, state, _ = open_run(loop, tmp_path / "runs", [], None, False, Progress(enabled=False))
+    assert state is None
+    assert json.loads((store.root / "state.json").read_text())["status"] == "running"
+    assert oct((store.root / ".lock").stat().st_mode & 0o777) == "0o600"
