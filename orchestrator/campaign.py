@@ -721,7 +721,9 @@ class Campaign:
         self.checkpoint()
         self.store.log(Registering(name))
         model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
-        task = asyncio.ensure_future(self.sink.register(self.trainer, model, name))
+        # keyed by the model's version: a resumed registration finds the version it made before
+        key = f"final-model-v{self.state.model_version}"
+        task = asyncio.ensure_future(self.sink.register(self.trainer, model, name, key))
         interrupt = asyncio.ensure_future(self._interrupt.wait())
         try:
             await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)

@@ -589,6 +589,7 @@ class Tracker:
 
     def register_model(
         self, module: torch.nn.Module, name: str, artifact_path: str = "model", tags: Mapping[str, str] | None = None,
+        key: str | None = None,
     ) -> RegisteredModel:
         """Log ``module`` as an MLflow model of this run and register a new version.
 
@@ -608,11 +609,13 @@ class Tracker:
             TrackingError: Saving, uploading or registering failed.
         """
         client, run_id = self._require_run("register a model")
-        with _wrap(f"look up versions of {name!r} from run {run_id}", self.tracking_uri):
-            earlier = _versions_of_run(client, name, run_id)
-        if earlier:  # a resumed registration (the coordinator was killed after it): never a second version
-            logger.info("model %s version %s is already registered from run %s", name, earlier[0], run_id)
-            return RegisteredModel(name=name, version=earlier[0])
+        if key is not None:
+            with _wrap(f"look up versions of {name!r} from run {run_id}", self.tracking_uri):
+                earlier = _versions_of_run(client, name, run_id, key)
+            if earlier:  # a resumed registration (the coordinator was killed after it): never a second version
+                logger.info("model %s version %s is already registered from run %s", name, earlier[0], run_id)
+                return RegisteredModel(name=name, version=earlier[0])
+            tags = {**(tags or {}), REGISTRATION_KEY: key}
         experiment_id = self._experiment_id
         assert experiment_id is not None
         uri = self.tracking_uri
@@ -752,11 +755,16 @@ def column_names(tracking_uri: str, name: str, version: str) -> tuple[list[str],
     return tags["inputs"].split(","), tags["outputs"].split(",")
 
 
-def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[str]:
-    """Versions of ``name`` registered from MLflow run ``run_id``, ascending."""
+REGISTRATION_KEY = "registration_key"
+"""A version's tag naming which registration of its campaign made it (see :meth:`Tracker.register_model`)."""
+
+
+def _versions_of_run(client: MlflowClient, name: str, run_id: str, key: str) -> list[str]:
+    """Versions of ``name`` registered from MLflow run ``run_id`` under ``key``, ascending."""
     escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     found = client.search_model_versions(f"name='{escaped}' and run_id='{run_id}'")
-    return [str(v) for v in sorted(int(mv.version) for mv in found if mv.name == name and mv.run_id == run_id)]
+    return [str(v) for v in sorted(int(mv.version) for mv in found
+                                   if mv.name == name and mv.run_id == run_id and mv.tags.get(REGISTRATION_KEY) == key)]
 
 
 def registered_versions(tracking_uri: str, name: str) -> tuple[list[str], list[str]]:

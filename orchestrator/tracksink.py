@@ -120,14 +120,18 @@ class TrackingSink:
             self.tracker = None
             self.failure = exc
 
-    async def register(self, trainer: Trainer, model: bytes | list[bytes], name: str) -> dict[str, str] | None:
-        """Register the final model under ``name``, from a Dask worker; None without tracking."""
+    async def register(
+        self, trainer: Trainer, model: bytes | list[bytes], name: str, key: str | None = None,
+    ) -> dict[str, str] | None:
+        """Register a model under ``name``, from a Dask worker. With ``key``, a version already
+        registered from this run under the same key is returned instead (a resumed registration)."""
         await self.settle()
         if self.tracker is None or self.state.mlflow_run_id is None:
             # loud, and resumable: the target is met but the model is not in the registry yet
             raise TrackingError(f"MLflow tracking did not start ({self.failure}); the model is not registered "
                                 "yet: resume the run once MLflow is reachable")
-        reg_name, version = await trainer.register(model, self.tracker.tracking_uri, self.state.mlflow_run_id, name)
+        reg_name, version = await trainer.register(model, self.tracker.tracking_uri, self.state.mlflow_run_id, name,
+                                                   key)
         self.store.log(ModelRegistered(reg_name, version))
         return {"name": reg_name, "version": version}
 

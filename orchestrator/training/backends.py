@@ -187,7 +187,9 @@ class Trainer:
             raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
         return result
 
-    async def register(self, state: bytes | list[bytes], tracking_uri: str, run_id: str, name: str) -> tuple[str, str]:
+    async def register(
+        self, state: bytes | list[bytes], tracking_uri: str, run_id: str, name: str, key: str | None = None,
+    ) -> tuple[str, str]:
         """Register the model in ``state`` (or the ensemble of these member states) under ``name``
         in MLflow run ``run_id``, from a worker.
 
@@ -196,7 +198,7 @@ class Trainer:
         """
         future = self.client.submit(
             remote.call, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id, name,
-            self.columns, pure=False,
+            self.columns, key, pure=False,
         )
         try:
             result: tuple[str, str] = await future

@@ -594,7 +594,7 @@ def warm_up(
 
 def register_model(
     state: bytes | list[bytes], model: str, model_kwargs: dict[str, Any], tracking_uri: str, run_id: str, name: str,
-    columns: tuple[list[str], list[str]] | None = None,
+    columns: tuple[list[str], list[str]] | None = None, key: str | None = None,
 ) -> tuple[str, str]:
     """Load the checkpoint (or an ensemble's member checkpoints, registered as one
     :class:`models.ensemble.Ensemble`) and register it under ``name`` in the campaign's MLflow run,
@@ -608,7 +608,7 @@ def register_model(
 
         module = Ensemble([load_model(s, model, model_kwargs) for s in states])
     tags = column_tags(*columns) if columns else {}
-    registered = Tracker.attach(tracking_uri, run_id).register_model(module, name, tags=tags)
+    registered = Tracker.attach(tracking_uri, run_id).register_model(module, name, tags=tags, key=key)
     return registered.name, registered.version
 
 # --------------------------------------------------------------------------- #
