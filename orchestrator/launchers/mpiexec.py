@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import LaunchRequest, ProcessLauncher
-from orchestrator.mpi import Flavour, MpiInfo, local_command, merged_env
+from orchestrator.mpi import MpiInfo, local_command, merged_env
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ class MpiexecLauncher(ProcessLauncher):
     def __init__(self, mpiexec: str | None = None, *, mpi: MpiInfo | None = None, isolate: bool | None = None) -> None:
         self.mpi = mpi
         self.mpiexec = mpiexec or (mpi.mpiexec if mpi is not None else None) or find_mpiexec()
-        hydra = mpi is None or mpi.flavour is Flavour.MPICH
-        self.isolate = (can_isolate() and hydra) if isolate is None else isolate
-        """Run in a private network namespace (default: hydra, when the box allows it; Open MPI's
-        launcher is not run so, untested there)."""
+        wheel = mpi is None or mpi.is_wheel_mpich
+        self.isolate = (can_isolate() and wheel) if isolate is None else isolate
+        """Run in a private network namespace (default: the mpich wheel's hydra, when the box allows
+        it; other MPIs' launchers are not run so: Debian's MPICH fails there)."""
 
     def command(self, req: LaunchRequest) -> list[str]:
         if self.mpi is None:
