@@ -215,13 +215,13 @@ class Campaign:
             trainer_ready=self.services.trainer_up,
         )
 
-    def checkpoint(self) -> float:
-        """Rewrite state.json (atomically) with the RNG and elapsed time; returns that elapsed time."""
+    def checkpoint(self, elapsed: float | None = None) -> float:
+        """Rewrite state.json (atomically) with the RNG and elapsed time (now, or as given); returns it."""
         self.state.rng = dict(self.rng.bit_generator.state)
         self.state.continual = self.continual.to_json()
         self.state.sampling_rng = self.sampler.rng_state()
         snapshot = self.state.to_json()
-        snapshot["elapsed_s"] = elapsed = self.elapsed
+        snapshot["elapsed_s"] = elapsed = self.elapsed if elapsed is None else elapsed
         snapshot["config"] = flat_dict(self.cfg)
         self.store.write_state(snapshot)
         return elapsed
@@ -647,7 +647,7 @@ class Campaign:
             # The commit point: only now does state.json say target_met (a kill before it leaves
             # `registering`, which a resume finishes without a second model version).
             self.state.status = status
-            self.checkpoint()
+            self.checkpoint(summary["wall_s"])  # the wall time the summary says, in every view
         finally:
             remove_signals()
         if error is not None:
