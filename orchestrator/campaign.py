@@ -650,6 +650,7 @@ class Campaign:
             self.checkpoint(summary["wall_s"])  # the wall time the summary says, in every view
         finally:
             remove_signals()
+            self.store.close()  # now another coordinator may have the run dir (a library caller, a test)
         if error is not None:
             raise error
         return CampaignResult(status, summary)
@@ -742,7 +743,7 @@ class Campaign:
         summary = build_summary(dataclasses.replace(self.state, status=status), wall, str(self.store.root), registered)
         path = self.store.write_summary(summary)
         self.store.log(CampaignEnd(extra={k: v for k, v in summary.items() if k != "run_dir"}))
-        self.store.close()
+        self.store.close(release=False)  # the lock is kept until the final state is committed
         artifacts = [self.store.root / LOOP, self.store.root / EVENTS, path]
         if self.sink.enabled and self._signal is None:  # after a signal the exit is prompt: no picture
             artifacts.append(await asyncio.to_thread(self._timeline))

@@ -164,10 +164,14 @@ class RunStore:
         """Every event so far (a torn last line is skipped)."""
         return read_events(self.root)
 
-    def close(self) -> None:
+    def close(self, *, release: bool = True) -> None:
+        """Close the event log and (unless ``release`` is False) give up the run dir's lock."""
         if self._events is not None:
             self._events.close()
             self._events = None
+        if release and self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     # -- one coordinator per run dir -----------------------------------------
     def lock(self) -> None:
