@@ -224,16 +224,14 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(raw).absolute()
 
 
-@contextlib.contextmanager
-def schema_lock(uri: str) -> Iterator[None]:
-    """Hold ``<db>.lock`` (fcntl) for a sqlite URI while MLflow opens the store.
+def ready_store(uri: str) -> None:
+    """For a sqlite URI, make sure its database exists whole before MLflow opens it; others: no-op.
 
-    MLflow creates and migrates the schema of a new sqlite file on first use; two campaigns
-    doing it at once corrupt it (alembic's temporary tables are left behind). Other URIs: no-op.
+    Holds ``<db>.lock`` (fcntl) meanwhile: two campaigns creating one schema at once corrupt
+    it (alembic's temporary tables are left behind).
     """
     path = sqlite_path(uri)
     if path is None:
-        yield
         return
     import fcntl
 
@@ -241,9 +239,64 @@ def schema_lock(uri: str) -> Iterator[None]:
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        _whole_schema(path)
     finally:
         os.close(fd)
+
+
+def _schema_finished(path: Path) -> bool:
+    """Whether the sqlite file at ``path`` holds a schema MLflow finished creating (alembic stamped it)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name IN "
+                           "('alembic_version', 'experiments')").fetchall()
+        if len(rows) < 2:
+            return False
+        return con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    finally:
+        con.close()
+
+
+def _whole_schema(path: Path) -> None:
+    """Make sure ``path`` is a whole MLflow database, created atomically (called under the schema lock).
+
+    MLflow creates and migrates a new sqlite file's schema in place, in many steps; a coordinator
+    killed in between (SIGTERM, SIGKILL, the walltime) leaves a file every later open fails on
+    ("table jobs already exists"). So a new database is built next to it and renamed into place
+    whole. A file left unfinished that way by an earlier version (no alembic stamp, no runs) is set
+    aside as ``<db>.unfinished-<time>`` and rebuilt.
+    """
+    for stale in path.parent.glob(f".{path.name}.init-*"):  # a builder killed before its rename
+        stale.unlink(missing_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        try:
+            if _schema_finished(path):
+                return
+        except Exception as exc:  # not a database at all: MLflow's own error says so, with the hint
+            logger.debug("%s: not checked (%s)", path, exc)
+            return
+        aside = path.with_name(f"{path.name}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+        logger.warning("MLflow database %s was left half-created by an interrupted campaign; "
+                       "set aside as %s and created again", path, aside.name)
+        os.replace(path, aside)
+    tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
+    with _wrap("create the tracking database", f"sqlite:///{path}"), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*``noload`` loader strategy is deprecated", category=DeprecationWarning
+        )
+        _configure_mlflow_logging()
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())
+        store.engine.dispose()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
 
 
 def _hint(uri: str) -> str:
@@ -312,6 +365,7 @@ def _make_client(uri: str) -> MlflowClient:
     _check_uri(uri)
     with _wrap("import mlflow", uri):
         from mlflow.tracking import MlflowClient
+    ready_store(uri)
 
     _configure_mlflow_logging()
     with _wrap("open the tracking store", uri), warnings.catch_warnings():
@@ -418,10 +472,9 @@ class Tracker:
         """
         if self._run_id is not None:
             raise TrackingError(f"tracker already started (run {self._run_id})")
-        with schema_lock(self.tracking_uri):  # a fresh sqlite file gets its schema from one campaign at a time
-            client = self._client or _make_client(self.tracking_uri)
-            self._client = client
-            experiment_id = self._ensure_experiment(client)
+        client = self._client or _make_client(self.tracking_uri)
+        self._client = client
+        experiment_id = self._ensure_experiment(client)
         flat = flatten_params(params)
         if run_id is None:
             new_run_id = self._create_run(client, experiment_id)

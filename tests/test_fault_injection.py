@@ -253,8 +253,6 @@ def _in_salloc(slurm_env: dict[str, str], tmp_path: Path, label: str, launcher: 
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(reason="known failure at the final merge: the final resume inside salloc exited 75 on an MLflow "
-                   "database error; passed on its branch; see the issue 11 note", strict=False)
 def test_sigkill_inside_salloc_with_srun(slurm_env: dict[str, str], tmp_path: Path) -> None:
     figures = _in_salloc(slurm_env, tmp_path, "salloc-srun-SIGKILL", "srun",
                          ["mid_generate:SIGKILL", "registration:SIGKILL"])

@@ -299,3 +299,44 @@ def test_importing_tracking_changes_no_environment_variable() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_schema_creation_killed_midway_leaves_nothing_half_made(tmp_path: Path) -> None:
+    """SIGKILL a process while it creates a new sqlite store: the next campaign opens it cleanly.
+
+    Before, MLflow built the schema in place and a kill in between left a file every later
+    open failed on ("table jobs already exists"); now it appears whole or not at all.
+    """
+    db = tmp_path / "runs" / "mlflow.db"
+    code = ("import sys; from orchestrator.tracking import ready_store; "
+            f"ready_store('sqlite:///{db}'); sys.exit(3)")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not list(db.parent.glob(".mlflow.db.init-*")):  # wait for the build to begin
+        assert child.poll() is None, "the child ended before it began building the schema"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    child.kill()
+    child.wait()
+    assert not db.exists(), "a half-built database appeared at the final path"
+    tracker = Tracker(f"sqlite:///{db}", "after-kill", "r")
+    run_id = tracker.start({"a": 1})
+    tracker.finish("FINISHED")
+    assert MlflowClient(f"sqlite:///{db}").get_run(run_id).data.params == {"a": "1"}
+    assert not list(db.parent.glob(".mlflow.db.init-*")), "the killed builder's file was not cleaned up"
+
+
+def test_half_created_store_from_an_earlier_version_is_set_aside(tmp_path: Path) -> None:
+    """A file whose schema creation never finished (tables, no alembic stamp) is rebuilt, kept aside."""
+    import sqlalchemy
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+    db = tmp_path / "mlflow.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    InitialBase.metadata.create_all(engine)  # what MLflow does first, before its migrations
+    engine.dispose()
+    tracker = Tracker(f"sqlite:///{db}", "rebuilt", "r")
+    tracker.start({})
+    tracker.finish("FINISHED")
+    (aside,) = tmp_path.glob("mlflow.db.unfinished-*")
+    assert aside.stat().st_size > 0
