@@ -254,7 +254,7 @@ def _schema_finished(path: Path) -> bool:
                            "('alembic_version', 'experiments')").fetchall()
         if len(rows) < 2:
             return False
-        return con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+        return bool(con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0)
     finally:
         con.close()
 
@@ -289,7 +289,7 @@ def _whole_schema(path: Path) -> None:
         _configure_mlflow_logging()
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())  # type: ignore[no-untyped-call]
         store.engine.dispose()
         fd = os.open(tmp, os.O_RDONLY)
         try:
