@@ -441,7 +441,8 @@ class Campaign:
         s.last_error = error
         if not stale:
             if success and not (per_version and s.failed_current):
-                s.successes += 1
+                # a check still in flight when the target was met is logged, not counted: never "6/5"
+                s.successes = min(s.successes + 1, self.cfg.target.successes)
             elif not success:
                 s.failed_current = True
                 s.failed_points.append(r.x)

@@ -66,15 +66,16 @@ def test_oscillator_campaign_meets_its_target_and_predicts(tmp_path: Path) -> No
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"oscillator: {summary['rounds']} round(s), {summary['data_points']} rows, "
           f"{summary['sims_launched']} sims, campaign {summary['wall_s']} s, process {wall:.1f} s")
-    # checks run concurrently: one in flight when the fifth succeeded may succeed too (and counts)
-    assert summary["target_met"] and summary["successes"] >= 5 and summary["sims_failed"] == 0
+    # checks run concurrently: one in flight when the fifth succeeded is logged, not counted ("5/5", never "6/5")
+    assert summary["target_met"] and summary["successes"] == 5 and summary["sims_failed"] == 0
     assert summary["registered_model"]["name"] == "oscillator-surrogate"
     assert summary["wall_s"] < 60  # the campaign itself; ~14 s on an idle 2-core box
 
     events = read_events(run_dir)
     checks = [e for e in events if e.kind is EventKind.CHECK and "truth" in e]
     assert all(len(e["x"]) == 2 and abs(e["truth"][0] - exact(*np.array(e["x"]))) < 1e-9 for e in checks)
-    assert sum(e["success"] for e in checks if not e["stale"]) == summary["successes"]
+    assert sum(e["success"] for e in checks if not e["stale"]) >= 5
+    assert max(e["successes"] for e in checks) == 5
     files = sorted((run_dir / "data").glob("*.npy"))
     data = np.vstack([np.load(f) for f in files])
     assert data.shape == (summary["data_points"], 3)
