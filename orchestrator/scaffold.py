@@ -44,8 +44,12 @@ def build_mpicc() -> Path | None:
 
 def rebuild_command(root: Path) -> list[str]:
     """What rebuilds the sims into this environment, whatever PATH says: this Python's pip, and the
-    MPI compiler named explicitly (CMake would otherwise take the first mpicc on PATH)."""
-    argv = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", str(root.resolve())]
+    MPI compiler named explicitly (CMake would otherwise take the first mpicc on PATH).
+
+    ``-v``: pip shows the build's output only when asked, and a newcomer's compiler warnings
+    (an unused variable, a missing prototype) are what they most need to see.
+    """
+    argv = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "-e", str(root.resolve())]
     constraints = root / "constraints.txt"
     if constraints.is_file():
         argv += ["-c", str(constraints.resolve())]
@@ -150,7 +154,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"{done.cmake} already declares {args.name}; left it as it is")
     print("\nnext:")
     print(f"  1. edit {done.source}: replace f() with your physics (the comments walk you through it)")
-    print(f"  2. rebuild (installs {args.name} next to python; or: make setup):\n"
+    print(f"  2. rebuild (installs {args.name} next to python and shows the compiler's warnings; "
+          "`make setup` rebuilds quietly):\n"
           f"     {shlex.join(rebuild_command(args.root))}")
     print(f"  3. try it:  mpiexec -n 2 {args.name} --lo 0 --hi 1 --points-per-rank 4 "
           f"--out /tmp/{args.name}.npy")

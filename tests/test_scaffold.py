@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_new_sim_writes_the_source_and_declares_it_once(project: Path, capsys: p
     before = (project / "CMakeLists.txt").read_text()
     assert new_sim(project, "sim-heat") == 0
     out = capsys.readouterr().out
-    assert "add_simulation(sim-heat sims/sim-heat.c)" in out and "-m pip install --no-build-isolation -e " in out
+    assert "add_simulation(sim-heat sims/sim-heat.c)" in out and "-m pip install -v --no-build-isolation -e " in out
     assert "binary: sim-heat" in out
     source = (project / "sims" / "sim-heat.c").read_text()
     assert 'simkit_init(&argc, &argv, "sim-heat", opts);' in source and "{{" not in source
@@ -144,9 +145,17 @@ def test_printed_rebuild_command_builds_against_the_wheel_mpi_whatever_path_says
                              capture_output=True, text=True, env={**env, "PYTHONPATH": str(root)}, check=True).stdout
     lines = printed.splitlines()
     command = lines[lines.index(next(ln for ln in lines if ln.strip().startswith("2. rebuild"))) + 1].strip()
-    assert command.startswith(f"{python} -m pip install --no-build-isolation -e {root}")
+    assert command.startswith(f"{python} -m pip install -v --no-build-isolation -e {root}")
     assert f"MPI_C_COMPILER={venv / 'bin' / 'mpicc'}" in command
+    # a newcomer's slip the compiler warns about (-Wall): the printed command must show the warning
+    source = root / "sims" / "sim-heat.c"
+    text = source.read_text()
+    body = text.index("{", text.index("int main(")) + 1
+    source.write_text(text[:body] + "\n    int forgotten_counter;\n" + text[body:])
     built = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
+    shown = built.stdout + built.stderr
+    # gcc quotes the name with ASCII or typographic quotes, as the locale says
+    assert re.search(r"sim-heat\.c:\d+:\d+: warning: unused variable .forgotten_counter.", shown), shown[-3000:]
     linked = subprocess.run(["ldd", str(venv / "bin" / "sim-heat")], capture_output=True, text=True).stdout
     assert f"libmpi.so.12 => {venv / 'lib' / 'libmpi.so.12'}" in linked, linked
