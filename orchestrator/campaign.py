@@ -232,7 +232,7 @@ class Campaign:
             self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self.cfg.target.successes,
             s.data_points, self._inflight(TaskKind.CHECK) + self._inflight(TaskKind.PRECHECK),
             self._inflight(TaskKind.GENERATE), self._inflight(TaskKind.TRAIN) > 0,
-            s.sims_launched, s.sims_failed, s.last_error, self.elapsed,
+            s.sims_launched, s.sims_failed, s.last_error, self.elapsed, starting=not self.services.trainer_up,
         ))
 
     # -- actions ----------------------------------------------------------
@@ -631,6 +631,8 @@ class Campaign:
                     error = Interrupted(f"{exc} (the run is resumable: python -m orchestrator run --resume "
                                         f"{self.store.root})")
             finally:
+                self._show()
+                self.progress.phase("ending: stopping sims, Dask workers and MLflow")
                 if self._signal is None:  # after a signal the exit is prompt: pictures are not waited for
                     await self.pictures.drain()
                 await self._cancel_all()
@@ -645,6 +647,8 @@ class Campaign:
                     await launcher.close()
                 await self._close_backend()
             summary = await self._finish(status, registered)
+            self.progress.end(status.value if summary.get("stop_reason") is None or summary["target_met"]
+                              else f"{status.value} ({summary['stop_reason']})", summary["wall_s"])
             # The commit point: only now does state.json say target_met (a kill before it leaves
             # `registering`, which a resume finishes without a second model version).
             self.state.status = status
@@ -722,6 +726,7 @@ class Campaign:
         self.state.status = Status.REGISTERING
         self.checkpoint()
         self.store.log(Registering(name))
+        self.progress.phase(f"registering the model as {name} in MLflow", note=True)
         model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
         # keyed by the model's version: a resumed registration finds the version it made before
         key = f"final-model-v{self.state.model_version}"
