@@ -545,13 +545,18 @@ class Campaign:
         self._counts.clear()
         self._finished.clear()
 
-    def _timeout(self) -> float | None:
+    def _time_left(self) -> float | None:
+        """Seconds until the time budget is spent or the walltime exit is due; None without either."""
         budget = self.cfg.target.time_budget_s
-        timeout = None if budget is None else max(0.0, budget - self.elapsed) + 0.01
+        left = None if budget is None else max(0.0, budget - self.elapsed)
         if self.walltime is None:
-            return timeout
-        left = max(0.0, self.walltime.remaining()) + 0.01
-        return left if timeout is None else min(timeout, left)
+            return left
+        exit_in = max(0.0, self.walltime.remaining())
+        return exit_in if left is None else min(left, exit_in)
+
+    def _timeout(self) -> float | None:
+        left = self._time_left()
+        return None if left is None else left + 0.01
 
     async def loop(self) -> pol.StopReason | None:
         """Decide, start, wait for the next completion; until a Stop or a signal (None)."""
@@ -613,7 +618,7 @@ class Campaign:
                                      None if self.walltime is None else self.walltime.exit_at))
         try:
             try:
-                await self.services.start(flat_dict(self.cfg))  # Dask and MLflow start while the first sims run
+                await self._start_services()
                 if self.resumed:
                     self._start_scoring()  # scores are not saved: recompute the current model's
                 reason = pol.StopReason.TARGET_MET if registering else await self.loop()
@@ -659,6 +664,15 @@ class Campaign:
         if error is not None:
             raise error
         return CampaignResult(status, summary)
+
+    async def _start_services(self) -> None:
+        """Dask and MLflow start while the first sims run; their head start ends early when the
+        time budget or the walltime is up, or at a signal (the loop then stops at once)."""
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await self.services.start(flat_dict(self.cfg), within=self._time_left(), until=interrupt)
+        finally:
+            interrupt.cancel()
 
     async def _keep_current(self) -> pol.StopReason | None:
         """Continual mode (:mod:`orchestrator.twin`) until its end (TARGET_MET) or a signal (None)."""

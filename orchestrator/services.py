@@ -33,12 +33,20 @@ class Services:
         self.backend_ready: asyncio.Future[None] | None = None
         self._up = asyncio.Event()
 
-    async def start(self, params: Mapping[str, Any]) -> None:
-        """Start both; return once the Dask processes are up or the head start is over."""
+    async def start(self, params: Mapping[str, Any], *, within: float | None = None,
+                    until: asyncio.Future[Any] | None = None) -> None:
+        """Start both; return once the Dask processes are up or the head start is over, and
+        sooner when the campaign's time is up (``within`` s: the time budget, the walltime)
+        or ``until`` is done (a signal): start-up never outlasts the campaign's time."""
         self.backend_ready = asyncio.ensure_future(self._start_backend())
         self.sink.start(params, after=self.backend_ready)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), BACKEND_HEAD_START_S)
+        head_start = BACKEND_HEAD_START_S if within is None else max(0.0, min(within, BACKEND_HEAD_START_S))
+        up = asyncio.ensure_future(self._up.wait())
+        try:
+            await asyncio.wait([up, *([until] if until is not None else [])], timeout=head_start,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
 
     async def _start_backend(self) -> None:
         try:
@@ -70,10 +78,11 @@ class Services:
             self.sink.flush()
 
     async def stop(self, patience: float = CLOSE_PATIENCE_S) -> None:
-        """Stop a Dask start still under way; let MLflow's finish (it is needed to close the run),
-        for at most ``patience`` s."""
+        """Stop a Dask start still under way (and MLflow's, if it has not begun: it waits for Dask);
+        let MLflow's finish (it is needed to close the run), for at most ``patience`` s."""
         if self.backend_ready is not None and not self.backend_ready.done():
             self.backend_ready.cancel()
             with contextlib.suppress(BaseException):
                 await self.backend_ready
+            await self.sink.abandon("the campaign ended while its Dask workers were still starting")
         await self.sink.settle(patience)

@@ -58,6 +58,8 @@ class TrackingSink:
         self._sender: asyncio.Future[None] | None = None
         self.failure: BaseException | None = None
         """Why MLflow's start failed (tracking is then off for the rest of this session)."""
+        self._opening = False
+        """MLflow's start has begun (it waits for the Dask start first)."""
 
     @property
     def enabled(self) -> bool:
@@ -75,10 +77,23 @@ class TrackingSink:
         if after is not None:
             await asyncio.wait([asyncio.ensure_future(after)])
         tracker = self.tracker
+        self._opening = True
         run_id = await retrying("start tracking", lambda: tracker.start(params, self.state.mlflow_run_id),
                                 START_PATIENCE_S)
         self.state.mlflow_run_id = run_id
         self.checkpoint()
+
+    async def abandon(self, why: str) -> None:
+        """Give up MLflow's start if it has not begun (the campaign ends during start-up): no run
+        is opened, and metrics kept so far stay in state.json for a resume."""
+        if self.tracker is None or self.ready is None or self.ready.done() or self._opening:
+            return
+        self.ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.ready
+        self.tracker = None
+        self.state.unsent_metrics = [[m, k] for m, k in self._pending]
+        log.warning("MLflow: no run opened: %s (the run dir has everything)", why)
 
     def metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics for MLflow; a worker thread sends them once its (concurrent) start is done."""
@@ -110,7 +125,7 @@ class TrackingSink:
     async def settle(self, patience: float | None = None) -> None:
         """Wait for MLflow's start (needed to close the run), at most ``patience`` s; a failed start
         disables tracking (loudly)."""
-        if self.ready is None:
+        if self.ready is None or self.ready.cancelled():
             return
         try:
             await asyncio.wait_for(asyncio.shield(self.ready), patience)

@@ -15,6 +15,7 @@ Backends:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
@@ -26,9 +27,10 @@ from distributed.security import Security
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
-from orchestrator.procs import guardian
+from orchestrator.procs import guardian, kill_known, read_stat
 from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
+from orchestrator.training.fastexit import FastExit
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,38 @@ QUIET_DASK = {
 }
 
 
+WORKER_CLOSE_GRACE_S = 0.5
+"""How long a closing LocalCluster's worker processes may take to exit before they are killed."""
+
+
+def worker_processes(cluster: LocalCluster) -> list[tuple[int, int]]:
+    """(pid, start time) of the cluster's worker processes that are up now."""
+    found = []
+    for worker in cluster.workers.values():
+        pid = getattr(getattr(worker, "process", None), "pid", None)
+        info = read_stat(pid) if pid else None
+        if info is not None:
+            found.append((info.pid, info.start))
+    return found
+
+
 class LocalBackend(Backend):
     """A Dask LocalCluster of worker processes on this machine."""
 
     def __init__(self, cfg: TrainingConfig) -> None:
         self.cfg = cfg
         self.cluster: LocalCluster | None = None
+        self._starting: asyncio.Future[Client] | None = None
 
     async def start(self) -> Client:
+        """Up and connected; a start cut short (the time budget, a signal) goes on in the background
+        to its end, for :meth:`close`: a LocalCluster still starting cannot be closed (its close skips
+        a cluster that is not running, and its workers' starts are tasks of their own)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._starting)
+
+    async def _start(self) -> Client:
         dask.config.set(QUIET_DASK)
         # TLS with a certificate made for this campaign: another user (or process) on the node cannot
         # connect, even on loopback, and so cannot run code in the workers. No dashboard.
@@ -71,6 +97,7 @@ class LocalBackend(Backend):
             asynchronous=True,
         ))
         self.client = await cast(Awaitable[Client], Client(self.cluster, security=security, asynchronous=True))
+        await cast(Awaitable[Any], self.client.register_plugin(FastExit()))  # a prompt exit at close
         for worker in self.cluster.workers.values():  # a SIGKILLed coordinator leaves no worker process behind
             pid = getattr(getattr(worker, "process", None), "pid", None)
             if pid:
@@ -79,12 +106,27 @@ class LocalBackend(Backend):
         return self.client
 
     async def close(self) -> None:
+        """Close the client and the cluster (once a start cut short has ended); worker processes
+        still there after :data:`WORKER_CLOSE_GRACE_S` (busy in a task the campaign no longer
+        waits for, or in torch's slow teardown) are killed: a worker holds nothing the campaign
+        has not collected."""
+        if self._starting is not None:
+            with contextlib.suppress(Exception):  # a failed start was reported where it was awaited
+                await self._starting
+            self._starting = None
         if self.client is not None:
             await cast(Awaitable[None], self.client.close())
             self.client = None
-        if self.cluster is not None:
-            await cast(Awaitable[None], self.cluster.close())
-            self.cluster = None
+        if self.cluster is None:
+            return
+        workers = worker_processes(self.cluster)
+        closing = asyncio.ensure_future(cast(Awaitable[None], self.cluster.close()))
+        done, _ = await asyncio.wait([closing], timeout=WORKER_CLOSE_GRACE_S)
+        if not done:
+            killed = kill_known(workers)
+            log.info("dask: worker process(es) %s still closing after %.1f s: killed", killed, WORKER_CLOSE_GRACE_S)
+        await closing
+        self.cluster = None
 
 
 def local_gpus(dev: Path = Path("/dev")) -> int:
