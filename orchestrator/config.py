@@ -159,7 +159,8 @@ class TargetConfig(_Strict):
     max_rounds: int = Field(default=20, ge=1)
     """Give up (exit 3) after this many training rounds."""
     time_budget_s: float | None = Field(default=None, gt=0)
-    """Give up (exit 3) after this much wall time; None: no limit."""
+    """Give up (exit 3) after this much wall time, start-up included (a Dask start still under way
+    is cut short); None: no limit."""
     per_version: bool = False
     """A stricter test: the successes must all come from one model version, at fresh
     points, with no failed check of that version (each new model starts from 0 and

@@ -1,0 +1,60 @@
+"""Start-up of the campaign's services (Dask, MLflow) against the campaign's time: real LocalClusters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.config import TrainingConfig
+from orchestrator.runlog import State
+from orchestrator.services import BACKEND_HEAD_START_S, Services
+from orchestrator.store import RunStore
+from orchestrator.tracksink import TrackingSink
+from orchestrator.training.backends import LocalBackend, Trainer
+from tests.conftest import fast_loop, write_loop
+
+pytestmark = pytest.mark.integration
+
+
+def dask_processes() -> set[int]:
+    """This process's multiprocessing children that are Dask worker processes."""
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())}
+
+
+def services(tmp_path: Path) -> tuple[Services, LocalBackend]:
+    store = RunStore.create(tmp_path / "runs", "svc", write_loop(tmp_path, fast_loop()))
+    backend = LocalBackend(TrainingConfig())
+    sink = TrackingSink(None, store, State(), lambda: None)
+    return Services(backend, Trainer(backend, TrainingConfig(), 1, 1), store, sink), backend
+
+
+@pytest.mark.parametrize("cut", ["time", "signal"])
+def test_start_up_ends_with_the_campaigns_time_and_leaves_no_worker(tmp_path: Path, cut: str) -> None:
+    """Issue 12: the head start (up to 2 s for the Dask workers) is cut by the time left (the budget,
+    the walltime exit) or a signal; a cluster still starting is then closed whole, without a worker
+    process left behind."""
+    svc, backend = services(tmp_path)
+    before = dask_processes()
+
+    async def run() -> tuple[float, float]:
+        signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if cut == "signal":
+            signal.set_result(None)
+        t0 = time.monotonic()
+        await svc.start({}, within=0.2 if cut == "time" else None, until=signal)
+        started = time.monotonic() - t0
+        assert not svc.trainer_up  # the workers were not up and warm by then
+        t1 = time.monotonic()
+        await svc.stop()
+        await backend.close()
+        return started, time.monotonic() - t1
+
+    started, closed = asyncio.run(run())
+    assert started < (0.2 + 0.5 if cut == "time" else 0.5) < BACKEND_HEAD_START_S, started
+    assert dask_processes() - before == set(), "a Dask worker process outlived the close"
+    print(f"head start cut after {started:.2f} s; start-up ended and closed in {closed:.2f} s")
