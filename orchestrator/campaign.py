@@ -638,10 +638,16 @@ class Campaign:
             finally:
                 self._show()
                 self.progress.phase("ending: stopping sims, Dask workers and MLflow")
-                if self._signal is None:  # after a signal the exit is prompt: pictures are not waited for
+                closing: asyncio.Future[None] | None = None
+                if self._signal is None:
                     await self.pictures.drain()
-                await self._cancel_all()
-                await self.services.stop(SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
+                    await self._cancel_all()
+                    await self.services.stop(CLOSE_PATIENCE_S)
+                else:  # after a signal the exit is prompt: work in flight, services and Dask end at once
+                    t_signal = time.monotonic()
+                    closing = asyncio.ensure_future(self._end_services())
+                    await self._cancel_all()
+                    log.debug("shutdown: work in flight ended %.2f s after the signal", time.monotonic() - t_signal)
                 if status in (Status.INTERRUPTED, Status.FAILED) and self.state.status is Status.REGISTERING:
                     status = Status.REGISTERING  # interrupted while registering: the resume finishes it
                 self.state.stop_reason = reason.value if reason and status is not Status.REGISTERING else self._signal
@@ -650,8 +656,12 @@ class Campaign:
                 self.checkpoint()
                 for launcher in {id(x): x for x in self.launchers.values()}.values():
                     await launcher.close()
-                await self._close_backend()
+                if closing is None:
+                    await self.backend.close()
             summary = await self._finish(status, registered)
+            if closing is not None:
+                await closing
+                log.debug("shutdown: done %.2f s after the signal", time.monotonic() - t_signal)
             self.progress.end(status.value if summary.get("stop_reason") is None or summary["target_met"]
                               else f"{status.value} ({summary['stop_reason']})", summary["wall_s"])
             # The commit point: only now does state.json say target_met (a kill before it leaves
@@ -712,12 +722,11 @@ class Campaign:
         await self.services.trainer_ready()
         return await self.sink.register(self.trainer, model, name)
 
-    async def _close_backend(self) -> None:
-        """Close the Dask backend; after a signal at most SIGNALLED_CLOSE_S (the exit must be prompt:
-        what is still closing then is ended by the process guardian once the coordinator exits)."""
-        if self._signal is None:
-            await self.backend.close()
-            return
+    async def _end_services(self) -> None:
+        """After a signal: stop the services' start-up and close the Dask backend, each within
+        SIGNALLED_CLOSE_S (what is still closing then is ended by the process guardian once the
+        coordinator exits)."""
+        await self.services.stop(SIGNALLED_CLOSE_S)
         try:
             await asyncio.wait_for(self.backend.close(), SIGNALLED_CLOSE_S)
         except TimeoutError:

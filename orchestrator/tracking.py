@@ -197,6 +197,8 @@ def _configure_mlflow_logging() -> None:
     """Set MLflow's loggers to WARNING unless the user chose a level."""
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # a locked sqlite database is logged there with a whole traceback; ours says it in one line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

@@ -156,13 +156,13 @@ class TrackingSink:
             return
         if self.ready is not None:
             await asyncio.shield(self.ready)
-        await asyncio.to_thread(self.tracker.log_artifact, path, artifact_path)
+        await off_loop(functools.partial(self.tracker.log_artifact, path, artifact_path))
 
     async def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point a registry alias (continual mode's champion) at ``version``, once MLflow's start is done."""
         await self.settle()
         if self.tracker is not None:
-            await asyncio.to_thread(self.tracker.set_alias, name, alias, version)
+            await off_loop(functools.partial(self.tracker.set_alias, name, alias, version))
 
     async def close(self, status: Status, artifacts: Sequence[Path], summary: Mapping[str, Any],
                     patience: float = CLOSE_PATIENCE_S) -> None:

@@ -185,10 +185,9 @@ def test_locked_mlflow_db_neither_freezes_nor_fails_the_campaign(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 75, err[-2000:]
-    # The issue asks for 5 s. Quiet, this takes 3-4 s; on a loaded 2-core box it measured 5.2-6.6 s
-    # (the sims' tree kills and the Dask close after a signal), so the bound here is 8 s until the
-    # signalled shutdown is made shorter (reported as a miss in the issue note).
-    assert took < 8, f"SIGTERM took {took:.1f} s under a locked database"
+    # after a signal, work in flight, services and Dask end at once: ~1.6 s measured on a loaded box
+    assert took < 5, f"SIGTERM took {took:.1f} s under a locked database"
+    assert "Traceback" not in err, err[-3000:]  # a locked database is a warning line, not MLflow's traceback
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "interrupted"
 
