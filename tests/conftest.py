@@ -66,3 +66,11 @@ def pids_of(pattern: str) -> list[int]:
         if pattern in cmd:
             found.append(int(d.name))
     return found
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``-n 2 --dist loadgroup`` (make test): a file's tests on one worker (its module fixtures
+    are made once), and every Slurm test on the same one (the 3-node test cluster runs one at a time)."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))

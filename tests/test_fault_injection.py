@@ -61,6 +61,7 @@ def test_sigkill_at_every_boundary_then_resume_loses_nothing(tmp_path: Path) -> 
     assert figures.faults == len(EVERY_BOUNDARY) and figures.campaigns == 1
 
 
+@pytest.mark.full  # the long matrix: `make test-full` (CI runs the subset, see README)
 def test_sigterm_at_every_boundary_then_resume_loses_nothing(tmp_path: Path) -> None:
     figures = chain(tmp_path, "local-mpiexec-SIGTERM", [(b, signal.SIGTERM) for b in EVERY_BOUNDARY])
     assert_clean(figures)
@@ -259,6 +260,7 @@ def test_sigkill_inside_salloc_with_srun(slurm_env: dict[str, str], tmp_path: Pa
     assert figures["campaigns"] == 1
 
 
+@pytest.mark.full  # the long matrix: `make test-full` (CI runs the subset, see README)
 @pytest.mark.slurm
 def test_sigkill_inside_salloc_with_spawn(slurm_env: dict[str, str], tmp_path: Path) -> None:
     figures = _in_salloc(slurm_env, tmp_path, "salloc-spawn-SIGKILL", "spawn", ["mid_generate:SIGKILL"])

@@ -98,6 +98,7 @@ def _events(run_dir: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.full  # the long matrix: `make test-full` (CI runs the subset, see README)
 @pytest.mark.integration
 def test_three_campaigns_share_one_server(mlflow_server: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient

@@ -117,7 +117,7 @@ def test_spawn_with_debian_open_mpi_is_refused_in_one_line(tmp_path: Path) -> No
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("flavour", ["mpich", "openmpi"])
+@pytest.mark.parametrize("flavour", [pytest.param("mpich", marks=pytest.mark.full), "openmpi"])
 def test_reference_campaign_locally_with_debian_mpi(flavour: str, tmp_path: Path) -> None:
     bindir = debian_sims(flavour)
     work = tmp_path / "runs"
@@ -130,6 +130,7 @@ def test_reference_campaign_locally_with_debian_mpi(flavour: str, tmp_path: Path
     assert ("--oversubscribe" in argv) is (flavour == "openmpi")
 
 
+@pytest.mark.full  # the long matrix: `make test-full` (CI runs the subset, see README)
 @pytest.mark.integration
 def test_lammps_example_meets_its_target_locally(tmp_path: Path) -> None:
     if not LAMMPS.exists():
@@ -161,7 +162,7 @@ def in_salloc(slurm_env: dict[str, str], tmp_path: Path, argv: list[str], per_no
 
 @pytest.mark.slurm
 @pytest.mark.integration
-@pytest.mark.parametrize("flavour", ["mpich", "openmpi"])
+@pytest.mark.parametrize("flavour", ["mpich", pytest.param("openmpi", marks=pytest.mark.full)])
 def test_reference_campaign_under_salloc_with_debian_mpi(
     flavour: str, slurm_env: dict[str, str], tmp_path: Path
 ) -> None:

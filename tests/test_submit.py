@@ -486,7 +486,7 @@ def test_submitted_job_meets_its_target(tmp_path: Path, slurm_env: dict[str, str
 
 @pytest.mark.slurm
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["requeue", "resubmit"])
+@pytest.mark.parametrize("mode", ["requeue", pytest.param("resubmit", marks=pytest.mark.full)])
 def test_walltime_warning_brings_the_job_back_and_it_resumes(tmp_path: Path, slurm_env: dict[str, str],
                                                              cancel_jobs: list[str], mode: str) -> None:
     env = slurm_client_env(slurm_env)

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.security import Security
 
 from orchestrator.config import TrainingConfig
@@ -60,6 +61,31 @@ def worker_processes(cluster: LocalCluster) -> list[tuple[int, int]]:
         if info is not None:
             found.append((info.pid, info.start))
     return found
+
+
+class _OneLine(logging.Filter):
+    """Dask's own passing faults in one line: a heartbeat that could not reach the scheduler (a busy
+    box, or the scheduler closing first) is logged by ``distributed`` with a whole traceback."""
+
+    PASSING = ("Failed to communicate with scheduler during heartbeat",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith(self.PASSING):
+            exc = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__}: {exc})", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class OneLineDaskFaults(WorkerPlugin):
+    """On every worker of a local cluster (their stderr is the user's terminal): :class:`_OneLine`."""
+
+    name = "orchestrator-one-line-faults"
+
+    def setup(self, worker: Any) -> None:
+        target = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _OneLine) for f in target.filters):
+            target.addFilter(_OneLine())
 
 
 class LocalBackend(Backend):
@@ -103,6 +129,7 @@ class LocalBackend(Backend):
             if pid:
                 guardian.watch_pid(pid)
         await cast(Awaitable[None], self.client.wait_for_workers(self.cfg.workers))
+        await cast(Awaitable[Any], self.client.register_plugin(OneLineDaskFaults()))
         return self.client
 
     async def close(self) -> None:
