@@ -258,6 +258,9 @@ class AllocationBackend(Backend):
                                           stderr=subprocess.STDOUT)
         self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)
         await self._wait_for_workers(self.client, self.proc)
+        from orchestrator.training.fastexit import FastExit
+
+        await cast(Any, self.client).register_plugin(FastExit())  # the step ends soon after the close
         return self.client
 
     async def _wait_for_workers(self, client: Client, proc: asyncio.subprocess.Process) -> None:
