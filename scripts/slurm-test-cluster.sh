@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A throwaway, single-host, real Slurm cluster with 3 fake nodes (n1, n2, n3),
-# for tests and local development.
+# for tests and local development. Each node declares 2 GPUs (GRES) whose device
+# files are placeholders: steps that ask for GPUs are scheduled and get
+# CUDA_VISIBLE_DEVICES, but nothing can compute on them.
 #
-# Usage: scripts/slurm-test-cluster.sh start|stop|status|env [DIR]
+# Usage: scripts/slurm-test-cluster.sh start|stop|status|env|pmix|gres [DIR]
 #   DIR defaults to ${ORCH_SLURM_DIR:-/tmp/orch-slurm-test}.
 #
 #   start   install Slurm + munge if missing (root + apt-get only; exit 77 when
@@ -20,7 +22,8 @@
 #           devices: steps asking for GPUs are scheduled, nothing computes;
 #           a cluster started before GRES existed needs a stop and start)
 #
-# Everything lives under DIR: munge key, munge socket, slurm.conf, state,
+# Everything lives under DIR: munge key, munge socket, slurm.conf, gres.conf and
+# the placeholder GPUs (gpu/<node>/nvidia0..), state,
 # spool, logs and pid files. Ports are private (16817 for slurmctld,
 # 16818..16820 for the slurmds), so an existing Slurm or munge on the host is
 # left alone.
@@ -386,7 +389,10 @@ cluster_answers() {
 }
 
 cmd_start() {
-    cluster_answers && return 0
+    if cluster_answers; then
+        cmd_gres || log "this running cluster predates GRES (no GPUs declared): stop and start it to get them"
+        return 0
+    fi
     if [[ $(id -u) -ne 0 ]]; then
         have_binaries || install_packages # exits 77 with its reason
         echo "slurm-test-cluster: starting slurmctld/slurmd needs root" \
