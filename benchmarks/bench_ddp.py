@@ -1,14 +1,15 @@
 """Data-parallel training throughput: ``ddp`` over 2 Dask workers against 1 worker.
 
-The training: an MLP of 3 x 256 tanh units (133k parameters) on 20,000 rows of
-sin(x), 10 full-batch Adam epochs, no L-BFGS: about 0.8 MFLOP per row and pass
-(forward and backward), 16 GFLOP per epoch, so the gradient work, not the
+The training: an MLP of 3 x 256 tanh units (133k parameters) on 40,000 rows of
+sin(x), 8 full-batch Adam epochs, no L-BFGS: about 0.8 MFLOP per row and pass
+(forward and backward), 32 GFLOP per epoch, so the gradient work, not the
 rendezvous or the per-epoch all-reduce of 0.5 MB, dominates (one worker takes
-about 10 s per training). Both trainings run on one LocalCluster of 2 workers,
-one thread each, warmed first: the baseline is ``strategy: single`` (one worker
-trains, the other idles) against ``strategy: ddp`` over both, same data, same
-run, alternated ``REPEATS`` times; each figure is its best round, and the note
-gives the load average (on a shared box, a speedup under load is not a speedup).
+about 7 s per training on an idle box). Both trainings run on one LocalCluster
+of 2 workers, one thread each, warmed first: the baseline is ``strategy: single``
+(one worker trains, the other idles) against ``strategy: ddp`` over both, same
+data, same run, alternated ``REPEATS`` times; each figure is its best round, and
+the note gives the load average (on a shared box, a speedup under load is not a
+speedup).
 rows/s = rows x epochs / wall time of the round as the coordinator sees it
 (rendezvous, group set-up and result transfer included).
 ``python benchmarks/bench_ddp.py [cpu|cuda] [OUT.json]`` prints (and writes) the
@@ -32,8 +33,8 @@ import numpy as np
 from orchestrator.config import TrainingConfig
 from orchestrator.training.backends import LocalBackend, Trainer
 
-ROWS = 20_000
-EPOCHS = 10
+ROWS = 40_000
+EPOCHS = 8
 REPEATS = 2
 MODEL_KWARGS = {"hidden": 256, "layers": 3}
 
