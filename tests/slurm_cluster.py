@@ -94,6 +94,11 @@ def slurm_env() -> Iterator[dict[str, str]]:
     yield env
 
 
+def has_gres() -> bool:
+    """True when the running test cluster's nodes declare GPUs (``slurm-test-cluster.sh gres``)."""
+    return _run_script("gres", timeout=30.0).returncode == 0
+
+
 def slurm_client_env(extra: dict[str, str]) -> dict[str, str]:
     """``os.environ`` plus ``extra``, minus SLURM_* job variables of any outer job."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

@@ -9,8 +9,12 @@ within 25% (relative) or 2e-3 (absolute), and both must fit sin(x) to 0.02.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,11 @@ import pytest
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import ResourceError
+from orchestrator.runlog import EventKind
+from orchestrator.store import read_events
 from orchestrator.training import tasks
 from orchestrator.training.backends import LocalBackend, Trainer, check_local_device
+from tests.conftest import REPO, fast_loop, write_loop
 
 MODEL = "models.mlp:MLP"
 HP: dict[str, Any] = {"epochs": 100, "lbfgs_iters": 100}
@@ -40,16 +47,13 @@ def _val_rmse(state: bytes) -> float:
     return float(np.sqrt(np.mean((pred - np.sin(grid)) ** 2)))
 
 
-async def _ddp_round(cfg: TrainingConfig, paths: list[str], during: Any = None) -> tuple[bytes, dict[str, float]]:
+async def _ddp_round(cfg: TrainingConfig, paths: list[str]) -> tuple[bytes, dict[str, float]]:
     backend = LocalBackend(cfg)
     await backend.start()
     try:
         trainer = Trainer(backend, cfg, 1, 1)
         await trainer.warm_up()
-        job = asyncio.ensure_future(trainer.train(None, paths, 7))
-        if during is not None:
-            await during(backend)
-        return await job
+        return await trainer.train(None, paths, 7)
     finally:
         await backend.close()
 
@@ -65,27 +69,75 @@ def test_ddp_over_two_cpu_workers_matches_single_worker(tmp_path: Path) -> None:
     assert abs(r_ddp - r_single) <= max(0.25 * r_single, 2e-3), (r_single, r_ddp)
 
 
-async def _kill_one_worker_when_training(backend: LocalBackend) -> None:
-    client: Any = backend.client
-    while True:  # wait until both ranks run (the scheduler's view, polled; a rank starts in ms)
-        processing = await client.scheduler.processing()
-        if sum(1 for keys in processing.values() if any("call_ddp" in str(k) for k in keys)) == 2:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(1.0)  # inside the rank's epochs (killing during the rendezvous also works, only slower)
-    pids = await client.run(os.getpid)
-    victim = sorted(pids)[-1]
-    os.kill(pids[victim], signal.SIGKILL)
+def _pids_with_env(key: str, value: str) -> list[int]:
+    """Live processes whose environment has key=value (every descendant of a coordinator started with it)."""
+    want = f"{key}={value}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and want in (d / "environ").read_bytes().split(b"\0"):
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                found += [int(d.name)] if state not in ("Z", "X") else []
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # ended since it was listed
+
+
+def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> Path:
+    """The first file matching pattern under path, as soon as it appears (fails if the campaign ends first)."""
+    deadline = time.monotonic() + timeout
+    while not (found := sorted(path.glob(pattern))):
+        assert proc.poll() is None, f"the campaign ended ({proc.returncode}) before a ddp rank was held"
+        assert time.monotonic() < deadline, f"no {pattern} under {path} after {timeout:g} s"
+        time.sleep(0.02)
+    return found[0]
 
 
 @pytest.mark.integration
-def test_ddp_round_retries_after_a_worker_is_killed(tmp_path: Path) -> None:
-    paths = _data(tmp_path, n=1000)
-    cfg = TrainingConfig(backend="local", workers=2, strategy="ddp", device="cpu", task_retries=2,
-                         hparams={"epochs": 1500, "lbfgs_iters": 0})
-    state, metrics = asyncio.run(_ddp_round(cfg, paths, _kill_one_worker_when_training))
-    assert metrics["ddp_attempts"] == 2
-    assert _val_rmse(state) < 0.2
+def test_worker_killed_in_a_ddp_round_retries_it_and_the_campaign_meets_its_target(tmp_path: Path) -> None:
+    """A whole campaign, ddp over 2 local workers; rank 1's worker is SIGKILLed inside the first round."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    cfg = fast_loop(**{"training.backend": "local", "training.workers": 2, "training.strategy": "ddp",
+                       "training.device": "cpu", "training.model": "tests.ddp_models:HeldMLP"})
+    loop = write_loop(tmp_path, cfg)
+    work = tmp_path / "runs"
+    env = {**os.environ, "ORCH_TEST_HOLD_DIR": str(hold), "PYTHONPATH": str(REPO)}
+    log = tmp_path / "coordinator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work),
+                                 "--no-live"], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        held = _wait_for(hold, "held-*", proc)
+        (hold / "released").touch()
+        os.kill(int(held.read_text()), signal.SIGKILL)  # a Dask worker, inside its ddp round
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    run_dir = next(work.glob("sine-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["target_met"] is True and summary["successes"] >= 5
+    attempts = [e["ddp_attempts"] for e in read_events(run_dir) if e.kind is EventKind.TRAIN_END]
+    assert attempts[0] == 2 and all(a == 1 for a in attempts[1:]), attempts  # the first round, retried once
+    assert sorted(hold.glob("held-*")) == [held]  # the retried round's rank 1 trained on
+    # nothing of the campaign outlived it but its guardian (procs.guardian), which then ends by itself
+    others = [c[:200] for p in _pids_with_env("ORCH_TEST_HOLD_DIR", str(hold))
+              if (c := _cmdline(p)) and b"ORCHESTRATOR_GUARD" not in c]
+    assert others == [], others
+    deadline = time.monotonic() + 15
+    while (left := _pids_with_env("ORCH_TEST_HOLD_DIR", str(hold))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], "the guardian did not end"
 
 
 def test_training_tasks_need_a_training_worker() -> None:
