@@ -8,7 +8,8 @@ with this. Every campaign's end paid it, and a time budget's end overran by it.
 A worker that has closed has nothing left that matters: its results went back
 over the wire, and its logs and streams are flushed here. :class:`FastExit` is a worker plugin: its ``teardown`` (run by
 ``Worker.close``) marks the close as clean, and an ``atexit`` hook installed by
-its ``setup`` then ends the process with ``os._exit(0)``. A worker that ends any
+its ``setup`` then runs the other ``atexit`` hooks and ends the process with
+``os._exit(0)``. A worker that ends any
 other way (an exception, a signal) exits as it would have, with its own code.
 Only the campaign's own worker processes get it (registered by the backend).
 A heartbeat in flight when the close began fails on the closed connection pool;
@@ -37,8 +38,16 @@ class _ClosingHeartbeat(logging.Filter):
 
 
 def _exit_if_closed() -> None:
+    """The other ``atexit`` hooks first, as at any exit (multiprocessing's finalizers among them:
+    they unregister the worker's semaphores from the resource tracker, which otherwise outlives
+    the campaign cleaning them up); then only the interpreter's own teardown is skipped."""
     if not _state["closed"]:
         return
+    atexit.unregister(_exit_if_closed)
+    run_others = getattr(atexit, "_run_exitfuncs", None)
+    if run_others is not None:
+        with contextlib.suppress(Exception):
+            run_others()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -54,7 +63,7 @@ class FastExit(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         if not _state["installed"]:
             _state["installed"] = True
-            atexit.register(_exit_if_closed)  # after the other atexit hooks, before the interpreter's teardown
+            atexit.register(_exit_if_closed)  # runs the other atexit hooks itself, then skips the teardown
 
     def teardown(self, worker: Any) -> None:  # early in Worker.close, before its connections close
         _state["closed"] = True
