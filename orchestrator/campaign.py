@@ -696,7 +696,7 @@ class Campaign:
         except OSError as exc:
             if not is_full_error(exc):
                 raise
-            log.warning("shutdown: %s: %s", exc.filename, exc.strerror)
+            log.info("shutdown: %s%s", exc.strerror, f": {exc.filename}" if exc.filename else "")
             return error if isinstance(error, DiskFull) else disk_full_error(self.store.root, exc)
         return error
 

@@ -46,6 +46,7 @@ def disk_full_error(root: Path, cause: BaseException | str) -> DiskFull:
         where = f": {cause.filename}" if cause.filename else ""
         detail = f"{cause.strerror}{where}"
     else:
-        detail = str(cause).splitlines()[0][:300] if str(cause) else "no space left"
+        said = str(cause).splitlines()[0][:300] if str(cause) else ""
+        detail = f"{os.strerror(errno.ENOSPC)}{'; ' + said if said else ''}"
     return DiskFull(f"the disk holding {root} is full ({detail}); the run stopped at its last checkpoint: "
                     f"free space there, then resume with: python -m orchestrator run --resume {root}")

@@ -15,6 +15,7 @@ never blocks on its own output; the first error is kept for the run's record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -77,7 +78,9 @@ class CappedLog:
         self.dropped += lost
         if self.error is None:
             self.error = exc
-            log.warning("%s: cannot write the sim's output (%s); dropping it until it can", self.path, exc.strerror)
+            # a full disk is the campaign's to report (once); anything else is worth a warning here
+            level = logging.INFO if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.WARNING
+            log.log(level, "%s: cannot write the sim's output (%s); dropping it until it can", self.path, exc.strerror)
 
     def _cut_front(self, incoming: int) -> None:
         """Keep the latest bytes (room left for ``incoming``) after a note; copied forward in place."""

@@ -81,7 +81,7 @@ class SimRunner:
         instead of retrying into the same wall (and calling the sim kind broken)."""
         said = f"{last.message} {last.info.get('log_error') or ''}"
         if full(self.store.root) or says_full(said):
-            raise disk_full_error(self.store.root, f"sim {last.request.run_id}: {last.message}")
+            raise disk_full_error(self.store.root, f"sim {last.request.run_id} failed on it: {last.message}")
 
     def _failed(self, role: str, sim: SimConfig, last: SimResult) -> None:
         self._consecutive_failures[role] += 1
