@@ -220,10 +220,10 @@ class ProcessLauncher(Launcher):
         result.info.update(self.launch_info(req, proc))
         if proc.log_error:
             result.info["log_error"] = proc.log_error
+        await self.finished(req, result)
         if (req.stdout_path, req.stderr_path) != (stdout, stderr):
             for path in (req.stdout_path, req.stderr_path):  # written by another (slurmstepd): capped once done
                 cap_log(path)
-        await self.finished(req, result)
         self.sweep_segments(result, segments)
         return result
 
