@@ -10,10 +10,13 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 
 from orchestrator.launchers.base import LaunchRequest, Outcome
 from orchestrator.launchers.mpiexec import MpiexecLauncher
 from orchestrator.logcap import LOG_CAP_BYTES, CappedLog
+
+pytestmark = pytest.mark.integration
 
 PHASES = 3
 PHASE_BYTES = 80_000_000
