@@ -180,7 +180,7 @@ def test_campaign_in_allocation_spreads_sims_and_trains_on_allocation_workers(
     backend = next(e for e in ev if e.kind is EventKind.TRAINING_BACKEND)
     assert backend["backend"] == "allocation" and backend["tls"] is True  # even on loopback
     assert backend["step_id"].startswith(f"{job}.") and backend["nodes"] == ["n3"]
-    assert len(backend["workers"]) == 1 and backend["scheduler"].startswith("tcp://127.0.0.1:")
+    assert len(backend["workers"]) == 1 and backend["scheduler"].startswith("tls://127.0.0.1:")
     assert any(e.kind is EventKind.TRAIN_END for e in ev)
 
     # nothing left: no step listed, no slurmstepd of the job alive, no sim or worker process
