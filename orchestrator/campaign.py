@@ -29,7 +29,8 @@ from orchestrator import sampling
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
-from orchestrator.errors import Interrupted, OrchestratorError, StoreError
+from orchestrator.diskfull import disk_full_error, full, is_full_error
+from orchestrator.errors import DiskFull, Interrupted, OrchestratorError, StoreError
 from orchestrator.launchers.base import Launcher, SimResult
 from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
@@ -223,6 +224,8 @@ class Campaign:
         snapshot = self.state.to_json()
         snapshot["elapsed_s"] = elapsed = self.elapsed if elapsed is None else elapsed
         snapshot["config"] = flat_dict(self.cfg)
+        if self.store.full_error is not None:  # an event did not fit: stop at the last state that did
+            raise disk_full_error(self.store.root, self.store.full_error)
         self.store.write_state(snapshot)
         return elapsed
 
@@ -628,13 +631,14 @@ class Campaign:
                           else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
                 if status is Status.TARGET_MET:
                     status, registered = await self._register()
-            except OrchestratorError as exc:
-                error = exc
-                self.store.log(CampaignError(type(exc).__name__, str(exc)))
-                if exc.transient:  # a passing fault (a worker death, a locked database): resumable
+            except (OrchestratorError, OSError) as exc:
+                error = self._stopped_by(exc)
+                self.store.log(CampaignError(type(error).__name__, str(error)))
+                if error.transient:  # a passing fault (a worker death, a locked database, a full disk)
                     status = Status.INTERRUPTED
-                    error = Interrupted(f"{exc} (the run is resumable: python -m orchestrator run --resume "
-                                        f"{self.store.root})")
+                    if not isinstance(error, Interrupted):
+                        error = Interrupted(f"{error} (the run is resumable: python -m orchestrator run --resume "
+                                            f"{self.store.root})")
             finally:
                 self._show()
                 self.progress.phase("ending: stopping sims, Dask workers and MLflow")
@@ -653,21 +657,26 @@ class Campaign:
                 self.state.stop_reason = reason.value if reason and status is not Status.REGISTERING else self._signal
                 if status is not Status.TARGET_MET:
                     self.state.status = status
-                self.checkpoint()
+                error = self._unless_full(self.checkpoint, error)
                 for launcher in {id(x): x for x in self.launchers.values()}.values():
                     await launcher.close()
                 if closing is None:
                     await self.backend.close()
-            summary = await self._finish(status, registered)
+            if isinstance(error, DiskFull):  # the old state.json stands (resumable); no summary fits
+                summary = build_summary(dataclasses.replace(self.state, status=status), self.elapsed,
+                                        str(self.store.root), registered)
+            else:
+                summary = await self._finish(status, registered)
             if closing is not None:
                 await closing
                 log.debug("shutdown: done %.2f s after the signal", time.monotonic() - t_signal)
             self.progress.end(status.value if summary.get("stop_reason") is None or summary["target_met"]
                               else f"{status.value} ({summary['stop_reason']})", summary["wall_s"])
-            # The commit point: only now does state.json say target_met (a kill before it leaves
-            # `registering`, which a resume finishes without a second model version).
-            self.state.status = status
-            self.checkpoint(summary["wall_s"])  # the wall time the summary says, in every view
+            if not isinstance(error, DiskFull):
+                # The commit point: only now does state.json say target_met (a kill before it leaves
+                # `registering`, which a resume finishes without a second model version).
+                self.state.status = status
+                self.checkpoint(summary["wall_s"])  # the wall time the summary says, in every view
         finally:
             remove_signals()
             self.store.close()  # now another coordinator may have the run dir (a library caller, a test)
@@ -683,6 +692,31 @@ class Campaign:
             await self.services.start(flat_dict(self.cfg), within=self._time_left(), until=interrupt)
         finally:
             interrupt.cancel()
+
+    def _stopped_by(self, exc: OrchestratorError | OSError) -> OrchestratorError:
+        """What ended the loop, as the error the user sees: a full disk under the run dir is named
+        as such (whatever it broke first: a write of ours, a sim, Dask, MLflow); another OSError
+        propagates as it is."""
+        if isinstance(exc, DiskFull):
+            return exc
+        if is_full_error(exc) or full(self.store.root):
+            return disk_full_error(self.store.root, exc)
+        if isinstance(exc, OSError):
+            raise exc
+        return exc
+
+    def _unless_full(self, write: Callable[[], object], error: OrchestratorError | None) -> OrchestratorError | None:
+        """Run a write of the shutdown; on a full disk keep going (the last good state.json stands)."""
+        try:
+            write()
+        except DiskFull as exc:
+            return error if isinstance(error, DiskFull) else exc
+        except OSError as exc:
+            if not is_full_error(exc):
+                raise
+            log.info("shutdown: %s%s", exc.strerror, f": {exc.filename}" if exc.filename else "")
+            return error if isinstance(error, DiskFull) else disk_full_error(self.store.root, exc)
+        return error
 
     async def _keep_current(self) -> pol.StopReason | None:
         """Continual mode (:mod:`orchestrator.twin`) until its end (TARGET_MET) or a signal (None)."""

@@ -20,7 +20,8 @@ class ExitCode(enum.IntEnum):
     STOPPED = 3
     """max_rounds, the time or the data budget ended the campaign before its target."""
     INTERRUPTED = 75
-    """EX_TEMPFAIL: signalled and checkpointed; resumable."""
+    """EX_TEMPFAIL: signalled (or stopped by a passing fault: a full disk, a busy database) and
+    checkpointed; resumable."""
     KEYBOARD = 130
     SIGPIPE = 141
     """128 + SIGPIPE: the reader of our output went away (``status RUN | head``); no error of ours."""
@@ -79,6 +80,11 @@ class Interrupted(OrchestratorError):
 
     exit_code = ExitCode.INTERRUPTED
     transient = True
+
+
+class DiskFull(Interrupted):
+    """The disk (or quota) holding the run dir is full: the campaign stopped at its last good
+    checkpoint. Exit code 75, like a signal: free space and resume."""
 
 
 class TrackingError(OrchestratorError):

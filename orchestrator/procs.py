@@ -30,6 +30,7 @@ from typing import IO
 import psutil
 
 from orchestrator.errors import CommandError
+from orchestrator.logcap import LOG_CAP_BYTES, LogPump
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class ProcessOutcome:
     timed_out: bool
     pid: int
     wall_s: float
+    log_error: str | None = None
+    """The first failure to write the process's output to its logs (a full disk), if any."""
 
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
@@ -257,21 +260,43 @@ async def supervise(
     timeout: float,
     cwd: Path | None = None,
     grace: float = KILL_GRACE_S,
+    log_cap: int = LOG_CAP_BYTES,
 ) -> ProcessOutcome:
-    """Run argv to completion in its own session, output to files.
+    """Run argv to completion in its own session, output to files capped at ``log_cap`` bytes.
 
-    On timeout or cancellation the whole process group is ended (SIGTERM, then
-    SIGKILL), so no rank outlives its run. Raises FileNotFoundError if argv[0]
-    does not exist.
+    The output comes through pipes into :class:`~orchestrator.logcap.CappedLog` files, so a
+    log never outgrows its cap while the process runs (``os.devnull`` is passed straight on).
+    On timeout or cancellation the whole process group is ended (SIGTERM, then SIGKILL), so no
+    rank outlives its run. Raises FileNotFoundError if argv[0] does not exist.
     """
     t0 = time.monotonic()
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = await start(argv, env=env, stdout=out, stderr=err, cwd=cwd)
+    loop = asyncio.get_running_loop()
+    drained = loop.create_future()
+
+    def settle() -> None:
+        if not drained.done():
+            drained.set_result(None)
+
+    def on_done() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits
+            loop.call_soon_threadsafe(settle)
+
+    pump = LogPump({name: path for name, path in (("stdout", stdout), ("stderr", stderr))
+                    if str(path) != os.devnull}, log_cap, on_done)
+    try:
+        ends = pump.write_ends
+        proc = await start(argv, env=env, stdout=ends.get("stdout", subprocess.DEVNULL),
+                           stderr=ends.get("stderr", subprocess.DEVNULL), cwd=cwd)
+    except BaseException:
+        pump.close()
+        raise
+    pump.start()
+    timed_out, rc = False, None
     try:
         rc = await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
+        timed_out = True
         await _end(proc, grace)
-        return ProcessOutcome(None, True, proc.pid, time.monotonic() - t0)
     except asyncio.CancelledError:
         await asyncio.shield(_end(proc, grace))
         raise
@@ -280,17 +305,30 @@ async def supervise(
             # Ranks may linger after the launcher exits (a crashed mpiexec): end the group.
             kill_group(proc.pid, signal.SIGKILL)
             guardian.unwatch_group(proc.pid)
-        for path in (stdout, stderr):
-            cap_log(path)
-    return ProcessOutcome(rc, False, proc.pid, time.monotonic() - t0)
+        log_error = await asyncio.shield(_drained(pump, drained))
+    return ProcessOutcome(None if timed_out else rc, timed_out, proc.pid, time.monotonic() - t0, log_error)
 
 
-LOG_CAP_BYTES = 8 * 1024 * 1024
-"""A sim's stdout/stderr log keeps at most its last 8 MB once the sim has ended."""
+PUMP_DRAIN_S = 2.0
+"""After a process ended, how long its output may take to arrive (a process that escaped its
+group and still holds the pipe is not waited for longer)."""
+
+
+async def _drained(pump: LogPump, drained: asyncio.Future[None]) -> str | None:
+    """Wait for the pump to take the last output (at most PUMP_DRAIN_S, then it is told to stop)."""
+    _, pending = await asyncio.wait([drained], timeout=PUMP_DRAIN_S)
+    if pending:
+        pump.stop()
+        await drained
+    return pump.join()  # the thread has ended (or is ending): no wait to speak of
 
 
 def cap_log(path: Path, cap: int = LOG_CAP_BYTES) -> None:
-    """Cut a log down to its last ``cap`` bytes (with a first line saying so); small logs are untouched."""
+    """Cut a log down to its last ``cap`` bytes (with a first line saying so); small logs are untouched.
+
+    For logs another process wrote (slurmstepd, a spawned rank's shell), once it is done.
+    """
+    tmp = path.with_name(f".{path.name}.cap")
     try:
         size = path.stat().st_size
         if size <= cap:
@@ -299,10 +337,10 @@ def cap_log(path: Path, cap: int = LOG_CAP_BYTES) -> None:
             f.seek(size - cap)
             kept = f.read()
         note = f"[orchestrator: the first {size - cap} bytes of this log were cut; the last {cap} are kept]\n"
-        tmp = path.with_name(f".{path.name}.cap")
         tmp.write_bytes(note.encode() + kept)
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy
         log.warning("%s: could not cap the log (%s)", path, exc.strerror)
 
 

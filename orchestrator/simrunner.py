@@ -19,6 +19,7 @@ import numpy as np
 
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, SimConfig, render_args
+from orchestrator.diskfull import disk_full_error, full, says_full
 from orchestrator.errors import ResourceError, SimKindFailed
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
 from orchestrator.progress import Progress
@@ -71,8 +72,16 @@ class SimRunner:
                 self._consecutive_failures[role] = 0
                 self._ever_ok[role] = True
                 return last
+            self._stop_if_disk_full(last)
             self._failed(role, sim, last)
         return None
+
+    def _stop_if_disk_full(self, last: SimResult) -> None:
+        """A sim that failed on a full disk is not the sim's fault: the campaign stops, resumable,
+        instead of retrying into the same wall (and calling the sim kind broken)."""
+        said = f"{last.message} {last.info.get('log_error') or ''}"
+        if full(self.store.root) or says_full(said):
+            raise disk_full_error(self.store.root, f"sim {last.request.run_id} failed on it: {last.message}")
 
     def _failed(self, role: str, sim: SimConfig, last: SimResult) -> None:
         self._consecutive_failures[role] += 1

@@ -75,6 +75,8 @@ class RunStore:
         self.models_dir = root / "models"
         self.sims_dir = root / "sims"
         self._events: Any = None
+        self.full_error: OSError | None = None
+        """The first event that did not fit on the disk (None: every one was written)."""
         self._lock_fd: int | None = None
 
     @classmethod
@@ -139,12 +141,28 @@ class RunStore:
 
     # -- events -----------------------------------------------------------
     def log(self, event: Event) -> None:
-        """Append one event line, flushed at once (monotonic and wall timestamps)."""
+        """Append one event line, whole or not at all, flushed at once (monotonic and wall timestamps).
+
+        A full disk does not raise here (the campaign's next checkpoint does, see
+        :attr:`full_error`): a line that does not fit is cut back off, so events.jsonl is never torn.
+        """
         if self._events is None:
             self._events = self._open_events()
         record = {"t": time.time(), "mono": time.monotonic(), "event": event.KIND.value, **event.record()}
-        self._events.write(json.dumps(record, default=str) + "\n")
-        self._events.flush()
+        data = (json.dumps(record, default=str) + "\n").encode()
+        fd = self._events.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            os.ftruncate(fd, size)
+            if self.full_error is None:
+                log.warning("%s: disk full, event %s not logged", self.root / EVENTS, event.KIND.value)
+                self.full_error = exc
 
     def _open_events(self) -> Any:
         """events.jsonl for appending; a torn last line (a kill mid-write) is ended first,
@@ -158,7 +176,7 @@ class RunStore:
                 log.warning("%s: ending a torn last line", path)
                 f.write(b"\n")
         f.close()
-        return path.open("a", buffering=1)
+        return path.open("ab", buffering=0)
 
     def read_events(self) -> list[LoggedEvent]:
         """Every event so far (a torn last line is skipped)."""

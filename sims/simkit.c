@@ -11,7 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { TAG_HEADER = 7701, TAG_ROWS = 7702 };
+enum { TAG_HEADER = 7701, TAG_ROWS = 7702, TAG_ACK = 7703 };
 
 static struct {
     const char *name;
@@ -26,6 +26,16 @@ int simkit_rank(void) { return sk.rank; }
 int simkit_size(void) { return sk.size; }
 const char *simkit_out_path(void) { return sk.parent == MPI_COMM_NULL ? sk.out : NULL; }
 
+/* Rank 0 waits until the spawning parent has what it sent. Until then no rank may exit: the
+   parent's MPI_Comm_spawn may still be wiring up to every child (MPICH+UCX attach each child's
+   shared memory), and a child already gone makes the spawn fail, so a run that sent its rows
+   would be reported as a failure. The callers keep the other ranks in a collective meanwhile. */
+static void await_parent_ack(void) {
+    if (sk.parent == MPI_COMM_NULL || sk.rank != 0) return;
+    int ack = 0;
+    MPI_Recv(&ack, 1, MPI_INT, 0, TAG_ACK, sk.parent, MPI_STATUS_IGNORE);
+}
+
 /* Tell a spawning parent that this run failed, so it does not wait for rows. */
 static void notify_parent_failure(int code) {
     if (sk.parent == MPI_COMM_NULL || sk.rank != 0) return;
@@ -36,6 +46,8 @@ static void notify_parent_failure(int code) {
 /* A failure every rank saw alike (usage, rank count): exit in order, no abort. */
 static void finish_with(int code) {
     notify_parent_failure(code);
+    await_parent_ack();
+    if (sk.parent != MPI_COMM_NULL) MPI_Barrier(MPI_COMM_WORLD);
     if (sk.parent != MPI_COMM_NULL) MPI_Comm_disconnect(&sk.parent);
     MPI_Finalize();
     exit(code);
@@ -173,6 +185,7 @@ static int send_to_parent(const double *rows, long nrows, int ncols) {
     long long header[2] = {nrows, ncols};
     MPI_Send(header, 2, MPI_LONG_LONG, 0, TAG_HEADER, sk.parent);
     MPI_Send(rows, (int)(nrows * ncols), MPI_DOUBLE, 0, TAG_ROWS, sk.parent);
+    await_parent_ack(); /* the other ranks wait in simkit_emit's MPI_Bcast */
     return 0;
 }
 
@@ -218,6 +231,8 @@ int simkit_finalize(void) {
         if (sk.rank == 0) fprintf(stderr, "%s: error: finished without calling simkit_emit\n", sk.name);
         rc = SIMKIT_EXIT_USAGE;
         notify_parent_failure(rc);
+        await_parent_ack();
+        if (sk.parent != MPI_COMM_NULL) MPI_Barrier(MPI_COMM_WORLD);
     }
     if (sk.parent != MPI_COMM_NULL) MPI_Comm_disconnect(&sk.parent);
     MPI_Finalize();

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,24 @@ def write_loop(tmp_path: Path, cfg: dict[str, Any], name: str = "loop.yml") -> P
 def _quiet_dask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "error")
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+
+
+def leaked_segments(before: set[str], patience: float = 20.0) -> set[str]:
+    """MPI shared-memory segments that appeared since ``before`` and that nobody maps.
+
+    Another test's sims (``make test`` runs two pytest workers) create and unlink segments too: a
+    segment is a leak only if it stays unmapped until ``patience`` s have passed (a live sim's is
+    mapped again or unlinked at its end within that time; a leaked one never is).
+    """
+    from orchestrator import shm
+
+    deadline = time.monotonic() + patience
+    while True:
+        mapped = shm.mapped_paths()
+        left = {n for n in shm.snapshot() - before if str(shm.SHM_DIR / n) not in mapped}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def pids_of(pattern: str) -> list[int]:

@@ -21,7 +21,7 @@ from orchestrator import shm
 from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.launchers.agent import NodeAgentLauncher, StepRate, agent_srun_argv
 from orchestrator.launchers.base import LaunchRequest, Outcome, SimResult
-from tests.conftest import pids_of, sim
+from tests.conftest import leaked_segments, pids_of, sim
 
 pytestmark = pytest.mark.integration
 
@@ -51,10 +51,6 @@ def faulty(tmp_path: Path, fault: str, *, timeout: float = 30, ranks: int = 2) -
     return with_launcher(tmp_path, lambda la: la.run(request(tmp_path, "sim-faulty", args, ranks, timeout=timeout,
                                                              run_id=fault)))
 
-
-def leaked_segments(before: set[str]) -> set[str]:
-    mapped = shm.mapped_paths()
-    return {n for n in shm.snapshot() - before if str(shm.SHM_DIR / n) not in mapped}
 
 
 def test_golden_agent_step_argv() -> None:

@@ -15,7 +15,7 @@ import pytest
 from orchestrator import shm
 from orchestrator.launchers.base import LaunchRequest, Outcome, SimResult
 from orchestrator.launchers.mpiexec import MpiexecLauncher
-from tests.conftest import pids_of, sim
+from tests.conftest import leaked_segments, pids_of, sim
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +90,6 @@ def faulty(tmp_path: Path, fault: str, *, timeout: float = 30, ranks: int = 2) -
     args = ["--points-per-rank", "4", "--seed", "1", "--fault-seed", "1", f"--{fault}-prob", "1"]
     return run(request(tmp_path, "sim-faulty", args, ranks, timeout=timeout, run_id=fault))
 
-
-def leaked_segments(before: set[str]) -> set[str]:
-    """MPI shared-memory segments that appeared since ``before`` and nobody maps."""
-    mapped = shm.mapped_paths()
-    return {n for n in shm.snapshot() - before if str(shm.SHM_DIR / n) not in mapped}
 
 
 def test_segfault_is_a_failed_run_and_leaves_no_shared_memory(tmp_path: Path) -> None:

@@ -178,9 +178,9 @@ def test_campaign_in_allocation_spreads_sims_and_trains_on_allocation_workers(
 
     # training ran on Dask workers started as a step of this allocation, on the kept slot
     backend = next(e for e in ev if e.kind is EventKind.TRAINING_BACKEND)
-    assert backend["backend"] == "allocation" and backend["tls"] is False
+    assert backend["backend"] == "allocation" and backend["tls"] is True  # even on loopback
     assert backend["step_id"].startswith(f"{job}.") and backend["nodes"] == ["n3"]
-    assert len(backend["workers"]) == 1 and backend["scheduler"].startswith("tcp://127.0.0.1:")
+    assert len(backend["workers"]) == 1 and backend["scheduler"].startswith("tls://127.0.0.1:")
     assert any(e.kind is EventKind.TRAIN_END for e in ev)
 
     # nothing left: no step listed, no slurmstepd of the job alive, no sim or worker process
@@ -355,7 +355,7 @@ def test_campaign_with_jobqueue_workers(slurm_env: dict[str, str], tmp_path: Pat
     assert summary["target_met"] is True
     ev = events(run_dir)
     backend = next(e for e in ev if e.kind is EventKind.TRAINING_BACKEND)
-    assert backend["backend"] == "jobqueue" and backend["tls"] is False
+    assert backend["backend"] == "jobqueue" and backend["tls"] is True  # even on loopback
     assert len(backend["jobs"]) == 1 and len(backend["workers"]) == 1
     assert any(e.kind is EventKind.TRAIN_END for e in ev)
     # closing the cluster cancelled the worker job, and its processes went with it

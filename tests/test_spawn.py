@@ -201,6 +201,42 @@ def test_malformed_rows_are_rejected(tmp_path: Path, fault: str, message: str) -
     assert r.table is None
 
 
+@pytest.mark.parametrize("fault", ["nan", "wrong-shape"])
+def test_no_rank_exits_before_its_parent_has_the_rows(tmp_path: Path, fault: str) -> None:
+    """Ranks that sent their rows and exited while the parent was still inside MPI_Comm_spawn made
+    the spawn fail (UCX: shmat of a gone child's segment), so on a loaded box a malformed run read
+    as FAILED. simkit now holds every rank until the parent acknowledges the rows: with the agent
+    frozen right after the ranks appear, they are all still there, and the run is MALFORMED."""
+    from orchestrator.procs import all_processes, find_ranks, wait_gone
+
+    launcher = SpawnLauncher(Allocation.local())
+    req = request(tmp_path, "sim-faulty", [*FAULTY, f"--{fault}-prob", "1"], 2)
+
+    async def go() -> tuple[SimResult, bool]:
+        try:
+            run = asyncio.ensure_future(launcher.run(req))
+            ranks: list[tuple[int, int]] = []
+            while len(ranks) < 2:  # both ranks exist (the agent is in, or just past, MPI_Comm_spawn)
+                assert not run.done(), run.result().message
+                await asyncio.sleep(0.002)
+                ranks = [(p.pid, p.start) for p in find_ranks(all_processes(), str(req.workdir.absolute()),
+                                                                  str(req.binary.absolute()))]
+            agent = next(iter(launcher._busy))
+            pid = int(agent.ready["pid"])
+            os.kill(pid, signal.SIGSTOP)
+            try:  # a sim's whole run is milliseconds: 2 s is ample time to exit if it could
+                exited = await asyncio.to_thread(wait_gone, ranks, 2.0)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return await run, exited
+        finally:
+            await launcher.close()
+
+    r, exited = asyncio.run(go())
+    assert not exited, "the ranks exited while their parent did not have their rows yet"
+    assert r.outcome is Outcome.MALFORMED, r.message
+
+
 def test_cancellation_kills_the_ranks(tmp_path: Path) -> None:
     launcher = SpawnLauncher(Allocation.local())
     req = request(tmp_path, "sim-faulty", [*FAULTY, "--hang-prob", "1"], 2, run_id="cx")

@@ -225,12 +225,12 @@ def test_worker_placement_too_small() -> None:
 # ---------------------------------------------------------------- listen address and TLS
 
 
-def test_listen_loopback_when_every_worker_is_this_host() -> None:
+def test_listen_loopback_with_tls_when_every_worker_is_this_host() -> None:
     local = {"127.0.0.1", "10.1.2.3"}
     plan = ts.plan_listen(["127.0.0.1", "10.1.2.3"], is_local=local.__contains__,
                           outward=lambda a: pytest.fail("no route lookup for local workers"))
-    assert plan == ts.ListenPlan("127.0.0.1", tls=False)
-    assert plan.protocol == "tcp"
+    assert plan == ts.ListenPlan("127.0.0.1", tls=True)
+    assert plan.protocol == "tls"  # loopback is shared by every user of the node
 
 
 def test_listen_on_the_network_with_tls_for_remote_workers() -> None:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from orchestrator import shm
 from orchestrator.allocation import Placement
 from orchestrator.errors import LaunchError
-from orchestrator.procs import ProcessOutcome, supervise, tail
+from orchestrator.procs import ProcessOutcome, cap_log, supervise, tail
 from orchestrator.results import MalformedResult, Table
 from orchestrator.rundeck import SIMKIT, SimIO
 
@@ -218,7 +218,12 @@ class ProcessLauncher(Launcher):
             raise
         result = self.classify(req, proc, started)
         result.info.update(self.launch_info(req, proc))
+        if proc.log_error:
+            result.info["log_error"] = proc.log_error
         await self.finished(req, result)
+        if (req.stdout_path, req.stderr_path) != (stdout, stderr):
+            for path in (req.stdout_path, req.stderr_path):  # written by another (slurmstepd): capped once done
+                cap_log(path)
         self.sweep_segments(result, segments)
         return result
 

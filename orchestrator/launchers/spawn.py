@@ -310,6 +310,8 @@ class SpawnLauncher(Launcher):
             break
         result = self._classify(req, reply, payload, started, time.monotonic() - t0)
         result.info.update(facts)
+        for path in (req.stdout_path, req.stderr_path):  # the ranks' shells wrote them: capped once done
+            procs.cap_log(path)
         self.sweep_segments(result, segments)
         if "timing" in reply:
             result.info["agent_timing"] = reply["timing"]

@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 
 TAG_HEADER = 7701
 TAG_ROWS = 7702
+TAG_ACK = 7703
+"""Sent to rank 0 once its header (and rows) arrived: until then simkit keeps every rank alive, so
+no child exits while ``MPI_Comm_spawn`` may still be wiring up to it."""
 POLL_MIN_S = 0.0002
 POLL_MAX_S = 0.01
 POLL_LAG = 0.05
@@ -303,6 +306,7 @@ class Agent:
             return self._not_done(outcome), b""
         nrows, ncols = int(header[0]), int(header[1])
         if nrows < 0:
+            self.ack(comm)
             return {"status": "failed", "code": ncols,
                     "message": f"the sim reported failure to its parent (exit code {ncols})"}, b""
         if ncols <= 0 or nrows * ncols > MAX_CELLS:
@@ -312,7 +316,15 @@ class Agent:
         outcome = self.wait(comm.Irecv(rows, source=0, tag=TAG_ROWS), children, deadline)
         if outcome != "done":
             return self._not_done(outcome, f"after announcing {nrows} x {ncols}"), b""
+        self.ack(comm)
         return {"status": "ok", "shape": [nrows, ncols], "nbytes": rows.nbytes}, rows.tobytes()
+
+    def ack(self, comm: Any) -> None:
+        """Tell rank 0 its message arrived (simkit's ranks wait for this before exiting)."""
+        try:
+            comm.Send(_numpy().zeros(1, dtype="intc"), dest=0, tag=TAG_ACK)
+        except self.MPI.Exception as exc:  # it is gone after all: nothing waits for the ack
+            log.warning("could not acknowledge the sim's rows: %s", exc)
 
     @staticmethod
     def _not_done(outcome: str, when: str = "") -> dict[str, Any]:

@@ -10,10 +10,11 @@ and cancels it if it does not.
 ``jobqueue``: ``dask_jobqueue.SLURMCluster`` jobs, options passed through from
 ``training.jobqueue`` in loop.yml over defaults that fit the workers asked for.
 
-Where the scheduler listens (:func:`plan_listen`): on loopback without TLS when
-every worker runs on this host, otherwise on the interface facing the workers
-with TLS (``Security.temporary()``; the certificate goes to the workers as
-files in the run directory, readable by the owner only).
+Where the scheduler listens (:func:`plan_listen`): on loopback when every worker
+runs on this host, otherwise on the interface facing the workers; always with TLS
+(``Security.temporary()``; the certificate goes to the workers as files in the run
+directory, readable by the owner only), so that another user on the node, even on
+loopback, cannot connect and run code in the workers.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class ListenPlan:
         return "tls" if self.tls else "tcp"
 
 
-LOOPBACK = ListenPlan("127.0.0.1", tls=False)
+LOOPBACK = ListenPlan("127.0.0.1", tls=True)  # loopback is shared by every user of the node
 
 
 def _resolve(addr: str) -> list[str]:
@@ -126,8 +127,8 @@ def plan_listen(
     is_local: Callable[[str], bool] = is_local_address,
     outward: Callable[[str], str] = outward_address,
 ) -> ListenPlan:
-    """Loopback without TLS when every worker address is this host, else the interface
-    towards the workers with TLS. ``None``: the workers' nodes are not known, so TLS."""
+    """Loopback when every worker address is this host, else the interface towards the
+    workers; TLS either way. ``None``: the workers' nodes are not known (listen on the host)."""
     if worker_addrs is not None:
         remote = [a for a in worker_addrs if not is_local(a)]
         if not remote:
