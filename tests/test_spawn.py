@@ -375,3 +375,45 @@ def test_placement_across_nodes_and_timeout_in_slurm(tmp_path: Path, slurm_env: 
     assert data["placed"][3] == ["n2", "n2", "n2", "n3"], "ranks run where the slot pool placed them"
     assert data["hang"][0] == "timeout" and data["hang"][2] == []
     assert procs_in(tmp_path) == []
+
+
+DIES_IN_INIT = textwrap.dedent("""
+    import asyncio, json, sys, time
+    from pathlib import Path
+    from orchestrator.allocation import Allocation, Placement
+    from orchestrator.launchers.base import LaunchRequest
+    from orchestrator.launchers.spawn import SpawnLauncher
+
+    work, binary, out = (Path(a) for a in sys.argv[1:4])
+
+    async def main():
+        launcher = SpawnLauncher(Allocation.detect())
+        # A PMI channel that is not there: the ranks' MPI_Init fails in PMI, as pmi2's "invalid client
+        # request" does, and MPI_Comm_spawn in the agent would wait for them until the timeout.
+        req = LaunchRequest(run_id="init", role="t", binary=binary, args=[], ranks=2, workdir=work / "init",
+                            timeout_s=60, ncols=2, nrows=1, placement=Placement((("n2", 2),)),
+                            env={"PMI_FD": "1000"})
+        t0 = time.monotonic()
+        try:
+            r = await launcher.run(req)
+        finally:
+            await launcher.close()
+        out.write_text(json.dumps({"outcome": r.outcome.value, "message": r.message, "s": time.monotonic() - t0}))
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.slurm
+def test_ranks_dying_in_mpi_init_are_noticed_at_once_not_at_the_timeout(tmp_path: Path,
+                                                                        slurm_env: dict[str, str]) -> None:
+    script = tmp_path / "inside.py"
+    script.write_text(DIES_IN_INIT)
+    out = tmp_path / "out.json"
+    proc = salloc([sys.executable, str(script), str(tmp_path), str(sim("sim-noop")), str(out)], slurm_env, timeout=120)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["outcome"] == "failed", data
+    assert "exited before MPI_Init was done" in data["message"] and "PMI_Init" in data["message"], data
+    assert data["s"] < 30, f"noticed after {data['s']:.1f} s (the timeout is 60 s)"
+    assert procs_in(tmp_path) == []

@@ -48,6 +48,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ POLL_MIN_S = 0.0002
 POLL_MAX_S = 0.01
 POLL_LAG = 0.05
 EXIT_WAIT_S = 5.0
+SPAWN_WATCH_S = 0.02
+"""While ``MPI_Comm_spawn`` blocks, how often the agent looks at what it started (see :meth:`Agent.watch_spawn`)."""
 """After a good run: how long ranks may take to exit before the agent kills them."""
 MAX_CELLS = 1 << 30
 
@@ -246,6 +249,8 @@ class Agent:
         info = MPI.Info.Create()
         for key, value in req.get("info", {}).items():
             info.Set(key, str(value))
+        spawned = threading.Event()
+        threading.Thread(target=self.watch_spawn, args=(rid, req, spawned), name="spawn-watch", daemon=True).start()
         try:
             comm = MPI.COMM_SELF.Spawn(req["command"], req["args"], maxprocs=int(req["maxprocs"]), info=info)
         except MPI.Exception as exc:
@@ -253,6 +258,7 @@ class Agent:
                             "message": f"MPI_Comm_spawn failed: {exc}"})
             return False
         finally:
+            spawned.set()
             info.Free()
         t_spawn = time.monotonic()
         remote = comm.Get_remote_size()
@@ -277,6 +283,25 @@ class Agent:
         else:
             self.abandon(rid, children)
         return reusable
+
+    def watch_spawn(self, rid: str, req: dict[str, Any], spawned: threading.Event) -> None:
+        """While ``MPI_Comm_spawn`` blocks (a thread of its own): if what it started (the ranks, or
+        the srun Slurm's PMI2 forked) has come and gone, the ranks died before ``MPI_Init`` was done
+        (pmi2's "invalid client request", a missing library, a sim that exits at once), and
+        ``MPI_Comm_spawn`` would wait for them for ever: the agent says so and exits at once,
+        instead of the run being noticed at its timeout. (A rank cannot end after a successful
+        spawn before the agent has its rows: simkit waits for the agent's acknowledgement.)"""
+        seen: dict[int, ProcInfo] = {}
+        while not spawned.wait(SPAWN_WATCH_S):
+            children, _ = self.find_children(req["wdir"], req["binary"])
+            seen.update((p.pid, p) for p in children.watched)
+            if not seen or any(alive(p.pid, p.start) for p in seen.values()) or spawned.is_set():
+                continue
+            self.chan.send({"event": "result", "id": rid, "status": "spawn_error", "reusable": False,
+                            "message": "the spawned ranks exited before MPI_Init was done (MPI_Comm_spawn was "
+                                       "still waiting for them)"})
+            sys.stderr.flush()
+            os._exit(0)  # the blocked MPI_Comm_spawn cannot be left any other way
 
     def tidy(self, final: bool = False) -> float | None:
         """Kill ranks of finished runs that outstay EXIT_WAIT_S; return seconds until the next check (None: none)."""
