@@ -77,9 +77,9 @@ POLL_MIN_S = 0.0002
 POLL_MAX_S = 0.01
 POLL_LAG = 0.05
 EXIT_WAIT_S = 5.0
+"""After a good run: how long ranks may take to exit before the agent kills them."""
 SPAWN_WATCH_S = 0.02
 """While ``MPI_Comm_spawn`` blocks, how often the agent looks at what it started (see :meth:`Agent.watch_spawn`)."""
-"""After a good run: how long ranks may take to exit before the agent kills them."""
 MAX_CELLS = 1 << 30
 
 Mode = Literal["local", "slurm"]
