@@ -10,7 +10,6 @@ loses no accepted data and no finished training (``run --resume``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -20,7 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 SIGNALLED_CLOSE_S = 1.0
@@ -727,15 +727,7 @@ class Campaign:
             assert self.model_state is not None
             reg = await self.register_model(self.model_state)
             twin.begin(self.state.model_version, None if reg is None else reg["version"], self._data_so_far())
-        task = asyncio.ensure_future(twin.run())
-        interrupt = asyncio.ensure_future(self._interrupt.wait())
-        try:
-            await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            interrupt.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        task, _ = await self._unless_interrupted(twin.run())
         if task.cancelled():
             return None
         task.result()
@@ -787,18 +779,25 @@ class Campaign:
         model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
         # keyed by the model's version: a resumed registration finds the version it made before
         key = f"final-model-v{self.state.model_version}"
-        task = asyncio.ensure_future(self.sink.register(self.trainer, model, name, key))
+        task, interrupted = await self._unless_interrupted(self.sink.register(self.trainer, model, name, key))
+        if interrupted:
+            return Status.INTERRUPTED, None
+        return Status.TARGET_MET, task.result()
+
+    async def _unless_interrupted(self, work: Coroutine[Any, Any, _T]) -> tuple[asyncio.Future[_T], bool]:
+        """``work`` until it ends or a signal comes first; then it is cancelled and waited for.
+        Returns the ended task and whether the signal cut it short."""
+        task = asyncio.ensure_future(work)
         interrupt = asyncio.ensure_future(self._interrupt.wait())
         try:
             await asyncio.wait([task, interrupt], return_when=asyncio.FIRST_COMPLETED)
         finally:
             interrupt.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            return Status.INTERRUPTED, None
-        return Status.TARGET_MET, task.result()
+            interrupted = not task.done()
+            if interrupted:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return task, interrupted
 
     async def _finish(self, status: Status, registered: dict[str, str] | None) -> dict[str, Any]:
         # The same wall time in state.json (`status`, `report`) as in the summary.
