@@ -29,18 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.cluster import cluster_env  # noqa: E402
+from benchmarks.cluster import cluster_env, noop_sim  # noqa: E402
 
 COUNT = 2000
 NODES = 3
 PER_NODE = 8
-
-
-def _noop() -> Path:
-    path = Path(sys.executable).parent / "sim-noop"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `make setup` to build the sims")
-    return path
 
 
 def last_step_id() -> int:
@@ -57,7 +50,7 @@ async def _through(launcher: object, count: int, work: Path, tag: str) -> float:
     assert isinstance(launcher, Launcher)
     alloc = Allocation.detect()
     pool = SlotPool(alloc.nodes)
-    binary = _noop()
+    binary = noop_sim()
 
     async def one(i: int) -> None:
         placement = await pool.acquire(1)

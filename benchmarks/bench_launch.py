@@ -29,17 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.cluster import cluster_env  # noqa: E402
+from benchmarks.cluster import cluster_env, noop_sim  # noqa: E402
 
 SAMPLES = 40
 WARMUP = 3
-
-
-def _noop() -> Path:
-    path = Path(sys.executable).parent / "sim-noop"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `make setup` to build the sims")
-    return path
 
 
 async def _measure(samples: int, work: Path) -> tuple[list[float], list[float]]:
@@ -49,7 +42,7 @@ async def _measure(samples: int, work: Path) -> tuple[list[float], list[float]]:
 
     alloc = Allocation.detect()
     launcher = SrunLauncher(alloc)
-    binary = _noop()
+    binary = noop_sim()
     node = alloc.nodes[0].name
     raw_out = work / "raw.npy"
     raw: list[float] = []

@@ -5,9 +5,18 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 CLUSTER = Path(__file__).resolve().parents[1] / "scripts" / "slurm-test-cluster.sh"
+
+
+def noop_sim() -> Path:
+    """The installed ``sim-noop`` (next to the interpreter); exits with the fix when it is missing."""
+    path = Path(sys.executable).parent / "sim-noop"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make setup` to build the sims")
+    return path
 
 
 def cluster_env() -> dict[str, str]:

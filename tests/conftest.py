@@ -42,6 +42,19 @@ def fast_loop(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def faulty_args(fault: str) -> list[str]:
+    """sim-faulty's arguments that make ``fault`` (crash, hang, nan, truncate, wrong-shape, exit) happen always."""
+    return ["--points-per-rank", "4", "--seed", "1", "--fault-seed", "1", f"--{fault}-prob", "1"]
+
+
+MALFORMED_FAULTS = [
+    ("nan", "non-finite value"),
+    ("truncate", "unreadable or truncated"),
+    ("wrong-shape", "expected 2 columns, got 3"),
+]
+"""sim-faulty's malformed outputs and the words of the result check that rejects each."""
+
+
 def write_loop(tmp_path: Path, cfg: dict[str, Any], name: str = "loop.yml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -21,7 +21,7 @@ from orchestrator import shm
 from orchestrator.allocation import Allocation, Node, Placement
 from orchestrator.launchers.agent import NodeAgentLauncher, StepRate, agent_srun_argv
 from orchestrator.launchers.base import LaunchRequest, Outcome, SimResult
-from tests.conftest import leaked_segments, pids_of, sim
+from tests.conftest import MALFORMED_FAULTS, faulty_args, leaked_segments, pids_of, sim
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,9 @@ def with_launcher(tmp_path: Path, body: Callable[[NodeAgentLauncher], Awaitable[
 
 
 def faulty(tmp_path: Path, fault: str, *, timeout: float = 30, ranks: int = 2) -> SimResult:
-    args = ["--points-per-rank", "4", "--seed", "1", "--fault-seed", "1", f"--{fault}-prob", "1"]
+    args = faulty_args(fault)
     return with_launcher(tmp_path, lambda la: la.run(request(tmp_path, "sim-faulty", args, ranks, timeout=timeout,
                                                              run_id=fault)))
-
 
 
 def test_golden_agent_step_argv() -> None:
@@ -88,11 +87,7 @@ def test_hung_sim_is_killed_at_its_timeout_with_no_process_left(tmp_path: Path) 
     assert leaked_segments(before) == set()
 
 
-@pytest.mark.parametrize(("fault", "message"), [
-    ("nan", "non-finite value"),
-    ("truncate", "unreadable or truncated"),
-    ("wrong-shape", "expected 2 columns, got 3"),
-])
+@pytest.mark.parametrize(("fault", "message"), MALFORMED_FAULTS)
 def test_malformed_output_is_rejected(tmp_path: Path, fault: str, message: str) -> None:
     r = faulty(tmp_path, fault)
     assert r.outcome is Outcome.MALFORMED and message in r.message and r.table is None

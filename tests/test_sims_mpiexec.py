@@ -15,7 +15,7 @@ import pytest
 from orchestrator import shm
 from orchestrator.launchers.base import LaunchRequest, Outcome, SimResult
 from orchestrator.launchers.mpiexec import MpiexecLauncher
-from tests.conftest import leaked_segments, pids_of, sim
+from tests.conftest import MALFORMED_FAULTS, faulty_args, leaked_segments, pids_of, sim
 
 pytestmark = pytest.mark.integration
 
@@ -87,9 +87,8 @@ def test_usage_error_is_a_failed_run(tmp_path: Path) -> None:
 
 
 def faulty(tmp_path: Path, fault: str, *, timeout: float = 30, ranks: int = 2) -> SimResult:
-    args = ["--points-per-rank", "4", "--seed", "1", "--fault-seed", "1", f"--{fault}-prob", "1"]
+    args = faulty_args(fault)
     return run(request(tmp_path, "sim-faulty", args, ranks, timeout=timeout, run_id=fault))
-
 
 
 def test_segfault_is_a_failed_run_and_leaves_no_shared_memory(tmp_path: Path) -> None:
@@ -112,11 +111,7 @@ def test_hung_sim_is_killed_at_its_timeout_with_no_process_left(tmp_path: Path) 
     assert leaked_segments(before) == set(), "the killed ranks' shared memory was left in /dev/shm"
 
 
-@pytest.mark.parametrize(("fault", "message"), [
-    ("nan", "non-finite value"),
-    ("truncate", "unreadable or truncated"),
-    ("wrong-shape", "expected 2 columns, got 3"),
-])
+@pytest.mark.parametrize(("fault", "message"), MALFORMED_FAULTS)
 def test_malformed_output_is_rejected(tmp_path: Path, fault: str, message: str) -> None:
     r = faulty(tmp_path, fault)
     assert r.outcome is Outcome.MALFORMED
