@@ -284,11 +284,7 @@ def _whole_schema(path: Path) -> None:
                        "set aside as %s and created again", path, aside.name)
         os.replace(path, aside)
     tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
-    with _wrap("create the tracking database", f"sqlite:///{path}"), warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*``noload`` loader strategy is deprecated", category=DeprecationWarning
-        )
-        _configure_mlflow_logging()
+    with _wrap("create the tracking database", f"sqlite:///{path}"), _sqlalchemy_quiet():
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "mlartifacts").as_uri())  # type: ignore[no-untyped-call]
@@ -317,6 +313,16 @@ def _hint(uri: str) -> str:
             "or use a local sqlite:///<path>/mlflow.db URI"
         )
     return "use a sqlite:///<absolute path>/mlflow.db URI or an http(s):// MLflow server"
+
+
+@contextlib.contextmanager
+def _sqlalchemy_quiet() -> Iterator[None]:
+    """MLflow 3.17's sqlite store uses an ORM option SQLAlchemy 2.1 deprecates: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*``noload`` loader strategy is deprecated", category=DeprecationWarning
+        )
+        yield
 
 
 @contextlib.contextmanager
@@ -367,14 +373,9 @@ def _make_client(uri: str) -> MlflowClient:
     _check_uri(uri)
     with _wrap("import mlflow", uri):
         from mlflow.tracking import MlflowClient
-    ready_store(uri)
-
     _configure_mlflow_logging()
-    with _wrap("open the tracking store", uri), warnings.catch_warnings():
-        # MLflow 3.17's sqlite store uses an ORM option SQLAlchemy 2.1 deprecates.
-        warnings.filterwarnings(
-            "ignore", message=r".*``noload`` loader strategy is deprecated", category=DeprecationWarning
-        )
+    ready_store(uri)
+    with _wrap("open the tracking store", uri), _sqlalchemy_quiet():
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
