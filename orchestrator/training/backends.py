@@ -124,10 +124,8 @@ class LocalBackend(Backend):
         ))
         self.client = await cast(Awaitable[Client], Client(self.cluster, security=security, asynchronous=True))
         await cast(Awaitable[Any], self.client.register_plugin(FastExit()))  # a prompt exit at close
-        for worker in self.cluster.workers.values():  # a SIGKILLed coordinator leaves no worker process behind
-            pid = getattr(getattr(worker, "process", None), "pid", None)
-            if pid:
-                guardian.watch_pid(pid)
+        for pid, _ in worker_processes(self.cluster):  # a SIGKILLed coordinator leaves no worker process behind
+            guardian.watch_pid(pid)
         await cast(Awaitable[None], self.client.wait_for_workers(self.cfg.workers))
         await cast(Awaitable[Any], self.client.register_plugin(OneLineDaskFaults()))
         return self.client
