@@ -407,17 +407,6 @@ def all_processes() -> list[ProcInfo]:
     return [info for pid in psutil.pids() if (info := read_stat(pid)) is not None]
 
 
-def ancestors(pid: int, depth: int) -> list[ProcInfo]:
-    """Up to ``depth`` parents of ``pid``, nearest first."""
-    chain: list[ProcInfo] = []
-    info = read_stat(pid)
-    while info is not None and len(chain) < depth and info.ppid > 1:
-        info = read_stat(info.ppid)
-        if info is not None:
-            chain.append(info)
-    return chain
-
-
 def alive(pid: int, start: int) -> bool:
     """Is this very process (pid and start time) still there and not a zombie?"""
     info = read_stat(pid)
@@ -537,19 +526,16 @@ def end_ranks(wdir: str, binary: str, timeout: float = 5.0) -> list[int]:
     return [pid for pid, _ in ranks]
 
 
-def find_spawned_sruns(agent: int, wdir: str) -> list[ProcInfo]:
+def find_spawned_sruns(agent_srun: int, wdir: str) -> list[ProcInfo]:
     """The ``srun --mpi=pmi2 … --chdir=WDIR …`` that Slurm's PMI2 forked for one spawn.
 
-    slurmstepd forks it, so it is a child of one of the agent's slurmstepd ancestors
-    (the outer srun only: srun forks a helper of itself).
+    Slurm 22.05 forks it from the srun that started the spawn agent (on the
+    coordinator's host, wherever the agent runs), next to that srun's own helper.
     """
     flag = f"--chdir={wdir}"
     found = []
-    for parent in ancestors(agent, 3):
-        if parent.comm != "slurmstepd":
-            continue
-        for pid in children_of(parent.pid):
-            argv = _argv(pid)
-            if argv and os.path.basename(argv[0]) == "srun" and flag in argv and (info := read_stat(pid)):
-                found.append(info)
+    for pid in children_of(agent_srun):
+        argv = _argv(pid)
+        if argv and os.path.basename(argv[0]) == "srun" and flag in argv and (info := read_stat(pid)):
+            found.append(info)
     return found

@@ -210,7 +210,8 @@ def test_no_rank_exits_before_its_parent_has_the_rows(tmp_path: Path, fault: str
     from orchestrator.procs import all_processes, find_ranks, wait_gone
 
     launcher = SpawnLauncher(Allocation.local())
-    req = request(tmp_path, "sim-faulty", [*FAULTY, f"--{fault}-prob", "1"], 2)
+    # 0.5 s of work before the rows: on a loaded box the whole run must not fit between two looks.
+    req = request(tmp_path, "sim-faulty", [*FAULTY, f"--{fault}-prob", "1", "--work-ms", "500"], 2)
 
     async def go() -> tuple[SimResult, bool]:
         try:

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -62,6 +63,12 @@ AGENT_STOP_GRACE_S = 8.0
 BACKSTOP_S = 10.0
 """The agent enforces a run's timeout itself; we end the agent if it has not answered this much later."""
 AGENT_LOG = "agent.log"
+SPAWN_WATCH_S = 0.02
+"""Under Slurm, while the agent is inside ``MPI_Comm_spawn``: how often we look at the spawn's srun."""
+SPAWN_GONE_GRACE_S = 2.0
+"""How long after the spawn's srun has exited the agent may still report the spawn (its line on the way)."""
+SPAWN_GONE = ("the spawned ranks exited before MPI_Init was done (MPI_Comm_spawn was still waiting for them; "
+              "the agent was ended)")
 WRAPPER = 'out=$1 err=$2; shift 2; exec "$@" >>"$out" 2>>"$err"'
 """The fixed line every spawned rank runs under: its output to the run's logs. No value is pasted in."""
 KEEP_SLURM = ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CONF", "SLURM_CLUSTER_NAME")
@@ -300,6 +307,8 @@ class SpawnLauncher(Launcher):
             facts: dict[str, Any] = {"launcher": self.name, "pid": agent.pid, "agent_pid": agent.ready.get("pid"),
                                      "agent_mode": self.mode, "agent_host": agent.ready.get("host")}
             reply, payload, reusable = await self._attempt(agent, message, facts, req, t0)
+            if not reusable:
+                await self._end_spawned_sruns(agent, req)
             await self._checkin(agent, reusable)
             if not reusable:
                 await self._end_ranks(req)
@@ -330,9 +339,13 @@ class SpawnLauncher(Launcher):
             reply, payload = {"status": "timeout", "message": "the spawn agent did not answer; ended it"}, b""
         except AgentGone as exc:
             late = time.monotonic() - t0 >= req.timeout_s
-            reply, payload = {"status": "timeout" if late else "agent_died", "message": str(exc)}, b""
+            if facts.get("ended_in_mpi_init"):
+                reply, payload = {"status": "spawn_error", "message": SPAWN_GONE}, b""
+            else:
+                reply, payload = {"status": "timeout" if late else "agent_died", "message": str(exc)}, b""
         except asyncio.CancelledError:
             self._busy.discard(agent)
+            await asyncio.shield(self._end_spawned_sruns(agent, req))
             await asyncio.shield(agent.stop(grace=0))
             await asyncio.shield(self._end_ranks(req))
             raise
@@ -344,15 +357,56 @@ class SpawnLauncher(Launcher):
     async def _exchange(self, agent: SpawnAgent, message: dict[str, Any],
                         facts: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         await agent.send(message)
-        while True:
-            event, payload = await agent.receive()
-            if event.get("event") == "spawned":
-                agent.remember(event)
-                facts.update(remote_size=event.get("remote_size"), spawn_ms=event.get("spawn_ms"))
-            elif event.get("event") == "result":
-                return event, payload
-            else:
-                log.warning("spawn agent %d: unexpected %r", agent.pid, event)
+        watch = asyncio.ensure_future(self.watch_spawn(agent, message["wdir"], facts)) if self.mode == "slurm" else None
+        try:
+            while True:
+                event, payload = await agent.receive()
+                if event.get("event") == "spawned":
+                    if watch is not None:
+                        watch.cancel()
+                    agent.remember(event)
+                    facts.update(remote_size=event.get("remote_size"), spawn_ms=event.get("spawn_ms"))
+                elif event.get("event") == "result":
+                    return event, payload
+                else:
+                    log.warning("spawn agent %d: unexpected %r", agent.pid, event)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def watch_spawn(self, agent: SpawnAgent, wdir: str, facts: dict[str, Any]) -> None:
+        """Under Slurm, while the agent is inside ``MPI_Comm_spawn``: end it if the spawn's ranks are gone.
+
+        Slurm's PMI2 starts a spawn's ``srun`` as a child of the srun that started
+        the agent, here. If that srun has come and gone and the agent has still
+        not reported the spawn, the ranks ended before ``MPI_Init`` was done
+        (pmi2's "invalid client request", a missing library, a sim that exits at
+        once), and ``MPI_Comm_spawn`` would wait for them until the timeout. After
+        a good spawn no rank ends before the agent has its rows (simkit waits for
+        the agent's acknowledgement), so a gone srun cannot be a finished run.
+        """
+        seen: dict[int, procs.ProcInfo] = {}
+        while not seen or any(procs.alive(p.pid, p.start) for p in seen.values()):
+            await asyncio.sleep(SPAWN_WATCH_S)
+            seen.update((p.pid, p) for p in procs.find_spawned_sruns(agent.pid, wdir))
+        await asyncio.sleep(SPAWN_GONE_GRACE_S)  # a "spawned" line already in the pipe cancels this
+        log.info("spawn agent %d: the spawn's srun %s exited before the spawn was done; ending the agent",
+                 agent.pid, sorted(seen))
+        facts["ended_in_mpi_init"] = True
+        await agent.stop(grace=0)
+
+    async def _end_spawned_sruns(self, agent: SpawnAgent, req: LaunchRequest) -> None:
+        """Under Slurm, SIGTERM to a failed spawn's srun first: it then cancels its step on every node
+        (the agent can end only the ranks on its own host, and a SIGKILLed srun leaves the step running)."""
+        if self.mode != "slurm":
+            return
+        sruns = [(p.pid, p.start) for p in procs.find_spawned_sruns(agent.pid, str(req.workdir.absolute()))]
+        if not sruns:
+            return
+        procs.signal_procs(sruns, signal.SIGTERM)
+        if not await asyncio.to_thread(wait_gone, sruns, procs.KILL_GRACE_S):
+            log.warning("sim %s: its srun was still running %.0f s after SIGTERM; killing it", req.run_id,
+                        procs.KILL_GRACE_S)
 
     async def _end_ranks(self, req: LaunchRequest) -> None:
         killed = await asyncio.to_thread(end_ranks, str(req.workdir.absolute()), str(req.binary.absolute()))

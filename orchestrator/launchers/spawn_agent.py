@@ -32,9 +32,10 @@ Two ways to find the children it must watch and, on a timeout, end:
 
 * ``local``: the ranks are descendants of this process (under the hydra proxy
   that MPICH's singleton init starts), found by working directory and binary;
-* ``slurm``: Slurm's PMI2 runs each spawn as ``srun --mpi=pmi2 --chdir=WDIR …``
-  forked by our slurmstepd; that srun is watched and signalled, plus any rank on
-  this host.
+* ``slurm``: any rank on this host, found the same way. Slurm's PMI2 runs each
+  spawn as ``srun --mpi=pmi2 --chdir=WDIR …`` forked by the srun that started
+  this agent, on the coordinator's host, so the coordinator watches and ends
+  that srun (:meth:`~orchestrator.launchers.spawn.SpawnLauncher.watch_spawn`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,7 +61,6 @@ from orchestrator.procs import (
     all_processes,
     descendants,
     find_ranks,
-    find_spawned_sruns,
     signal_procs,
     wait_gone,
 )
@@ -78,8 +77,6 @@ POLL_MAX_S = 0.01
 POLL_LAG = 0.05
 EXIT_WAIT_S = 5.0
 """After a good run: how long ranks may take to exit before the agent kills them."""
-SPAWN_WATCH_S = 0.02
-"""While ``MPI_Comm_spawn`` blocks, how often the agent looks at what it started (see :meth:`Agent.watch_spawn`)."""
 MAX_CELLS = 1 << 30
 
 Mode = Literal["local", "slurm"]
@@ -140,14 +137,11 @@ class Channel:
 class Children:
     """What one spawn started, as far as this host can see."""
 
-    watched: list[ProcInfo] = field(default_factory=list)
-    """Processes whose exit means the run is over: the ranks (local) or the spawned srun (slurm)."""
     ranks: list[ProcInfo] = field(default_factory=list)
-    sruns: list[ProcInfo] = field(default_factory=list)
+    """The ranks on this host: when they have all exited, the run is over."""
 
     def pairs(self) -> list[tuple[int, int]]:
-        seen = {(p.pid, p.start) for p in [*self.watched, *self.ranks, *self.sruns]}
-        return sorted(seen)
+        return sorted({(p.pid, p.start) for p in self.ranks})
 
 
 class Agent:
@@ -199,17 +193,13 @@ class Agent:
         """What a spawn started, and everything below the agent now (hydra included)."""
         below = descendants(self.pid)
         pairs = [(p.pid, p.start) for p in below]
-        if self.mode == "local":
-            ranks = find_ranks(below, wdir, binary)
-            return Children(watched=ranks, ranks=ranks), pairs
-        sruns = find_spawned_sruns(self.pid, wdir)
-        ranks = find_ranks(all_processes(), wdir, binary)  # those on this host: killed by pid if need be
-        return Children(watched=sruns or ranks, ranks=ranks, sruns=sruns), pairs
+        # Under Slurm the ranks are not below the agent: those on this host are found among all processes.
+        return Children(find_ranks(below if self.mode == "local" else all_processes(), wdir, binary)), pairs
 
     def wait(self, request: Any, children: Children, deadline: float) -> Literal["done", "gone", "timeout"]:
         """Drive MPI progress until ``request`` completes, the children are gone, or the deadline."""
         fds: list[int] = []
-        for p in children.watched:
+        for p in children.ranks:
             with contextlib.suppress(OSError):
                 fds.append(os.pidfd_open(p.pid))
         poller = select.poll()
@@ -221,7 +211,7 @@ class Agent:
             while True:
                 if bool(request.Test()):
                     return "done"
-                if not pending and children.watched:
+                if not pending and children.ranks:
                     # Everything exited; give in-flight bytes one last chance, then call it.
                     for _ in range(20):
                         if bool(request.Test()):
@@ -249,8 +239,6 @@ class Agent:
         info = MPI.Info.Create()
         for key, value in req.get("info", {}).items():
             info.Set(key, str(value))
-        spawned = threading.Event()
-        threading.Thread(target=self.watch_spawn, args=(rid, req, spawned), name="spawn-watch", daemon=True).start()
         try:
             comm = MPI.COMM_SELF.Spawn(req["command"], req["args"], maxprocs=int(req["maxprocs"]), info=info)
         except MPI.Exception as exc:
@@ -258,7 +246,6 @@ class Agent:
                             "message": f"MPI_Comm_spawn failed: {exc}"})
             return False
         finally:
-            spawned.set()
             info.Free()
         t_spawn = time.monotonic()
         remote = comm.Get_remote_size()
@@ -281,27 +268,8 @@ class Agent:
             # They are past MPI_Finalize: let them exit while the next request runs; tidy() checks.
             self.lingering.append((rid, children.pairs(), t_end + EXIT_WAIT_S))
         else:
-            self.abandon(rid, children)
+            self.abandon(children)
         return reusable
-
-    def watch_spawn(self, rid: str, req: dict[str, Any], spawned: threading.Event) -> None:
-        """While ``MPI_Comm_spawn`` blocks (a thread of its own): if what it started (the ranks, or
-        the srun Slurm's PMI2 forked) has come and gone, the ranks died before ``MPI_Init`` was done
-        (pmi2's "invalid client request", a missing library, a sim that exits at once), and
-        ``MPI_Comm_spawn`` would wait for them for ever: the agent says so and exits at once,
-        instead of the run being noticed at its timeout. (A rank cannot end after a successful
-        spawn before the agent has its rows: simkit waits for the agent's acknowledgement.)"""
-        seen: dict[int, ProcInfo] = {}
-        while not spawned.wait(SPAWN_WATCH_S):
-            children, _ = self.find_children(req["wdir"], req["binary"])
-            seen.update((p.pid, p) for p in children.watched)
-            if not seen or any(alive(p.pid, p.start) for p in seen.values()) or spawned.is_set():
-                continue
-            self.chan.send({"event": "result", "id": rid, "status": "spawn_error", "reusable": False,
-                            "message": "the spawned ranks exited before MPI_Init was done (MPI_Comm_spawn was "
-                                       "still waiting for them)"})
-            sys.stderr.flush()
-            os._exit(0)  # the blocked MPI_Comm_spawn cannot be left any other way
 
     def tidy(self, final: bool = False) -> float | None:
         """Kill ranks of finished runs that outstay EXIT_WAIT_S; return seconds until the next check (None: none)."""
@@ -358,12 +326,8 @@ class Agent:
         suffix = f" {when}" if when else ""
         return {"status": "no_result", "message": f"the sim's ranks exited without sending their rows{suffix}"}
 
-    def abandon(self, rid: str, children: Children) -> None:
-        """End what this spawn started (srun gets SIGTERM first, so it cancels its step)."""
-        if children.sruns:
-            signal_procs([(p.pid, p.start) for p in children.sruns], signal.SIGTERM)
-            if not wait_gone(children.pairs(), KILL_GRACE_S):
-                log.warning("run %s: still running %.0f s after SIGTERM to its srun; SIGKILL", rid, KILL_GRACE_S)
+    def abandon(self, children: Children) -> None:
+        """End the ranks this spawn started on this host (under Slurm the coordinator ends its srun)."""
         signal_procs(children.pairs(), signal.SIGKILL)
         wait_gone(children.pairs(), KILL_GRACE_S)
 
