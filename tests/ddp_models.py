@@ -24,8 +24,9 @@ HOLD_LIMIT_S = 120.0
 
 def _hold(directory: Path) -> None:
     mark = directory / f"held-{os.getpid()}"
-    mark.with_suffix(".tmp").write_text(str(os.getpid()))
-    mark.with_suffix(".tmp").rename(mark)
+    partial = directory / f".partial-{os.getpid()}"  # a name the test's ``held-*`` never matches
+    partial.write_text(str(os.getpid()))
+    partial.rename(mark)
     deadline = time.monotonic() + HOLD_LIMIT_S
     while not (directory / "released").exists():
         if time.monotonic() > deadline:
