@@ -138,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.loop is None and args.resume is None:
         raise _usage("run needs a loop.yml or --resume RUN_DIR")
+    os.umask(0o077)  # what the campaign writes (run dir, mlflow.db, mlartifacts, sim logs) is its owner's only
     if args.steps is not None or args.data or args.model:
         if args.resume is not None or args.steps is None:
             raise _usage("--data and --model go with --steps, and --steps does not resume")
@@ -145,7 +146,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return steps_main(args)
     progress = Progress(enabled=False if args.no_live else None)
-    os.umask(0o077)  # what the campaign writes (run dir, mlflow.db, mlartifacts, sim logs) is its owner's only
     result = run_sync(args.loop, workdir=args.workdir, overrides=args.overrides, resume=args.resume,
                       new=args.new, progress=progress)
     s = result.summary

@@ -28,6 +28,8 @@ NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_SAMPLING = ("uniform", "near-failures", "space-filling", "ensemble")
 SAMPLING_PATTERN = r"^(uniform|near-failures|space-filling|ensemble|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CHAMPION_ALIAS = "champion"
+"""The registry alias of the model in service by default (continual mode sets it; predict and evaluate read it)."""
 
 
 class _Strict(BaseModel):
@@ -354,7 +356,7 @@ class ContinualConfig(_Strict):
     """End the continual phase after this many monitoring rounds; None: only a budget or a signal."""
     time_budget_s: float | None = Field(default=None, gt=0)
     """End the continual phase after this much wall time in it; None: no limit."""
-    champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    champion_alias: str = Field(default=CHAMPION_ALIAS, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
     """The MLflow registry alias of the model in service (``tracking.register_as``)."""
     promote_margin: float = Field(default=0.0, ge=0, lt=1)
     """A challenger wins when its mean error on the same checks is below (1 - margin) x the champion's."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from orchestrator.config import CHAMPION_ALIAS as CHAMPION
 from orchestrator.errors import PredictError, UsageError
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def check_width(points: Array, n_inputs: int | None, ref: ModelRef) -> Array:
 # -- the model ------------------------------------------------------------------------
 
 
-def resolve_version(uri: str, ref: ModelRef) -> ModelRef:
+def resolve_version(uri: str, ref: ModelRef, alias: str = CHAMPION) -> ModelRef:
     """``ref`` with its version checked; when none was given, the ``champion`` alias's, else the latest.
 
     An unknown name or version is a :class:`UsageError` that lists what exists.
@@ -151,15 +152,15 @@ def resolve_version(uri: str, ref: ModelRef) -> ModelRef:
     if ref.version is not None and ref.version not in versions:
         raise UsageError(f"model {ref.name!r} has no version {ref.version} in {uri}; "
                          f"versions: {', '.join(versions)}")
-    return ModelRef(ref.name, ref.version or _champion(uri, ref.name) or versions[-1])
+    return ModelRef(ref.name, ref.version or _champion(uri, ref.name, alias) or versions[-1])
 
 
-def _champion(uri: str, name: str) -> str | None:
-    """The version continual mode keeps in service (alias ``champion``), if the model has one."""
+def _champion(uri: str, name: str, alias: str) -> str | None:
+    """The version continual mode keeps in service (its ``continual.champion_alias``), if the model has one."""
     from orchestrator.tracking import TrackingError, model_alias
 
     try:
-        return model_alias(uri, name, "champion")
+        return model_alias(uri, name, alias)
     except TrackingError as exc:
         raise PredictError(str(exc)) from exc
 
@@ -242,10 +243,12 @@ def log_run(uri: str, experiment: str, pred: Prediction, source: str) -> str:
 
 
 def predict(
-    uri: str, ref: ModelRef, points: Array, *, experiment: str | None = EXPERIMENT, source: str = "--x"
+    uri: str, ref: ModelRef, points: Array, *, experiment: str | None = EXPERIMENT, source: str = "--x",
+    alias: str = CHAMPION,
 ) -> Prediction:
-    """Load ``ref`` from the registry at ``uri``, evaluate it at ``points``, log the run."""
-    ref = resolve_version(uri, ref)
+    """Load ``ref`` from the registry at ``uri`` (no version: ``alias``'s, else the latest), evaluate it at
+    ``points``, log the run."""
+    ref = resolve_version(uri, ref, alias)
     model = load(uri, ref)
     points = check_width(points, n_inputs_of(model), ref)
     try:
@@ -292,7 +295,10 @@ def add_parser(sub: Any) -> None:
     """The ``predict`` subcommand's flags."""
     p = sub.add_parser("predict", help="evaluate a registered surrogate (logged as an MLflow run)")
     p.add_argument("--model", required=True, metavar="NAME[/VERSION]",
-                   help="registered model (default version: the latest)")
+                   help="registered model (default version: the one under --alias, else the latest)")
+    p.add_argument("--alias", default=CHAMPION, metavar="ALIAS",
+                   help=f"without /VERSION, the version under this alias if the model has it: continual mode's "
+                        f"continual.champion_alias (default {CHAMPION})")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", type=Path, metavar="FILE.npy", help="points, shape (points, n_inputs)")
     src.add_argument("--x", action="append", metavar="V[,V...]",
@@ -322,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
                          "or give --tracking-uri")
     points = points_from_file(args.input) if args.input is not None else points_from_flags(args.x)
     source = str(args.input) if args.input is not None else "--x"
-    pred = predict(uri, ref, points, experiment=args.experiment, source=source)
+    pred = predict(uri, ref, points, experiment=args.experiment, source=source, alias=args.alias)
     if args.output is not None:
         with args.output.open("wb") as f:  # np.save(path) would append .npy to another suffix
             np.save(f, pred.outputs, allow_pickle=False)

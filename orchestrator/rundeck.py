@@ -24,6 +24,9 @@ from orchestrator.errors import ConfigError
 from orchestrator.outputs import Parser, load_parser, read_output, run_parser
 from orchestrator.results import Table, read_table
 
+POINTS_HINT = ("; a generate run's templates get `points` and `points_file` when the coordinator chooses its "
+               "points, which it does when sims.generate.args name {points_file} (the code may ignore that file)")
+
 
 def _environment(base: Path) -> jinja2.Environment:
     # Input decks are not HTML: no autoescape; keep the file's last newline.
@@ -42,8 +45,9 @@ def _check_template(env: jinja2.Environment, src: Path, allowed: set[str], key: 
         raise ConfigError(f"{key}: {src}, line {exc.lineno}: template syntax error: {exc.message}") from exc
     unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - allowed)
     if unknown:
+        hint = POINTS_HINT if {"points", "points_file"} & set(unknown) else ""
         raise ConfigError(f"{key}: {src} uses undefined variable(s) {', '.join(unknown)}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
+                          f"allowed: {', '.join(sorted(allowed))}{hint}")
     return env.from_string(text)
 
 

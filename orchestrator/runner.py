@@ -151,7 +151,10 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
     """Resolve binaries, detect their MPI, load templates and parsers: every mistake fails here, at start."""
     binaries = resolve_binaries(cfg, loop_file)
     base = loop_file.resolve().parent
-    allowed = {"check": check_fields(cfg.input_names), "generate": generate_fields(cfg.input_names)}
+    # A generate run's templates get the chosen points (and their file) only when the coordinator chooses them.
+    chosen = {"points", "points_file"} if cfg.chosen_points else set()
+    allowed = {"check": check_fields(cfg.input_names),
+               "generate": (generate_fields(cfg.input_names) - {"points_file"}) | chosen}
     setups = {}
     for role, binary in binaries.items():
         sim: SimConfig = getattr(cfg.sims, role)

@@ -300,7 +300,7 @@ def tracking_uri(cfg: LoopConfig, root: Path) -> str:
 
 
 def _check_registered(cfg: LoopConfig, workdir: Path | None, wanted: tuple[str, str | None]) -> tuple[str, str]:
-    """The model with its version (given; else the ``champion`` alias's; else the latest). A model that is
+    """The model with its version (given; else ``continual.champion_alias``'s; else the latest). A model that is
     not registered is a one-line error listing the registered ones."""
     from orchestrator.tracking import model_alias, registered_versions
 
@@ -313,7 +313,7 @@ def _check_registered(cfg: LoopConfig, workdir: Path | None, wanted: tuple[str, 
     if version is not None and version not in versions:
         raise UsageError(f"--steps evaluate: model {name!r} has no version {version} in {uri}; "
                          f"versions: {', '.join(versions)}")
-    return name, version or model_alias(uri, name, "champion") or versions[-1]
+    return name, version or model_alias(uri, name, cfg.continual.champion_alias) or versions[-1]
 
 
 def main(args: argparse.Namespace) -> int:

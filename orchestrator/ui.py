@@ -2,9 +2,9 @@
 
 ``python -m orchestrator ui [WORKDIR]`` finds ``WORKDIR/mlflow.db`` (the embedded
 store every campaign run from that workdir writes; artifacts sit beside it in
-``mlartifacts/``), starts ``mlflow server`` on 127.0.0.1 on a free port, prints
-the URL and serves until Ctrl-C (or SIGTERM), then stops the server's whole
-process tree. The server is the full ``mlflow`` package (the ``ui`` extra, which
+``mlartifacts/``), starts ``mlflow server`` on 127.0.0.1 (port 5000, or a free
+one if it is busy), prints the URL and serves until Ctrl-C (or SIGTERM), then
+stops the server's whole process tree. The server is the full ``mlflow`` package (the ``ui`` extra, which
 ``make setup`` installs): ``mlflow-skinny`` has neither Flask nor the UI's pages.
 """
 

@@ -141,6 +141,41 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+CHOSEN_DECK = "x ={% for p in points %} {{ p[0] }}{% endfor %}\nfile = {{ points_file }}\n"
+"""A generate deck the coordinator's chosen points are rendered into (the code never reads the points file)."""
+
+
+@pytest.mark.integration
+def test_chosen_points_reach_a_template_driven_code(tmp_path: Path) -> None:
+    loop = project(tmp_path)
+    (tmp_path / "generate.in.j2").write_text(CHOSEN_DECK)
+    cfg = yaml.safe_load(loop.read_text())
+    cfg["sims"]["generate"]["args"] = ["deck.in", "{points_file}"]  # the coordinator chooses; the code ignores it
+    cfg["policy"] = {"sampling": "space-filling", "points_per_run": 12}
+    loop.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = orchestrate("run", str(loop), "--workdir", str(tmp_path / "runs"), "--no-live", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = next((tmp_path / "runs").glob("square-*"))
+    decks = sorted(run_dir.glob("sims/generate-*/deck.in"))
+    assert decks
+    for deck in decks:
+        lines = dict(ln.split(" = ", 1) for ln in deck.read_text().splitlines())
+        rendered = [float(v) for v in lines["x"].split()]
+        chosen = np.loadtxt(deck.parent / "points.txt", ndmin=2)[:, 0]
+        assert rendered == chosen.tolist() and len(rendered) == 12
+        assert lines["file"] == str(deck.parent / "points.txt")
+    data = np.concatenate([np.load(f) for f in sorted((run_dir / "data").glob("*.npy"))])
+    assert data.shape[0] == 12 * len(decks)
+
+
+def test_points_in_a_template_without_chosen_points_is_one_line_that_says_how(tmp_path: Path) -> None:
+    loop = project(tmp_path)
+    (tmp_path / "generate.in.j2").write_text(CHOSEN_DECK)  # but args do not name {points_file}
+    line = one_line_error(orchestrate("validate", str(loop), cwd=tmp_path))
+    assert "sims.generate.templates.deck.in" in line and "undefined variable(s) points, points_file" in line
+    assert "sims.generate.args name {points_file}" in line
+
+
 def test_template_with_an_undefined_variable_is_one_line_at_validate(tmp_path: Path) -> None:
     loop = project(tmp_path)
     (tmp_path / "check.in.j2").write_text("x = {{ x }}\nsteps = {{ nsteps }}\n")

@@ -29,13 +29,14 @@ def make_model(seed: int) -> MLP:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[MLP]]:
-    """A run root whose mlflow.db holds two versions of NAME."""
+    """A run root whose mlflow.db holds two versions of NAME, the first under the alias ``in-service``."""
     root = tmp_path_factory.mktemp("registry")
     models = [make_model(1), make_model(2)]
     tracker = Tracker(default_tracking_uri(root), "test-predict", "register")
     tracker.start({"purpose": "test"})
     for model in models:
         tracker.register_model(model, NAME)
+    tracker.set_alias(NAME, "in-service", "1")
     tracker.finish("FINISHED")
     return root, models
 
@@ -58,6 +59,19 @@ def test_predict_returns_the_registered_models_forward(registry: tuple[Path, lis
     first = predict(uri, ModelRef.parse(f"{NAME}/1"), POINTS, experiment=None)
     np.testing.assert_array_equal(first.outputs, forward(models[0], POINTS))
     assert not np.array_equal(first.outputs, latest.outputs)
+
+
+def test_without_a_version_the_alias_in_service_is_taken(registry: tuple[Path, list[MLP]],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A twin registered with ``continual.champion_alias: in-service``: its champion, not the newest."""
+    root, models = registry
+    uri = default_tracking_uri(root)
+    served = predict(uri, ModelRef(NAME), POINTS, experiment=None, alias="in-service")
+    assert served.model == ModelRef(NAME, "1")
+    np.testing.assert_array_equal(served.outputs, forward(models[0], POINTS))
+    assert cli.main(["predict", "--model", NAME, "--alias", "in-service", "--x", "2.5,0.1",
+                     "--workdir", str(root)]) == 0
+    assert f"model {NAME} version 1;" in capsys.readouterr().out
 
 
 def test_cli_prints_a_table_and_writes_npy_and_logs_a_run(registry: tuple[Path, list[MLP]], tmp_path: Path) -> None:

@@ -55,6 +55,9 @@ def test_three_commands_give_the_model_and_errors_of_one(tmp_path: Path) -> None
     assert ev["evaluation"]["points"] == whole["evaluation"]["points"]
     assert ev["evaluation"]["max_error"] < 0.05 and ev["evaluation"]["checks"] == 3
     assert (Path(trained["run_dir"]) / "figures/round-0001.png").is_file()
+    loose = [f"{oct(p.lstat().st_mode & 0o777)} {p}" for p in [Path(work), *Path(work).rglob("*")]
+             if not p.is_symlink() and p.lstat().st_mode & 0o077]
+    assert not loose, "--steps left files readable by others:\n" + "\n".join(loose[:10])
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
