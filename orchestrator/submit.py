@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from orchestrator.errors import ConfigError, SubmitError, UsageError
+from orchestrator.errors import ConfigError, ExitCode, SubmitError, UsageError
 from orchestrator.templating import one_line, render
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ DEFAULT_TEMPLATE = next((d / "campaign.sbatch.in" for d in _TEMPLATE_PLACES if (
                         _TEMPLATE_PLACES[-1] / "campaign.sbatch.in")
 """The sbatch template: inside the installed package (a wheel), else the checkout's ``batch/``."""
 JOBS_DIR = "jobs"
-EXIT_CHECKPOINTED = 75
 OnInterrupt = Literal["requeue", "resubmit", "none"]
 
 
@@ -218,6 +217,7 @@ def prepare(
         "loop": str(loop_path),
         "workdir": str(root),
         "new": new,
+        "exit_checkpointed": int(ExitCode.INTERRUPTED),
     }
     try:
         script = render(text, context, name=template_path.name)

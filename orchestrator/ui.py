@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UIError, UsageError
+from orchestrator.procs import guardian, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +114,15 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = STAR
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """SIGTERM to the server's process group (gunicorn/uvicorn workers too), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError):  # any worker the server left in its group
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        kill_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            kill_group(proc.pid)
+            proc.wait()
+    kill_group(proc.pid)  # any worker the server left in its group
+    guardian.unwatch_group(proc.pid)
 
 
 def require_server() -> None:
@@ -141,8 +139,10 @@ def serve(workdir: Path, port: int | None = None, on_ready: Callable[[str], None
     if note:
         print(f"ui: {note}", file=sys.stderr)
     url = f"http://{HOST}:{chosen}"
+    guardian.start()  # first: a SIGKILLed `ui` does not leave its server running
     # The server's own chatter goes to stderr: stdout carries only the URL line.
     proc = subprocess.Popen(server_argv(db, chosen), env=server_env(), start_new_session=True, stdout=sys.stderr)
+    guardian.watch_group(proc.pid)
     def handler(signum: int, _frame: Any) -> None:
         raise _Stop(signum)
 

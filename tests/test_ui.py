@@ -141,6 +141,27 @@ def test_ctrl_c_stops_the_server_and_its_whole_tree_and_the_busy_port_was_named(
     assert err.rstrip().endswith("ui: stopped") and "Traceback" not in err
 
 
+def test_a_sigkilled_ui_leaves_no_server_behind(finished_campaign: Path) -> None:
+    """The server runs in its own session (Ctrl-C in the terminal must not reach it mid-start), so only
+    the process guardian ends it when `ui` itself is SIGKILLed."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", str(finished_campaign)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("MLflow UI for ")  # the server answers by now
+        server = [p for p in psutil.Process(proc.pid).children(recursive=True) if "mlflow" in " ".join(p.cmdline())]
+        assert server, "no mlflow server under the ui command"
+        tree = [*server, *(c for p in server for c in p.children(recursive=True))]
+        proc.kill()
+        proc.wait(30)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert alive == [], f"left running after `ui` was SIGKILLed: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_directory_without_a_store_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "ui", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=60, env={**os.environ})
