@@ -194,11 +194,14 @@ def make_launcher(
 
         launcher = MpiexecLauncher(sim.mpiexec, mpi=setup.mpi if setup else None)
     elif kind == "agent":
-        from orchestrator.launchers.agent import NodeAgentLauncher
+        from orchestrator.launchers.agent import AgentPool, NodeAgentLauncher
+        from orchestrator.launchers.srun import SrunLauncher
 
-        if "agent" not in shared:
-            shared["agent"] = NodeAgentLauncher(alloc, mpiexec=sim.mpiexec, log_dir=run_dir)
-        launcher = shared["agent"]
+        pool = shared.setdefault("agents", AgentPool(alloc, log_dir=run_dir))
+        info = setup.mpi if setup else None
+        srun = SrunLauncher(alloc, mpi=info.srun_plugin if info else "pmi2", extra_args=sim.srun_args) \
+            if alloc.in_slurm else None
+        launcher = NodeAgentLauncher(alloc, mpi=info, mpiexec=sim.mpiexec, srun=srun, pool=pool)
     elif kind == "srun":
         if not alloc.in_slurm:
             raise ConfigError("launcher: srun needs a Slurm allocation (run inside salloc or sbatch), "

@@ -117,7 +117,7 @@ def test_a_dead_agent_is_a_failed_run_not_a_hang(tmp_path: Path) -> None:
 
     async def body(la: NodeAgentLauncher) -> SimResult:
         task = asyncio.ensure_future(la.run(request(tmp_path, "sim-faulty", args, 1, run_id="lost")))
-        agent = await la.agent("local")
+        agent = await la.pool.agent("local")
         agent.proc.terminate()  # the agent ends its runs and exits
         return await task
 

@@ -111,6 +111,28 @@ def test_campaign_with_an_unmodified_code_meets_its_target(tmp_path: Path) -> No
 
 
 @pytest.mark.integration
+def test_the_node_agent_stages_each_roles_own_deck_and_reads_its_own_output(tmp_path: Path) -> None:
+    """``launcher: agent`` for both roles: one agent, but each role's templates, files and result source."""
+    loop = project(tmp_path, launcher="agent")
+    cfg = yaml.safe_load(loop.read_text())
+    cfg["sims"]["generate"]["launcher"] = "agent"
+    loop.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = orchestrate("run", str(loop), "--workdir", str(tmp_path / "runs"), "--no-live", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = next((tmp_path / "runs").glob("square-*"))
+    assert json.loads((run_dir / "summary.json").read_text())["target_met"] is True
+    events = [json.loads(ln) for ln in (run_dir / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "sim_start"]
+    assert {e["role"] for e in starts} == {"check", "generate"}
+    for e in starts:
+        assert e["argv"][-1] == "deck.in" and "--out" not in e["argv"]
+        deck = (run_dir / "sims" / e["run_id"] / "deck.in").read_text()
+        assert ("attempt = " in deck) == (e["role"] == "check")  # the role's own template
+        assert (run_dir / "sims" / e["run_id"] / "scale.dat").is_file()
+    assert len(list(run_dir.glob("agent-*.log"))) == 1  # one agent served both roles
+
+
+@pytest.mark.integration
 def test_a_raising_parser_is_a_failed_run_retried_with_its_traceback_in_the_log(tmp_path: Path) -> None:
     loop = project(tmp_path, output=None, parser="myparse:rows")
     done = orchestrate("run", str(loop), "--workdir", str(tmp_path / "runs"), "--no-live", cwd=tmp_path)

@@ -70,6 +70,11 @@ def test_garbage_events_and_state_are_one_line_errors(tmp_path: Path) -> None:
                               cwd=REPO, timeout=120)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "report", str(store.root)], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    errors = [ln for ln in done.stderr.splitlines() if " WARNING " not in ln]  # skipped event lines are warned of
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "state.json" in errors[0], done.stderr
 
 
 def test_resume_checks_data_files_and_adopts_a_file_a_kill_left_unrecorded(tmp_path: Path) -> None:

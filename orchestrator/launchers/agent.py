@@ -37,7 +37,9 @@ from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import LaunchRequest, Outcome, ProcessLauncher, SimResult
 from orchestrator.launchers.mpiexec import find_mpiexec
 from orchestrator.launchers.srun import SrunLauncher
+from orchestrator.mpi import MpiInfo, local_command
 from orchestrator.procs import KILL_GRACE_S, ProcessOutcome, kill_group, start
+from orchestrator.rundeck import SIMKIT, SimIO
 from orchestrator.slurm import end_steps, srun_env
 
 log = logging.getLogger(__name__)
@@ -135,39 +137,18 @@ class AgentProcess:
         await self._reader
 
 
-class NodeAgentLauncher(ProcessLauncher):
-    """Single-node sims through a per-node agent (node-local mpiexec); multi-node sims via srun."""
+class AgentPool:
+    """One agent per node, started on first use, shared by every sim role of a campaign."""
 
-    name: ClassVar[str] = "agent"
-
-    def __init__(
-        self, alloc: Allocation, *, mpiexec: str | None = None, srun: SrunLauncher | None = None,
-        agent_argv: Callable[[str], list[str]] | None = None, log_dir: Path | None = None,
-    ) -> None:
+    def __init__(self, alloc: Allocation, *, agent_argv: Callable[[str], list[str]] | None = None,
+                 log_dir: Path | None = None) -> None:
         self.alloc = alloc
-        self.mpiexec = mpiexec or find_mpiexec()
-        self.srun = srun if srun is not None else (SrunLauncher(alloc) if alloc.in_slurm else None)
         self.agent_argv = agent_argv or (agent_srun_argv if alloc.in_slurm else local_agent_argv)
         self.log_dir = log_dir
         self.agents: dict[str, AgentProcess] = {}
         self._starting: dict[str, asyncio.Task[AgentProcess]] = {}
         self.steps_started = 0
         """Agent processes (in Slurm: srun steps) started; multi-node srun steps not counted."""
-        self._ids = itertools.count(1)
-
-    def command(self, req: LaunchRequest) -> list[str]:
-        if self._multi_node(req):
-            assert self.srun is not None
-            return self.srun.command(req)
-        return [self.mpiexec, "-n", str(req.ranks), str(req.binary.absolute()), *req.args,
-                "--out", str(req.out_path.absolute())]
-
-    @staticmethod
-    def _multi_node(req: LaunchRequest) -> bool:
-        return req.placement is not None and len(req.placement.nodes) > 1
-
-    def _node(self, req: LaunchRequest) -> str:
-        return req.placement.nodes[0] if req.placement is not None else self.alloc.nodes[0].name
 
     async def agent(self, node: str) -> AgentProcess:
         """The node's agent, started on first use (concurrent first uses share one start)."""
@@ -201,9 +182,70 @@ class NodeAgentLauncher(ProcessLauncher):
         self.agents[node] = agent
         return agent
 
+    async def close(self) -> None:
+        """End every agent (idempotent: each role's launcher closes the shared pool)."""
+        agents, self.agents = list(self.agents.values()), {}
+        await asyncio.gather(*(a.close() for a in agents), return_exceptions=True)
+        if self.alloc.in_slurm and self.alloc.job_id is not None:
+            for a in agents:  # make sure Slurm lists no agent step any more
+                await end_steps(self.alloc.job_id, agent_step_name(a.node))
+
+
+class NodeAgentLauncher(ProcessLauncher):
+    """Single-node sims through a per-node agent (node-local mpiexec); multi-node sims via srun.
+
+    One launcher per sim role (its MPI, its input deck, its result source); the agents
+    themselves are an :class:`AgentPool` the roles share."""
+
+    name: ClassVar[str] = "agent"
+
+    def __init__(
+        self, alloc: Allocation, *, mpi: MpiInfo | None = None, mpiexec: str | None = None,
+        srun: SrunLauncher | None = None, pool: AgentPool | None = None,
+        agent_argv: Callable[[str], list[str]] | None = None, log_dir: Path | None = None,
+    ) -> None:
+        self.alloc = alloc
+        self._io = SIMKIT
+        self.mpi = mpi
+        self.mpiexec = mpiexec or (mpi.mpiexec if mpi is not None else None) or find_mpiexec()
+        self.srun = srun if srun is not None else (SrunLauncher(alloc, mpi=mpi.srun_plugin if mpi else "pmi2")
+                                                   if alloc.in_slurm else None)
+        self.pool = pool or AgentPool(alloc, agent_argv=agent_argv, log_dir=log_dir)
+        self._ids = itertools.count(1)
+
+    @property
+    def io(self) -> SimIO:
+        return self._io
+
+    @io.setter
+    def io(self, value: SimIO) -> None:
+        self._io = value  # the multi-node srun path stages and reads results the same way
+        if self.srun is not None:
+            self.srun.io = value
+
+    @property
+    def steps_started(self) -> int:
+        return self.pool.steps_started
+
+    def command(self, req: LaunchRequest) -> list[str]:
+        if self._multi_node(req):
+            assert self.srun is not None
+            return self.srun.command(req)
+        head = local_command(self.mpi, req.ranks)[1:] if self.mpi is not None else ["-n", str(req.ranks)]
+        return [self.mpiexec, *head, *self.program(req, absolute=True)]  # the agent runs it in the run dir
+
+    @staticmethod
+    def _multi_node(req: LaunchRequest) -> bool:
+        return req.placement is not None and len(req.placement.nodes) > 1
+
+    def _node(self, req: LaunchRequest) -> str:
+        return req.placement.nodes[0] if req.placement is not None else self.alloc.nodes[0].name
+
     def sim_env(self, req: LaunchRequest) -> dict[str, str]:
-        """Only what the agent adds to its own environment: the sim's extras and the rank check."""
-        return {**req.env, "SIMKIT_EXPECT_RANKS": str(req.ranks)}
+        """Only what the agent adds to its own environment: the sim's extras, the rank check, and what
+        the sim's MPI needs to run locally (e.g. Open MPI as root)."""
+        env = {**req.env, "SIMKIT_EXPECT_RANKS": str(req.ranks)}
+        return env if self.mpi is None else {**self.mpi.local_env(), **env}
 
     async def run(self, req: LaunchRequest) -> SimResult:
         if self._multi_node(req):
@@ -211,8 +253,8 @@ class NodeAgentLauncher(ProcessLauncher):
                 raise LaunchError(f"sim {req.run_id}: a multi-node placement needs Slurm")
             return await self.srun.run(req)
         node = self._node(req)
-        agent = await self.agent(node)
-        req.workdir.mkdir(parents=True, exist_ok=True)
+        agent = await self.pool.agent(node)
+        self.stage(req)  # the input deck and static files, as every launcher
         msg = {"argv": self.command(req), "env": self.sim_env(req), "cwd": str(req.workdir.absolute()),
                "stdout": str(req.stdout_path.absolute()), "stderr": str(req.stderr_path.absolute()),
                "timeout": req.timeout_s}
@@ -241,11 +283,7 @@ class NodeAgentLauncher(ProcessLauncher):
         return result
 
     async def close(self) -> None:
-        agents, self.agents = list(self.agents.values()), {}
-        await asyncio.gather(*(a.close() for a in agents), return_exceptions=True)
-        if self.alloc.in_slurm and self.alloc.job_id is not None:
-            for a in agents:  # make sure Slurm lists no agent step any more
-                await end_steps(self.alloc.job_id, agent_step_name(a.node))
+        await self.pool.close()
 
 
 class StepRate:
