@@ -80,6 +80,14 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
     assert "round_train_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loop.yml", "events.jsonl", "summary.json"} <= artifacts
+    # one story: the MLflow run says what summary.json says
+    uploaded = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert uploaded == summary
+    assert run.info.status == "FINISHED" and run.data.tags["campaign.run_dir"] == summary["run_dir"]
+    assert run.data.tags["mlflow.note.content"].startswith(
+        f"target_met: {summary['rounds']} training round(s), successes {summary['successes']}, "
+        f"{summary['data_points']} rows, {summary['sims_launched']} sims ({summary['sims_failed']} failed), "
+        f"{summary['wall_s']:.1f} s; registered as sine-test version 1")
     version = client.get_model_version("sine-test", "1")
     assert version.run_id == run.info.run_id
     assert version.tags["campaign_run"] == run.info.run_name and run.info.run_name in version.description
