@@ -328,3 +328,44 @@ def test_gpu_jobqueue_jobs_ask_for_gres(tmp_path: Path) -> None:
     assert opts["worker_extra_args"][-2:] == ["--resources", "train=1,GPU=2"]
     own = TrainingConfig(backend="jobqueue", device="cuda", jobqueue={"job_extra_directives": ["--gpus=1"]})
     assert ts.jobqueue_options(own, tmp_path / "s", ts.LOOPBACK, None)["job_extra_directives"] == ["--gpus=1"]
+
+
+def test_a_sims_own_mpi_mpiexec_and_srun_args_reach_every_launcher(tmp_path: Path) -> None:
+    """loop.yml's ``mpi: openmpi``, ``mpiexec:`` and ``srun_args`` per sim, as each launcher builds its command."""
+    import sys
+
+    from orchestrator.launchers.agent import NodeAgentLauncher
+    from orchestrator.mpi import mpi_for
+    from orchestrator.rundeck import SIMKIT
+    from orchestrator.runner import SimSetup
+
+    mpiexec = tmp_path / "ompi" / "mpiexec"  # the site's own launcher
+    mpiexec.parent.mkdir()
+    mpiexec.write_text("#!/bin/sh\n")
+    mpiexec.chmod(0o755)
+    cfg = LoopConfig.model_validate(fast_loop())
+    sim = cfg.sims.generate.model_copy(update={"mpi": "openmpi", "mpiexec": str(mpiexec),
+                                               "srun_args": ["--cpu-bind=cores", "--mem-per-cpu=500M"]})
+    setup = SimSetup(BIN, mpi_for(Path(sys.executable), sim.mpi, sim.mpiexec), SIMKIT)
+    r = req(tmp_path, 8, (("n2", 8),))
+    srun = make_launcher(sim, ALLOC, setup).command(r)
+    assert srun[:3] == ["srun", "--exact", "--mpi=pmix"]
+    assert srun.index("--cpu-bind=cores") < srun.index(str(BIN)) and "--mem-per-cpu=500M" in srun
+    local = Allocation(nodes=(Node("box", 8),), in_slurm=False, job_id=None)
+    for kind in ("mpiexec", "agent"):
+        launcher = make_launcher(sim.model_copy(update={"launcher": kind}), local, setup, run_dir=tmp_path)
+        cmd = launcher.command(r)
+        start = cmd.index(str(mpiexec))
+        assert cmd[start:start + 4] == [str(mpiexec), "-n", "8", "--oversubscribe"], (kind, cmd)
+    agent = make_launcher(sim.model_copy(update={"launcher": "agent"}), ALLOC, setup, run_dir=tmp_path)
+    assert isinstance(agent, NodeAgentLauncher) and agent.srun is not None
+    multi = agent.command(req(tmp_path, 8, (("n1", 4), ("n2", 4))))
+    assert multi[:3] == ["srun", "--exact", "--mpi=pmix"] and "--cpu-bind=cores" in multi
+    import os
+
+    from orchestrator.mpi import ROOT_ENV
+
+    env = agent.sim_env(r)  # what the node agent adds to its own environment for this sim
+    assert env["SIMKIT_EXPECT_RANKS"] == "8"
+    if os.geteuid() == 0:  # Open MPI as root is told it is fine, as the mpiexec launcher does
+        assert ROOT_ENV.items() <= env.items()
