@@ -1,6 +1,6 @@
 """Benchmark: many one-rank sims through the node agent vs one plain srun step each.
 
-One allocation on the test cluster (``salloc -N3 --ntasks-per-node=2``); inside it,
+One allocation on the test cluster (``salloc -N3 --ntasks-per-node=8``); inside it,
 ``COUNT`` one-rank ``sim-noop`` runs are placed by the real ``SlotPool`` over the 3 fake
 nodes (every slot kept busy) and run, first through
 :class:`~orchestrator.launchers.agent.NodeAgentLauncher`, then through
