@@ -147,16 +147,24 @@ def _pct(share: float) -> str:
     return f"{math.floor(share * 1000 + 1e-9) / 10:g}%"
 
 
+def plan_bound(plan: Plan, confidence: float) -> float:
+    """What a plan certifies once decided CERTIFIED: the bound of its worst passing outcome
+    (a plan decided early, with fewer failures than allowed, certifies no more than that)."""
+    return lower_bound(plan.passes_needed, plan.checks, confidence)
+
+
 def statement(passed: int, used: int, confidence: float, tolerance: float, *, rule: str = "certified",
-              coverage: float | None = None) -> str:
+              coverage: float | None = None, bound: float | None = None) -> str:
     """What the evidence certifies, in a user's words.
 
     ``rule`` is ``certified`` (the coverage/confidence rule, ``coverage`` its target) or ``count``
-    (the successes rule, whose count is evidence, not a guarantee).
+    (the successes rule, whose count is evidence, not a guarantee). ``bound``: the coverage
+    certified, when not the Clopper-Pearson bound of ``passed`` in ``used`` (:func:`plan_bound`).
     """
     if used == 0:
         return f"no check yet: nothing is certified about the share of the domain within {tolerance:g}"
-    bound = lower_bound(passed, used, confidence)
+    if bound is None:
+        bound = lower_bound(passed, used, confidence)
     word = "successes" if rule == "count" else "checks passed"
     text = (f"{passed}/{used} {word}: at {_pct(confidence)} confidence, at least {_pct(bound)} of the domain "
             f"within {tolerance:g}")

@@ -112,6 +112,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     sampling.resolve(cfg, [args.loop.resolve().parent])  # a user's strategy must import
     print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
+    from orchestrator.policy import describe_target
+
+    print(f"  target: {describe_target(cfg.target)}")
     for role, setup in setups.items():
         sim = getattr(cfg.sims, role)
         print(f"  {role}: {setup.binary} on {sim.ranks} rank(s), launcher {sim.launcher}")
