@@ -158,6 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{s['data_points']} data points, {s['sims_launched']} sims ({s['sims_failed']} failed), "
             f"{s['wall_s']:.1f} s")
     print(line)
+    if s.get("certified_statement"):
+        print(f"evidence: {s['certified_statement']}")
     if s.get("registered_model"):
         reg = s["registered_model"]
         print(f"model registered as {reg['name']} version {reg['version']} (MLflow run {s['mlflow_run_id']})")

@@ -272,7 +272,12 @@ class PolicyConfig(_Strict):
     generates_per_round: int = Field(default=1, ge=1)
     """Accepted generate runs that make the data for one training round."""
     max_data_points: int | None = Field(default=None, ge=1)
-    """Stop generating once this many rows are accepted; None: no limit."""
+    """Stop generating once this many generate rows are accepted; None: no limit."""
+    train_on_checks: bool = True
+    """A check sim's truth is data: every accepted check row joins the next round's training data
+    (``data/check-N.npy``, counted as ``check_rows``, apart from generate rows). A point is checked
+    only against models not trained on it, so failed points are not re-checked. False: checks are
+    only evidence (and under the count rule a failed point is checked again against the next model)."""
 
 
 class HparamsConfig(_Strict):

@@ -236,7 +236,8 @@ class Evidence:
     checks_failed: int
     checks_needed: int | None
     """The certified rule's plan: checks of one version when none may fail beyond allowed_failures."""
-    statement: str
+    certified_statement: str
+    """What the evidence certifies, in words."""
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)

@@ -182,11 +182,12 @@ def test_evidence_states_what_each_rule_certifies() -> None:
     count = evidence(5, 0, T)
     assert (count.rule, count.checks_used, count.checks_failed, count.checks_needed) == ("count", 5, 0, None)
     assert count.certified_coverage == pytest.approx(0.05 ** 0.2)
-    assert count.statement.startswith("5/5 successes: at 95% confidence, at least 54.9% of the domain within 0.05")
+    assert count.certified_statement.startswith(
+        "5/5 successes: at 95% confidence, at least 54.9% of the domain within 0.05")
     cert = evidence(59, 0, CERT)
     assert (cert.rule, cert.checks_needed, cert.confidence) == ("certified", 59, 0.95)
     assert cert.certified_coverage >= 0.95
     # decided early (no failure where two were allowed): what the plan certifies, not the 122/122 bound
     early = evidence(122, 0, CERT.model_copy(update={"allowed_failures": 2}))
     assert 0.95 <= early.certified_coverage < 0.951
-    assert "not certified" in evidence(40, 1, CERT).statement
+    assert "not certified" in evidence(40, 1, CERT).certified_statement
