@@ -182,7 +182,8 @@ class TargetConfig(_Strict):
     0.95. Setting it (or ``confidence``) turns the rule on: one model version is checked at fresh,
     independent, uniformly drawn points, and the target is met when an exact binomial bound
     (Clopper-Pearson) shows at least this share within tolerance at ``confidence``. The number of
-    checks follows from the numbers (59 passing for 0.95/0.95); ``successes`` and ``per_version``
+    checks follows from the numbers (59 passing for 0.95/0.95), and they run side by side, as many
+    as the check sim's slots take; ``successes``, ``per_version`` and ``policy.checks_per_round``
     are then not used. None (with ``confidence`` None): the count rule of ``successes``."""
     confidence: float | None = None
     """The certified rule's confidence, e.g. 0.95 (0.95 when only ``coverage`` is given). Every
