@@ -348,11 +348,12 @@ def _check_uri(uri: str) -> None:
         _probe_http(uri)
         return
     if "://" not in uri or uri.startswith("file:"):
-        raise TrackingError(
-            f"tracking URI {uri!r} is a file store, which this MLflow installation refuses; "
-            "use a database URI such as sqlite:///<absolute path>/mlflow.db"
-        )
-    raise TrackingError(f"unsupported tracking URI {uri!r}; {_hint(uri)}")
+        error = TrackingError(f"tracking URI {uri!r} is a file store, which this MLflow installation refuses; "
+                              "use a database URI such as sqlite:///<absolute path>/mlflow.db")
+    else:
+        error = TrackingError(f"unsupported tracking URI {uri!r}; {_hint(uri)}")
+    error.transient = False  # no retry makes it supported
+    raise error
 
 
 def _probe_http(uri: str) -> None:
