@@ -791,10 +791,18 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(format_validation_error(exc, str(p))) from exc
 
 
+def resolve_path(path: Path, what: str) -> Path:
+    """``path.resolve()``, with a symlink loop (or another unreadable link) a one-line ConfigError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 says RuntimeError("Symlink loop from ...")
+        raise ConfigError(f"{what}: {path} is a symbolic link that never ends (a loop); point it at a file") from exc
+
+
 def resolve_binary(binary: str, base_dir: Path, key: str) -> Path:
     """Find a sim binary: a path (relative to loop.yml), else next to Python, else on PATH."""
     if "/" in binary:
-        candidate = (base_dir / binary).resolve()
+        candidate = resolve_path(base_dir / binary, f"{key}: {binary!r}")
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
         raise ConfigError(f"{key}: {binary!r} is not an executable file (looked at {candidate})")
@@ -808,6 +816,20 @@ def resolve_binary(binary: str, base_dir: Path, key: str) -> Path:
         f"{key}: executable {binary!r} not found next to {sys.executable} or on PATH; "
         "build the sims with `pip install -e .` (or `make setup`), or give a path"
     )
+
+
+def tensorboard_dir(path: str, root: Path) -> Path:
+    """Where ``tracking.tensorboard_dir`` (relative: to the run dir ``root``) puts its event files; a
+    ConfigError naming the key and the value when something other than a directory is there."""
+    p = Path(path)
+    logdir = p if p.is_absolute() else root / p
+    for place in (logdir, *logdir.parents):
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                raise ConfigError(f"tracking.tensorboard_dir: {path!r}: {place} is not a directory; name a directory "
+                                  "(relative: to the run dir)")
+            break
+    return logdir
 
 
 def resolve_binaries(cfg: LoopConfig, loop_file: Path) -> dict[str, Path]:

@@ -31,7 +31,7 @@ from orchestrator.launchers.base import Launcher
 from orchestrator.mpi import MpiInfo, mpi_for
 from orchestrator.procs import guardian
 from orchestrator.progress import Progress
-from orchestrator.rundeck import SimIO, sim_io
+from orchestrator.rundeck import SimIO, render_template, sim_io
 from orchestrator.runlog import State, status_of
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
@@ -162,7 +162,25 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
         setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
                                 sim_io(sim, base, allowed[role], key))
         check_launcher(sim, setups[role], key)
+        for name, template in setups[role].io.templates.items():  # fails now, not in every sim attempt
+            render_template(f"{key}.templates.{name}", template, sample_fields(cfg, role, sim))
     return setups
+
+
+def sample_fields(cfg: LoopConfig, role: str, sim: SimConfig) -> dict[str, Any]:
+    """Values like a run's, for a trial render of its templates: each input at its domain's middle (a
+    generate run's window: the whole domain), the first run's ids."""
+    fields: dict[str, Any] = {"seed": cfg.seed, "run_id": 1, "attempt": 0, "ranks": sim.ranks, "campaign_time": 0}
+    mid = [(i.lo + i.hi) / 2 for i in cfg.inputs]
+    if role == "check":
+        return {**fields, **dict(zip(cfg.input_names, mid, strict=True))}
+    for i in cfg.inputs:
+        fields |= {f"{i.name}_lo": i.lo, f"{i.name}_hi": i.hi}
+    if len(cfg.inputs) == 1:
+        fields |= {"lo": cfg.inputs[0].lo, "hi": cfg.inputs[0].hi}
+    if cfg.chosen_points:
+        fields |= {"points": [mid, mid], "points_file": "points.txt"}
+    return fields
 
 
 def check_launcher(sim: SimConfig, setup: SimSetup, key: str) -> None:
