@@ -490,6 +490,10 @@ class LoopConfig(_Strict):
             raise ValueError(f"inputs/outputs: {', '.join(map(repr, both))} named twice; input and output names "
                              "must all differ")
         for role in ("check", "generate"):
+            ranks, cap = getattr(self.sims, role).ranks, self.resources.sim_slots
+            if cap is not None and ranks > cap:
+                raise ValueError(f"resources.sim_slots: {cap} is below sims.{role}.ranks ({ranks}); no run of it "
+                                 "could start")
             columns = getattr(self.sims, role).output
             if columns is not None and columns.columns is not None and len(columns.columns) != self.n_columns:
                 raise ValueError(f"sims.{role}.output.columns: {columns.columns} takes {len(columns.columns)} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,6 @@ class SlotPlan:
 def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
     """Split the allocation: sims get every slot not kept for training, never more."""
     sims = cfg.sims
-    largest = max(sims.check.ranks, sims.generate.ranks)
     if not alloc.in_slurm:
         node = alloc.nodes[0]
         slots = cfg.resources.sim_slots or max(2 * node.cpus, sims.check.ranks + sims.generate.ranks)
@@ -65,29 +65,56 @@ def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
     if cfg.training.backend == "allocation":
         if cfg.resources.training_nodes:
             if cfg.resources.training_nodes >= len(nodes):
+                n, per = allocation_needed(cfg)
                 raise ResourceError(
                     f"resources.training_nodes={cfg.resources.training_nodes} leaves no node for sims "
-                    f"(the allocation has {len(nodes)}); lower it or ask for more nodes"
+                    f"(the allocation has {len(nodes)}); lower it or ask for more nodes "
+                    f"(e.g. salloc -N{n} --ntasks-per-node={per})"
                 )
             training = nodes[-cfg.resources.training_nodes:]
             nodes = nodes[: -cfg.resources.training_nodes]
+        elif training_cores(cfg) >= alloc.total_cpus:
+            n, per = allocation_needed(cfg)
+            raise ResourceError(
+                f"the Dask workers keep {training_cores(cfg)} CPUs (resources.training_cores, or training.workers "
+                f"x threads_per_worker) of the {alloc.total_cpus} in the allocation, leaving none for sims; ask "
+                f"Slurm for at least {n * per} CPUs (e.g. salloc -N{n} --ntasks-per-node={per}), or lower it")
         else:
             nodes, training = _take_cores(nodes, training_cores(cfg))
     if cfg.resources.sim_slots:
         nodes = _cap(nodes, cfg.resources.sim_slots)
-    total = sum(n.cpus for n in nodes)
-    if largest > total:
-        kept = sum(n.cpus for n in training)
-        where = f"{alloc.total_cpus} CPUs in the allocation"
-        if kept:
-            where += f", {kept} kept for the Dask worker(s) (resources.training_cores)"
-        raise ResourceError(
-            f"a sim asks for {largest} ranks but only {total} sim slots remain ({where}; sim slots: "
-            f"{', '.join(f'{n.name}:{n.cpus}' for n in nodes) or 'none'}); ask Slurm for at least "
-            f"{largest + kept} CPUs (e.g. salloc -N1 --ntasks-per-node={largest + kept}, or -N3 "
-            "--ntasks-per-node=8), or lower `ranks`"
-        )
+    for role in ("check", "generate"):
+        sim = getattr(sims, role)
+        room = sum(min(n.cpus, sim.ranks_per_node or n.cpus) for n in nodes)
+        if sim.ranks > room:
+            raise ResourceError(_too_small(alloc, cfg, role, room, nodes, training))
     return SlotPlan(nodes, training)
+
+
+def _too_small(alloc: Allocation, cfg: LoopConfig, role: str, room: int, nodes: list[Node],
+               training: list[Node]) -> str:
+    """Why sim ``role`` cannot fit, and an allocation in which every sim and the Dask workers do."""
+    sim = getattr(cfg.sims, role)
+    kept = sum(n.cpus for n in training)
+    where = f"{alloc.total_cpus} CPUs in the allocation"
+    if kept:
+        where += f", {kept} kept for the Dask worker(s) (resources.training_cores)"
+    per_node = f", at most {sim.ranks_per_node} per node (ranks_per_node)" if sim.ranks_per_node else ""
+    n, per = allocation_needed(cfg)
+    return (f"sims.{role} asks for {sim.ranks} ranks{per_node} but only {room} sim slots remain for it ({where}; "
+            f"sim slots: {', '.join(f'{n.name}:{n.cpus}' for n in nodes) or 'none'}); ask Slurm for at least "
+            f"{n * per} CPUs (e.g. salloc -N{n} --ntasks-per-node={per}), or lower `ranks`")
+
+
+def allocation_needed(cfg: LoopConfig) -> tuple[int, int]:
+    """The smallest even allocation (nodes, CPUs per node) where every sim fits on the slots left after
+    the Dask workers' CPUs (taken from the last node) or nodes (``training_nodes``): a sim with
+    ``ranks_per_node`` needs that many on each of ranks/ranks_per_node nodes; one without fits on one node."""
+    kept = training_cores(cfg)
+    whole = cfg.resources.training_nodes if cfg.training.backend in ("auto", "allocation") else 0
+    shapes = [(math.ceil(s.ranks / s.ranks_per_node), s.ranks_per_node) if s.ranks_per_node else (1, s.ranks)
+              for s in (cfg.sims.check, cfg.sims.generate)]
+    return max(n for n, _ in shapes) + whole, max(per for _, per in shapes) + kept
 
 
 def training_cores(cfg: LoopConfig) -> int:
