@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from orchestrator import sampling
 from orchestrator.allocation import Allocation, Node, SlotPool
 from orchestrator.campaign import Campaign, CampaignResult
@@ -23,6 +25,7 @@ from orchestrator.config import (
     SimConfig,
     check_fields,
     flat_dict,
+    format_validation_error,
     generate_fields,
     load_config,
     resolve_binaries,
@@ -316,14 +319,19 @@ def open_run(
         raise UsageError(f"{resume} already ended ({data.get('status')}); nothing to resume")
     try:
         cfg = LoopConfig.model_validate(data["config"])
+    except ValidationError as exc:
+        first = format_validation_error(exc, "config").splitlines()[0]
+        raise StoreError(f"{resume}/state.json holds no valid config ({first}); the run cannot be resumed") from exc
     except Exception as exc:
-        raise StoreError(f"{resume}/state.json holds no valid config: {exc}") from exc
+        raise StoreError(f"{resume}/state.json holds no valid config ({type(exc).__name__}: {exc}); the run "
+                         "cannot be resumed") from exc
     if overrides:
         cfg = resume_config(cfg, load_config(loop_file or store.root / LOOP, overrides))
     state = store.read_campaign_state()
     state.launch_counter = store.next_launch(state.launch_counter)
     for rel, rows in store.reconcile(state):
         progress.note(f"resume: adopted {rel} ({rows} rows), written just before the run was stopped")
+    store.check_models(state)
     root = workdir or resume.parent
     return cfg, store, state, root
 
@@ -392,8 +400,15 @@ async def run(
                   + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
     strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
-    campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                        state, strategy, walltime=walltime_guard(cfg, alloc))
+    try:
+        campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
+                            state, strategy, walltime=walltime_guard(cfg, alloc))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        if state is None:
+            raise
+        # the resumed state's generator states, durations, continual mode: state.json's contents, not ours
+        raise StoreError(f"{store.root}/state.json: a field does not restore ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else exc!r}); the run cannot be resumed") from exc
     if loop_file is not None and campaign.state.loop_dir is None:
         campaign.state.loop_dir = str(loop_file.resolve().parent)
     with progress:

@@ -272,25 +272,19 @@ def _flock_within(fd: int, wait_s: float) -> bool:
             delay = min(0.5, delay * 2)
 
 
-def lock_holder(fd: int, locks: Path = Path("/proc/locks")) -> str:
-    """Who holds a lock on the file open as ``fd``, from ``/proc/locks``: "pid N (its command line)"."""
-    st = os.fstat(fd)
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+def lock_holder(fd: int) -> str:
+    """Who holds a lock on the file open as ``fd``: "pid N (its command line)"."""
+    from orchestrator.store import flock_holder
+
+    pid = flock_holder(fd)
+    if pid is None:
+        return "another process (not named in /proc/locks)"
     try:
-        lines = locks.read_text().splitlines()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        cmd = " ".join(raw.decode(errors="replace").split())  # one line, whatever the argv holds
     except OSError:
-        lines = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and "->" not in fields[:2] and fields[5] == want:  # "->": a waiter, not the holder
-            pid = fields[4]
-            try:
-                raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                cmd = " ".join(raw.decode(errors="replace").split())  # one line, whatever the argv holds
-            except OSError:
-                cmd = ""
-            return f"pid {pid}" + (f" ({cmd[:120]})" if cmd else "")
-    return "another process (not named in /proc/locks)"
+        cmd = ""
+    return f"pid {pid}" + (f" ({cmd[:120]})" if cmd else "")
 
 
 def _schema_finished(path: Path) -> bool:
