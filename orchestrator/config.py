@@ -72,8 +72,8 @@ class OutputFile(_Strict):
     """npy: a 2-D .npy array; csv: comma-separated; columns: whitespace-separated columns;
     auto: by the file's suffix (.npy, .csv, anything else columns)."""
     columns: list[int | str] | None = None
-    """Columns to take, in order: the result's inputs then outputs. 0-based indexes, or header
-    names for csv (its first line is then the header). None: every column."""
+    """Columns to take, in order: the result's inputs then outputs (one each, none twice). 0-based
+    indexes, or header names for csv (its first line is then the header). None: every column."""
     skip_rows: int = Field(default=0, ge=0)
     """Lines to skip at the top (headers a code writes); lines starting with ``#`` are always skipped."""
 
@@ -127,7 +127,9 @@ class SimConfig(_Strict):
     mpiexec: str | None = None
     """The local launcher to use (mpiexec launcher); None: that MPI's own, found beside its libmpi."""
     srun_args: list[str] = []
-    """Extra srun options for this sim's steps, e.g. ``["--cpu-bind=cores"]`` (srun launcher)."""
+    """Extra srun options for this sim's steps, e.g. ``["--cpu-bind=cores"]`` (srun launcher); one option per
+    item, no control characters, and none that moves the step out of its placement (``--jobid``,
+    ``--overlap``, ``--overcommit``, ``-n``, ``-N``, ``-c``, ``-w``, ...: the coordinator sets those)."""
     templates: dict[str, str] = {}
     """Input files rendered into each run directory: {file name there: template file (relative to
     loop.yml)}. Jinja2 syntax (``{{ x }}``, ``{% for %}``), the same placeholders as ``args``; an
