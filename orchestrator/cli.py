@@ -111,6 +111,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator import sampling
 
     sampling.resolve(cfg, [args.loop.resolve().parent])  # a user's strategy must import
+    if cfg.tracking.tensorboard_dir and Path(cfg.tracking.tensorboard_dir).is_absolute():
+        from orchestrator.config import tensorboard_dir
+        from orchestrator.errors import ConfigError
+
+        try:
+            tensorboard_dir(cfg.tracking.tensorboard_dir, Path("/"))
+        except ConfigError as exc:
+            raise ConfigError(f"{args.loop}: {exc}") from exc
     print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
     from orchestrator.policy import describe_target
 

@@ -28,12 +28,22 @@ NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 BUILTIN_SAMPLING = ("uniform", "near-failures", "space-filling", "ensemble")
 SAMPLING_PATTERN = r"^(uniform|near-failures|space-filling|ensemble|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SRUN_DENIED = ("--jobid", "--overlap", "--overcommit", "--oversubscribe", "--ntasks", "--nodes", "--cpus-per-task",
+               "--nodelist", "--nodefile", "--ntasks-per-node", "--relative")
+"""srun options a sim's ``srun_args`` may not carry: they would run the step in another job, share CPUs
+other steps hold, or override the placement the coordinator gave it (``--exact -n -c --nodelist``)."""
+_SRUN_DENIED_SHORT = frozenset("nNcwFOsr")
+"""The short forms of :data:`SRUN_DENIED` (``-n4``, ``-w node1``, ...)."""
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "databricks", "http", "https")
+"""URI schemes of the MLflow stores a campaign can track to (MLflow's file store is refused by this MLflow)."""
 CHAMPION_ALIAS = "champion"
 """The registry alias of the model in service by default (continual mode sets it; predict and evaluate read it)."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)  # an infinite tolerance or a NaN bound means nothing
 
 
 class InputSpec(_Strict):
@@ -62,10 +72,22 @@ class OutputFile(_Strict):
     """npy: a 2-D .npy array; csv: comma-separated; columns: whitespace-separated columns;
     auto: by the file's suffix (.npy, .csv, anything else columns)."""
     columns: list[int | str] | None = None
-    """Columns to take, in order: the result's inputs then outputs. 0-based indexes, or header
-    names for csv (its first line is then the header). None: every column."""
+    """Columns to take, in order: the result's inputs then outputs (one each, none twice). 0-based
+    indexes, or header names for csv (its first line is then the header). None: every column."""
     skip_rows: int = Field(default=0, ge=0)
     """Lines to skip at the top (headers a code writes); lines starting with ``#`` are always skipped."""
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: list[int | str] | None) -> list[int | str] | None:
+        seen: set[int | str] = set()
+        for col in v or ():
+            if isinstance(col, int) and col < 0:
+                raise ValueError(f"column {col} is negative; columns are 0-based indexes or csv header names")
+            if col in seen:
+                raise ValueError(f"column {col!r} is given twice (it would be read as two different values)")
+            seen.add(col)
+        return v
 
 
 class SimConfig(_Strict):
@@ -105,7 +127,9 @@ class SimConfig(_Strict):
     mpiexec: str | None = None
     """The local launcher to use (mpiexec launcher); None: that MPI's own, found beside its libmpi."""
     srun_args: list[str] = []
-    """Extra srun options for this sim's steps, e.g. ``["--cpu-bind=cores"]`` (srun launcher)."""
+    """Extra srun options for this sim's steps, e.g. ``["--cpu-bind=cores"]`` (srun launcher); one option per
+    item, no control characters, and none that moves the step out of its placement (``--jobid``,
+    ``--overlap``, ``--overcommit``, ``-n``, ``-N``, ``-c``, ``-w``, ...: the coordinator sets those)."""
     templates: dict[str, str] = {}
     """Input files rendered into each run directory: {file name there: template file (relative to
     loop.yml)}. Jinja2 syntax (``{{ x }}``, ``{% for %}``), the same placeholders as ``args``; an
@@ -125,6 +149,18 @@ class SimConfig(_Strict):
         for name in v:
             if not _IDENT.match(name):
                 raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
+        return v
+
+    @field_validator("srun_args")
+    @classmethod
+    def _srun_args(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            if _CONTROL.search(arg):
+                raise ValueError(f"{arg!r} holds a control character (a newline, a tab, ...); give one option "
+                                 "per list item")
+            if _srun_option_denied(arg):
+                raise ValueError(f"{arg!r} is not allowed: the coordinator sets the step's job, tasks, CPUs and "
+                                 f"nodes itself (denied: {', '.join(SRUN_DENIED)})")
         return v
 
     @model_validator(mode="after")
@@ -394,7 +430,8 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     """Track in MLflow at all."""
     uri: str | None = None
-    """Tracking URI; None: sqlite:///<workdir>/mlflow.db."""
+    """Tracking URI: ``sqlite:///PATH``, another database (``postgresql://``, ``mysql://``, ``mssql://``),
+    an MLflow server (``http(s)://``) or ``databricks``; None: sqlite:///<workdir>/mlflow.db."""
     experiment: str = Field(default="orchestrator", min_length=1)
     """Experiment name."""
     register_as: str | None = Field(default=None, pattern=NAME_PATTERN)
@@ -405,6 +442,18 @@ class TrackingConfig(_Strict):
     tensorboard_dir: str | None = None
     """Also write the round scalars and figures as TensorBoard event files here (relative: to the
     run dir); view with ``tensorboard --logdir DIR``."""
+
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = v.split("://", 1)[0].split("+", 1)[0].lower() if "://" in v else v.split(":", 1)[0].lower()
+        if _CONTROL.search(v) or scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"got {v!r}: unsupported scheme {scheme!r}; expected sqlite:///<absolute path>/mlflow.db, "
+                             "an http(s):// MLflow server, a database URI (postgresql, mysql, mssql) or databricks")
+        return v
 
 
 class ContinualConfig(_Strict):
@@ -502,16 +551,30 @@ class LoopConfig(_Strict):
     @field_validator("outputs")
     @classmethod
     def _output_names(cls, v: list[str]) -> list[str]:
-        for name in v:
+        for i, name in enumerate(v):
             if not _IDENT.match(name):
                 raise ValueError(f"output name {name!r} is not an identifier")
+            if name in v[:i]:
+                raise ValueError(f"output name {name!r} is given twice; each output is its own column")
         return v
 
     @model_validator(mode="after")
     def _placeholders(self) -> LoopConfig:
         names = [i.name for i in self.inputs]
         if len(set(names) | set(self.outputs)) != len(names) + len(self.outputs):
-            raise ValueError("input and output names must all differ")
+            both = sorted({n for n in [*names, *self.outputs] if [*names, *self.outputs].count(n) > 1})
+            raise ValueError(f"inputs/outputs: {', '.join(map(repr, both))} named twice; input and output names "
+                             "must all differ")
+        for role in ("check", "generate"):
+            ranks, cap = getattr(self.sims, role).ranks, self.resources.sim_slots
+            if cap is not None and ranks > cap:
+                raise ValueError(f"resources.sim_slots: {cap} is below sims.{role}.ranks ({ranks}); no run of it "
+                                 "could start")
+            columns = getattr(self.sims, role).output
+            if columns is not None and columns.columns is not None and len(columns.columns) != self.n_columns:
+                raise ValueError(f"sims.{role}.output.columns: {columns.columns} takes {len(columns.columns)} "
+                                 f"column(s) but a result has {self.n_columns} (inputs then outputs: "
+                                 f"{', '.join([*names, *self.outputs])})")
         check_placeholders(self.sims.check.args, check_fields(names), "sims.check.args")
         check_placeholders(self.sims.generate.args, generate_fields(names), "sims.generate.args")
         if self.policy.sampling == "ensemble" and self.policy.ensemble_size < 2:
@@ -584,6 +647,15 @@ def render_args(args: Sequence[str], values: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _srun_option_denied(arg: str) -> bool:
+    """Whether ``arg`` is one of :data:`SRUN_DENIED`, in any form srun reads (``--opt=V``, a unique prefix of
+    a long option as getopt takes it, a short option with its value attached)."""
+    if arg.startswith("--"):
+        name = arg.split("=", 1)[0]
+        return len(name) > 2 and any(denied.startswith(name) for denied in SRUN_DENIED)
+    return arg.startswith("-") and len(arg) > 1 and arg[1] in _SRUN_DENIED_SHORT
+
+
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -594,9 +666,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set target.tolerance=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""  # a SafeLoader, aliases bounded
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"--set {item!r}: value {raw!r} is not valid YAML{where}: {problem}") from exc
     if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string; a user means a number
         with contextlib.suppress(ValueError):
             value = float(value)
@@ -681,6 +756,8 @@ def _format_error(err: Mapping[str, Any]) -> str:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     if kind.startswith("value_error") or kind == "assertion_error":
+        if not loc and re.match(r"^[\w./]+: ", msg):  # a check across keys names its key itself
+            return msg
         return f"{path}: {msg}"
     return f"{path}: got {shown}, {msg}"
 
@@ -703,6 +780,57 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships n
             seen.add(key)
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping
+
+    def get_single_node(self) -> yaml.Node | None:
+        """The document's node graph, refused when its aliases would expand it past :data:`MAX_YAML_VALUES`."""
+        node: yaml.Node | None = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+MAX_YAML_VALUES = 100_000
+"""The most values (scalars, lists, mappings) loop.yml may hold once its aliases are expanded: aliases
+share one object when loaded, but whatever walks the config (validation, state.json, MLflow params)
+meets every copy, so a few lines of nested aliases (a "billion laughs") would take minutes and all memory."""
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise a ConstructorError naming the key whose value expands past :data:`MAX_YAML_VALUES`, or
+    that holds itself (a recursive alias). Each distinct node is counted once: time and memory stay
+    bounded by the file's size."""
+    sizes: dict[int, int] = {}
+    path: list[str] = []
+    culprit: list[str] = []
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{'.'.join(path) or '(top level)'}: a YAML alias refers to a value it is part "
+                    "of (recursive); write the value out", node.start_mark)
+            return known
+        sizes[id(node)] = -1  # being counted
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path.append(str(key.value) if isinstance(key, yaml.ScalarNode) else "?")
+                total += size(key) + size(value)
+                if total > MAX_YAML_VALUES and not culprit:
+                    culprit.extend(path)
+                path.pop()
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+        sizes[id(node)] = min(total, MAX_YAML_VALUES + 1)
+        return sizes[id(node)]
+
+    if size(root) > MAX_YAML_VALUES:
+        where = ".".join(culprit) or "(top level)"
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{where}: YAML aliases expand this value past {MAX_YAML_VALUES} values (an alias "
+            "bomb?); write the values out", None)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -743,10 +871,18 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(format_validation_error(exc, str(p))) from exc
 
 
+def resolve_path(path: Path, what: str) -> Path:
+    """``path.resolve()``, with a symlink loop (or another unreadable link) a one-line ConfigError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 says RuntimeError("Symlink loop from ...")
+        raise ConfigError(f"{what}: {path} is a symbolic link that never ends (a loop); point it at a file") from exc
+
+
 def resolve_binary(binary: str, base_dir: Path, key: str) -> Path:
     """Find a sim binary: a path (relative to loop.yml), else next to Python, else on PATH."""
     if "/" in binary:
-        candidate = (base_dir / binary).resolve()
+        candidate = resolve_path(base_dir / binary, f"{key}: {binary!r}")
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
         raise ConfigError(f"{key}: {binary!r} is not an executable file (looked at {candidate})")
@@ -760,6 +896,20 @@ def resolve_binary(binary: str, base_dir: Path, key: str) -> Path:
         f"{key}: executable {binary!r} not found next to {sys.executable} or on PATH; "
         "build the sims with `pip install -e .` (or `make setup`), or give a path"
     )
+
+
+def tensorboard_dir(path: str, root: Path) -> Path:
+    """Where ``tracking.tensorboard_dir`` (relative: to the run dir ``root``) puts its event files; a
+    ConfigError naming the key and the value when something other than a directory is there."""
+    p = Path(path)
+    logdir = p if p.is_absolute() else root / p
+    for place in (logdir, *logdir.parents):
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                raise ConfigError(f"tracking.tensorboard_dir: {path!r}: {place} is not a directory; name a directory "
+                                  "(relative: to the run dir)")
+            break
+    return logdir
 
 
 def resolve_binaries(cfg: LoopConfig, loop_file: Path) -> dict[str, Path]:

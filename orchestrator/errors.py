@@ -55,7 +55,10 @@ class SimKindFailed(OrchestratorError):
 
 
 class ResourceError(OrchestratorError):
-    """A request can never fit the allocation (more ranks than slots)."""
+    """A request can never fit the allocation (more ranks than slots, ``training.device: cuda`` where no
+    worker has a GPU): a config this machine cannot satisfy. Exit code 2, like a bad config."""
+
+    exit_code = ExitCode.USAGE
 
 
 class TrainingError(OrchestratorError):

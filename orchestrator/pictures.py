@@ -17,7 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from orchestrator.config import LoopConfig
+from orchestrator.config import LoopConfig, tensorboard_dir
+from orchestrator.errors import ConfigError
 from orchestrator.store import atomic_write_bytes
 from orchestrator.training.backends import Trainer
 
@@ -44,7 +45,12 @@ class Pictures:
         if cfg.tracking.tensorboard_dir:
             from orchestrator.tbevents import EventWriter
 
-            self._tb = EventWriter(_resolve(cfg.tracking.tensorboard_dir, root))
+            logdir = tensorboard_dir(cfg.tracking.tensorboard_dir, root)
+            try:
+                self._tb = EventWriter(logdir)
+            except OSError as exc:  # a file of that name on the way, no permission
+                raise ConfigError(f"tracking.tensorboard_dir: {cfg.tracking.tensorboard_dir!r}: cannot write "
+                                  f"event files in {logdir}: {exc.strerror}") from exc
 
     def add_check(self, x: list[float], truth: list[float], ok: bool, clock: int = 0) -> None:
         self.checked.append((clock, list(x), list(truth), ok))
@@ -86,8 +92,3 @@ class Pictures:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._tb is not None:
             self._tb.close()
-
-
-def _resolve(path: str, root: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else root / p

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runlog import EventKind, LoggedEvent, Status, build_summary, evidence_summary, of_kind
+from orchestrator.runlog import EventKind, LoggedEvent, State, Status, build_summary, evidence_summary, of_kind
 from orchestrator.store import RunStore
 
 
@@ -286,13 +286,14 @@ def _needed(target: Mapping[str, Any]) -> Any:
 def status_text(run_dir: Path) -> str:
     """Where a running or finished campaign stands."""
     store = RunStore.open(run_dir)
-    cfg = store.read_state().get("config", {})
+    cfg = _mapping(store.read_state().get("config"))
     state = store.read_campaign_state()
-    running = _running_sims(store.read_events()) if state.status is Status.RUNNING else []
-    target = cfg.get("target", {})
+    live = _live_status(store, state)
+    running = _running_sims(store.read_events()) if state.status is Status.RUNNING and live is not None else []
+    target = _mapping(cfg.get("target"))
     lines = [
         f"campaign   {cfg.get('name', '?')} in {run_dir}",
-        f"status     {state.status.value}" + (f" ({state.stop_reason})" if state.stop_reason else ""),
+        f"status     {live or state.status.value}" + (f" ({state.stop_reason})" if state.stop_reason else ""),
         f"rounds     {state.model_version} / {target.get('max_rounds', '?')}",
         f"successes  {state.successes} / {_needed(target)}",
         evidence_line(evidence_summary(state.evidence)),
@@ -303,9 +304,28 @@ def status_text(run_dir: Path) -> str:
         f"elapsed    {state.elapsed_s:.1f} s",
     ]
     lines += continual_lines(state.continual, cfg)
+    if live is None:
+        lines[1] = (f"status     stopped (coordinator gone, resumable with run --resume; state.json says "
+                    f"{state.status.value})")
     if state.status.resumable:
         lines.append(f"resume     python -m orchestrator run --resume {run_dir}")
     return "\n".join(lines)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _live_status(store: RunStore, state: State) -> str | None:
+    """A ``running`` or ``registering`` state as it is: its coordinator is alive (named), gone (SIGKILLed,
+    its node lost: the state stopped at its last checkpoint), or on another host; None when it is gone."""
+    if state.status not in (Status.RUNNING, Status.REGISTERING):
+        return state.status.value
+    alive, holder = store.coordinator()
+    if alive is False:
+        return None
+    where = f"coordinator {holder}" if alive else f"coordinator {holder or '?'}, not checked from this host"
+    return f"{state.status.value} ({where})"
 
 
 def _running_sims(events: list[LoggedEvent]) -> list[str]:
@@ -324,7 +344,7 @@ def continual_lines(c: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """Continual mode in ``status``: the champion, the drift state, the last retrain."""
     if not c.get("active"):
         return []
-    name = (cfg.get("tracking") or {}).get("register_as")
+    name = _mapping(cfg.get("tracking")).get("register_as")
     reg = c.get("champion_registered")
     champion = f"model {c.get('champion_model')}" + (f" ({name} v{reg})" if reg and name else "")
     drift = "drifting (a challenger is being trained or judged)" if c.get("drifting") else "none"

@@ -15,11 +15,12 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import jinja2.meta
 
-from orchestrator.config import OutputFile, SimConfig
+from orchestrator.config import OutputFile, SimConfig, resolve_path
 from orchestrator.errors import ConfigError
 from orchestrator.outputs import Parser, load_parser, read_output, run_parser
 from orchestrator.results import Table, read_table
@@ -76,11 +77,7 @@ class SimIO:
         for src in self.files:
             shutil.copy2(src, run_dir / src.name)
         for name, template in self.templates.items():
-            try:
-                text = template.render(**fields)
-            except jinja2.UndefinedError as exc:  # a name only the runtime lacks
-                raise ConfigError(f"template {name}: {exc.message}") from exc
-            (run_dir / name).write_text(text)
+            (run_dir / name).write_text(render_template(f"template {name}", template, fields))
 
     def collect(self, run_dir: Path, out_path: Path, *, ncols: int, nrows: int | None) -> Table:
         """The run's table; raises MalformedResult with one line when it is missing or wrong."""
@@ -92,6 +89,19 @@ class SimIO:
         return read_table(out_path, ncols=ncols, nrows=nrows)
 
 
+def render_template(what: str, template: jinja2.Template, fields: Mapping[str, Any]) -> str:
+    """``template`` rendered; whatever fails while rendering (an undefined name, a filter given the wrong
+    type, a division by zero) is a one-line ConfigError naming ``what`` (the template) and the values."""
+    try:
+        return template.render(**fields)
+    except jinja2.UndefinedError as exc:  # a name only the runtime lacks
+        raise ConfigError(f"{what}: {exc.message}") from exc
+    except Exception as exc:  # the template's own code: jinja2 lets Python's errors through
+        shown = ", ".join(f"{k}={v!r}" for k, v in fields.items() if k != "points")
+        raise ConfigError(f"{what}: rendering failed with {shown}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
 SIMKIT = SimIO()
 """A simkit sim: nothing staged, ``--out`` given, the .npy read back."""
 
@@ -99,11 +109,12 @@ SIMKIT = SimIO()
 def sim_io(sim: SimConfig, base: Path, allowed: set[str], key: str) -> SimIO:
     """Check and load what ``sim`` declares (templates, files, parser), paths relative to ``base``."""
     env = _environment(base)
-    templates = {name: _check_template(env, (base / src).resolve(), allowed, f"{key}.templates.{name}")
+    templates = {name: _check_template(env, resolve_path(base / src, f"{key}.templates.{name}"), allowed,
+                                       f"{key}.templates.{name}")
                  for name, src in sim.templates.items()}
     files = []
     for item in sim.files:
-        path = (base / item).resolve()
+        path = resolve_path(base / item, f"{key}.files: {item!r}")
         if not path.is_file():
             raise ConfigError(f"{key}.files: {item!r} is not a file (looked at {path})")
         if path.name in sim.templates:

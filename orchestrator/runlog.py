@@ -12,8 +12,11 @@ the one summary that ``run`` prints, ``campaign_end`` logs and ``report`` extend
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -454,7 +457,14 @@ class State:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> State:
+        """The state in state.json's content; a field of the wrong kind is a ValueError naming it and its value."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        hints = _state_hints()
+        for name, value in known.items():
+            if not _fits(value, hints[name]):
+                shown = repr(value)
+                raise ValueError(f"{name}: got {shown[:57] + '...' if len(shown) > 60 else shown}, expected "
+                                 f"{_type_name(hints[name])}")
         if "status" in known:
             known["status"] = Status(known["status"])
         return cls(**known)
@@ -465,6 +475,44 @@ class State:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["status"] = self.status.value
         return out
+
+
+@functools.cache
+def _state_hints() -> dict[str, Any]:
+    return typing.get_type_hints(State)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether JSON ``value`` is of type ``hint``: scalars, unions with None, Status by value, lists
+    element by element; a dict's contents are the code's own (not checked)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is Status:
+        return isinstance(value, str) and value in Status._value2member_map_
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True  # Any, and types this check does not know
+
+
+def _type_name(hint: Any) -> str:
+    if hint is Status:
+        return f"one of {', '.join(Status._value2member_map_)}"
+    if hint is int:
+        return "a count (an integer >= 0)"
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def status_of(state: Mapping[str, Any]) -> Status | None:

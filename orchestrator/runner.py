@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from orchestrator import sampling
 from orchestrator.allocation import Allocation, Node, SlotPool
@@ -22,6 +25,7 @@ from orchestrator.config import (
     SimConfig,
     check_fields,
     flat_dict,
+    format_validation_error,
     generate_fields,
     load_config,
     resolve_binaries,
@@ -31,7 +35,7 @@ from orchestrator.launchers.base import Launcher
 from orchestrator.mpi import MpiInfo, mpi_for
 from orchestrator.procs import guardian
 from orchestrator.progress import Progress
-from orchestrator.rundeck import SimIO, sim_io
+from orchestrator.rundeck import SimIO, render_template, sim_io
 from orchestrator.runlog import State, status_of
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
@@ -55,7 +59,6 @@ class SlotPlan:
 def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
     """Split the allocation: sims get every slot not kept for training, never more."""
     sims = cfg.sims
-    largest = max(sims.check.ranks, sims.generate.ranks)
     if not alloc.in_slurm:
         node = alloc.nodes[0]
         slots = cfg.resources.sim_slots or max(2 * node.cpus, sims.check.ranks + sims.generate.ranks)
@@ -65,29 +68,56 @@ def plan_slots(alloc: Allocation, cfg: LoopConfig) -> SlotPlan:
     if cfg.training.backend == "allocation":
         if cfg.resources.training_nodes:
             if cfg.resources.training_nodes >= len(nodes):
+                n, per = allocation_needed(cfg)
                 raise ResourceError(
                     f"resources.training_nodes={cfg.resources.training_nodes} leaves no node for sims "
-                    f"(the allocation has {len(nodes)}); lower it or ask for more nodes"
+                    f"(the allocation has {len(nodes)}); lower it or ask for more nodes "
+                    f"(e.g. salloc -N{n} --ntasks-per-node={per})"
                 )
             training = nodes[-cfg.resources.training_nodes:]
             nodes = nodes[: -cfg.resources.training_nodes]
+        elif training_cores(cfg) >= alloc.total_cpus:
+            n, per = allocation_needed(cfg)
+            raise ResourceError(
+                f"the Dask workers keep {training_cores(cfg)} CPUs (resources.training_cores, or training.workers "
+                f"x threads_per_worker) of the {alloc.total_cpus} in the allocation, leaving none for sims; ask "
+                f"Slurm for at least {n * per} CPUs (e.g. salloc -N{n} --ntasks-per-node={per}), or lower it")
         else:
             nodes, training = _take_cores(nodes, training_cores(cfg))
     if cfg.resources.sim_slots:
         nodes = _cap(nodes, cfg.resources.sim_slots)
-    total = sum(n.cpus for n in nodes)
-    if largest > total:
-        kept = sum(n.cpus for n in training)
-        where = f"{alloc.total_cpus} CPUs in the allocation"
-        if kept:
-            where += f", {kept} kept for the Dask worker(s) (resources.training_cores)"
-        raise ResourceError(
-            f"a sim asks for {largest} ranks but only {total} sim slots remain ({where}; sim slots: "
-            f"{', '.join(f'{n.name}:{n.cpus}' for n in nodes) or 'none'}); ask Slurm for at least "
-            f"{largest + kept} CPUs (e.g. salloc -N1 --ntasks-per-node={largest + kept}, or -N3 "
-            "--ntasks-per-node=8), or lower `ranks`"
-        )
+    for role in ("check", "generate"):
+        sim = getattr(sims, role)
+        room = sum(min(n.cpus, sim.ranks_per_node or n.cpus) for n in nodes)
+        if sim.ranks > room:
+            raise ResourceError(_too_small(alloc, cfg, role, room, nodes, training))
     return SlotPlan(nodes, training)
+
+
+def _too_small(alloc: Allocation, cfg: LoopConfig, role: str, room: int, nodes: list[Node],
+               training: list[Node]) -> str:
+    """Why sim ``role`` cannot fit, and an allocation in which every sim and the Dask workers do."""
+    sim = getattr(cfg.sims, role)
+    kept = sum(n.cpus for n in training)
+    where = f"{alloc.total_cpus} CPUs in the allocation"
+    if kept:
+        where += f", {kept} kept for the Dask worker(s) (resources.training_cores)"
+    per_node = f", at most {sim.ranks_per_node} per node (ranks_per_node)" if sim.ranks_per_node else ""
+    n, per = allocation_needed(cfg)
+    return (f"sims.{role} asks for {sim.ranks} ranks{per_node} but only {room} sim slots remain for it ({where}; "
+            f"sim slots: {', '.join(f'{n.name}:{n.cpus}' for n in nodes) or 'none'}); ask Slurm for at least "
+            f"{n * per} CPUs (e.g. salloc -N{n} --ntasks-per-node={per}), or lower `ranks`")
+
+
+def allocation_needed(cfg: LoopConfig) -> tuple[int, int]:
+    """The smallest even allocation (nodes, CPUs per node) where every sim fits on the slots left after
+    the Dask workers' CPUs (taken from the last node) or nodes (``training_nodes``): a sim with
+    ``ranks_per_node`` needs that many on each of ranks/ranks_per_node nodes; one without fits on one node."""
+    kept = training_cores(cfg)
+    whole = cfg.resources.training_nodes if cfg.training.backend in ("auto", "allocation") else 0
+    shapes = [(math.ceil(s.ranks / s.ranks_per_node), s.ranks_per_node) if s.ranks_per_node else (1, s.ranks)
+              for s in (cfg.sims.check, cfg.sims.generate)]
+    return max(n for n, _ in shapes) + whole, max(per for _, per in shapes) + kept
 
 
 def training_cores(cfg: LoopConfig) -> int:
@@ -162,7 +192,25 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
         setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
                                 sim_io(sim, base, allowed[role], key))
         check_launcher(sim, setups[role], key)
+        for name, template in setups[role].io.templates.items():  # fails now, not in every sim attempt
+            render_template(f"{key}.templates.{name}", template, sample_fields(cfg, role, sim))
     return setups
+
+
+def sample_fields(cfg: LoopConfig, role: str, sim: SimConfig) -> dict[str, Any]:
+    """Values like a run's, for a trial render of its templates: each input at its domain's middle (a
+    generate run's window: the whole domain), the first run's ids."""
+    fields: dict[str, Any] = {"seed": cfg.seed, "run_id": 1, "attempt": 0, "ranks": sim.ranks, "campaign_time": 0}
+    mid = [(i.lo + i.hi) / 2 for i in cfg.inputs]
+    if role == "check":
+        return {**fields, **dict(zip(cfg.input_names, mid, strict=True))}
+    for i in cfg.inputs:
+        fields |= {f"{i.name}_lo": i.lo, f"{i.name}_hi": i.hi}
+    if len(cfg.inputs) == 1:
+        fields |= {"lo": cfg.inputs[0].lo, "hi": cfg.inputs[0].hi}
+    if cfg.chosen_points:
+        fields |= {"points": [mid, mid], "points_file": "points.txt"}
+    return fields
 
 
 def check_launcher(sim: SimConfig, setup: SimSetup, key: str) -> None:
@@ -271,14 +319,19 @@ def open_run(
         raise UsageError(f"{resume} already ended ({data.get('status')}); nothing to resume")
     try:
         cfg = LoopConfig.model_validate(data["config"])
+    except ValidationError as exc:
+        first = format_validation_error(exc, "config").splitlines()[0]
+        raise StoreError(f"{resume}/state.json holds no valid config ({first}); the run cannot be resumed") from exc
     except Exception as exc:
-        raise StoreError(f"{resume}/state.json holds no valid config: {exc}") from exc
+        raise StoreError(f"{resume}/state.json holds no valid config ({type(exc).__name__}: {exc}); the run "
+                         "cannot be resumed") from exc
     if overrides:
         cfg = resume_config(cfg, load_config(loop_file or store.root / LOOP, overrides))
     state = store.read_campaign_state()
     state.launch_counter = store.next_launch(state.launch_counter)
     for rel, rows in store.reconcile(state):
         progress.note(f"resume: adopted {rel} ({rows} rows), written just before the run was stopped")
+    store.check_models(state)
     root = workdir or resume.parent
     return cfg, store, state, root
 
@@ -347,8 +400,15 @@ async def run(
                   + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
     strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
-    campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                        state, strategy, walltime=walltime_guard(cfg, alloc))
+    try:
+        campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
+                            state, strategy, walltime=walltime_guard(cfg, alloc))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        if state is None:
+            raise
+        # the resumed state's generator states, durations, continual mode: state.json's contents, not ours
+        raise StoreError(f"{store.root}/state.json: a field does not restore ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else exc!r}); the run cannot be resumed") from exc
     if loop_file is not None and campaign.state.loop_dir is None:
         campaign.state.loop_dir = str(loop_file.resolve().parent)
     with progress:

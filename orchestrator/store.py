@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -198,7 +199,7 @@ class RunStore:
         Raises StoreError naming the holder (pid and host) when another coordinator has it.
         """
         path = self.root / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open_lock(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -211,6 +212,24 @@ class RunStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def coordinator(self) -> tuple[bool | None, str]:
+        """Whether a live coordinator holds the run dir, and who (``.lock`` names it): True when a
+        process holds the lock (the kernel's lock table says so), False when none does (it ended, or
+        was SIGKILLed), None when it ran on another host (its lock is not in this host's table)."""
+        path = self.root / LOCK
+        if not path.exists() and not path.is_symlink():
+            return False, ""
+        fd = _open_lock(path, os.O_RDONLY)
+        try:
+            named = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            pid = flock_holder(fd)
+        finally:
+            os.close(fd)
+        if pid is not None:
+            return True, named or f"pid {pid}"
+        host = named.rpartition(" on ")[2]
+        return (None if host and host != socket.gethostname() else False), named
 
     # -- resume: the state checked against the disk --------------------------
     def next_launch(self, counter: int) -> int:
@@ -252,6 +271,19 @@ class RunStore:
             tmp.unlink(missing_ok=True)  # a write a kill cut short: never accepted
         return adopted
 
+    def check_models(self, state: State) -> None:
+        """Before a resume: the checkpoints the state names are there (``models/`` made again when it
+        names none); a missing one is a one-line StoreError."""
+        named = [f for f in [state.model_file, *state.member_files] if f]
+        if not named:
+            self.models_dir.mkdir(mode=0o700, exist_ok=True)
+            return
+        for rel in named:
+            if not (self.root / rel).is_file():
+                where = "models/ is gone" if not self.models_dir.is_dir() else f"{self.root / rel} is missing"
+                raise StoreError(f"{self.root}: {where}, but state.json's model_file/member_files name {rel}; "
+                                 "restore it, or start a new run (--new)")
+
     def _rows(self, rel: str, missing: str) -> int:
         try:
             table = np.load(self.root / rel, mmap_mode="r", allow_pickle=False)
@@ -285,6 +317,39 @@ class RunStore:
         path = self.models_dir / f"model-{version:04d}{suffix}.pt"
         atomic_write_bytes(path, state)
         return path
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """The run dir's ``.lock``, opened; anything but a lock file there is a one-line StoreError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.ELOOP):
+            raise
+        fd = -1
+    if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    kind = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a plain file"
+    raise StoreError(f"{path} is {kind}, not the run's lock file; remove it if no coordinator uses this run, "
+                     "then try again")
+
+
+def flock_holder(fd: int, locks: Path = Path("/proc/locks")) -> int | None:
+    """The pid of the process holding a lock on the file open as ``fd`` (this host's lock table,
+    ``/proc/locks``), or None when none holds one (or the table cannot be read)."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = locks.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and "->" not in fields[:2] and fields[5] == want:  # "->": a waiter, not the holder
+            return int(fields[4]) if fields[4].isdigit() else None
+    return None
 
 
 def read_events(run_dir: Path) -> list[LoggedEvent]:

@@ -226,24 +226,65 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(raw).absolute()
 
 
-def ready_store(uri: str) -> None:
+SCHEMA_LOCK_WAIT_S = 30.0
+"""The longest ``<db>.lock`` is waited for: a schema is created in seconds, so a holder past this is stuck
+(a stopped process, a hung file system) and the wait ends with a passing fault that names it."""
+
+
+def ready_store(uri: str, wait_s: float = SCHEMA_LOCK_WAIT_S) -> None:
     """For a sqlite URI, make sure its database exists whole before MLflow opens it; others: no-op.
 
     Holds ``<db>.lock`` (fcntl) meanwhile: two campaigns creating one schema at once corrupt
-    it (alembic's temporary tables are left behind).
+    it (alembic's temporary tables are left behind). Waits at most ``wait_s`` for it, then raises a
+    (transient) TrackingError naming the process that holds it.
     """
     path = sqlite_path(uri)
     if path is None:
         return
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = Path(f"{path}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not _flock_within(fd, wait_s):
+            raise TrackingError(f"the MLflow database {path} is still locked after {wait_s:.0f} s: {lock} is held "
+                                f"by {lock_holder(fd)}; end that process (or wait for it) and resume")
         _whole_schema(path)
     finally:
         os.close(fd)
+
+
+def _flock_within(fd: int, wait_s: float) -> bool:
+    """Take an exclusive flock on ``fd`` within ``wait_s`` seconds. flock has no timeout and no event
+    to wait on, and a thread blocked in it cannot be called back: tries with a back-off (10 ms to 0.5 s)."""
+    import fcntl
+
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(0.5, delay * 2)
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds a lock on the file open as ``fd``: "pid N (its command line)"."""
+    from orchestrator.store import flock_holder
+
+    pid = flock_holder(fd)
+    if pid is None:
+        return "another process (not named in /proc/locks)"
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        cmd = " ".join(raw.decode(errors="replace").split())  # one line, whatever the argv holds
+    except OSError:
+        cmd = ""
+    return f"pid {pid}" + (f" ({cmd[:120]})" if cmd else "")
 
 
 def _schema_finished(path: Path) -> bool:
@@ -348,11 +389,12 @@ def _check_uri(uri: str) -> None:
         _probe_http(uri)
         return
     if "://" not in uri or uri.startswith("file:"):
-        raise TrackingError(
-            f"tracking URI {uri!r} is a file store, which this MLflow installation refuses; "
-            "use a database URI such as sqlite:///<absolute path>/mlflow.db"
-        )
-    raise TrackingError(f"unsupported tracking URI {uri!r}; {_hint(uri)}")
+        error = TrackingError(f"tracking URI {uri!r} is a file store, which this MLflow installation refuses; "
+                              "use a database URI such as sqlite:///<absolute path>/mlflow.db")
+    else:
+        error = TrackingError(f"unsupported tracking URI {uri!r}; {_hint(uri)}")
+    error.transient = False  # no retry makes it supported
+    raise error
 
 
 def _probe_http(uri: str) -> None:

@@ -242,7 +242,7 @@ async def retrying(what: str, call: Callable[[], _T], patience: float) -> _T:
         try:
             return await off_loop(call)
         except TrackingError as exc:
-            if time.monotonic() + delay > deadline:
+            if not exc.transient or time.monotonic() + delay > deadline:  # a wrong URI does not pass
                 raise
             log.warning("MLflow: could not %s (%s); retrying in %.1f s", what, exc, delay)
             await asyncio.sleep(delay)

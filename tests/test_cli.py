@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -38,3 +40,23 @@ def test_predict_output_into_a_missing_directory_is_one_line(tmp_path: Path) -> 
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == f"error: --output {tmp_path}/nope/out.npy: no directory {tmp_path}/nope; create it first\n"
+
+
+def test_cuda_on_a_machine_without_a_gpu_is_exit_2_in_one_line(tmp_path: Path) -> None:
+    """The README's contract: a config this machine cannot satisfy is exit 2, one line naming key and value."""
+    if any(Path("/dev").glob("nvidia[0-9]*")):
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", "examples/sine/loop.yml", "--no-live",
+                           "--set", "training.device=cuda", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: training.device is cuda but this machine has no NVIDIA GPU"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_malformed_set_value_is_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", "examples/sine/loop.yml",
+                           "--set", "target.tolerance=[0.1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: --set 'target.tolerance=[0.1': value '[0.1' is not valid YAML at column 5: "
+                           "expected ',' or ']', but got '<stream end>'\n")

@@ -130,3 +130,103 @@ def test_auto_backend_follows_the_allocation(tmp_path: Path) -> None:
     assert resolve_auto(cfg, slurm).training.backend == "allocation"
     pinned = load_config(write_loop(tmp_path, fast_loop(**{"training.backend": "jobqueue"})))
     assert resolve_auto(pinned, slurm).training.backend == "jobqueue"
+
+
+# ---------------------------------------------------------------- issue 24: bad input, one line each
+
+
+def _validate(path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    code = main(["validate", str(path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["43-alias-bomb-model-kwargs", "44-alias-bomb-typed-key", "45-recursive-alias"])
+def test_an_alias_bomb_is_refused_at_load_in_bounded_time_and_memory(name: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+    import tracemalloc
+
+    path = Path(__file__).parent / "configs" / "bad" / f"{name}.yml"
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        err = _validate(path, capsys)
+        took = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert expectation(path) in err
+    assert took < 1.0, f"{took:.2f} s"
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB"
+
+
+def test_aliases_within_the_bound_still_load(tmp_path: Path) -> None:
+    path = write_loop(tmp_path, fast_loop(**{"training.model_kwargs": {"hidden": 0}}))
+    path.write_text("x-sizes: &sizes [64, 64]\n" + path.read_text().replace("hidden: 0", "hidden: *sizes"))
+    with pytest.raises(ConfigError, match="x-sizes: unknown key"):  # the alias loaded; the extra key is refused
+        load_config(path)
+    path.write_text(path.read_text().replace("x-sizes: &sizes [64, 64]\n", "").replace("*sizes", "&s [64, 64]"))
+    assert load_config(path).training.model_kwargs == {"hidden": [64, 64]}
+
+
+def test_an_alias_bomb_in_a_set_value_is_refused(tmp_path: Path) -> None:
+    path = write_loop(tmp_path, fast_loop())
+    bomb = "[" + ",".join(["&a [1,1,1,1,1,1,1,1,1,1]"] + ["*a"] * 9) + "]"
+    nested = "&b [" + ",".join(["*a"] * 10) + "]"
+    value = bomb[:-1] + "," + nested + "," + ",".join(["*b"] * 2000) + "]"
+    with pytest.raises(ConfigError, match=r"aliases expand this value past 100000 values"):
+        load_config(path, [f"training.model_kwargs.k={value}"])
+
+
+def test_a_malformed_set_value_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _validate(write_loop(tmp_path, fast_loop()), capsys, "--set", "target.tolerance=[0.1")
+    assert "--set 'target.tolerance=[0.1': value '[0.1' is not valid YAML at column 5: expected ',' or ']'" in err
+
+
+@pytest.mark.parametrize("arg", ["--jobid=12", "--jobid", "--jobi=12", "--overlap", "--overcommit", "-O", "-n4",
+                                 "--ntasks=2", "-w", "--nodelist=n1", "-N2", "--cpus-per-task=4", "-c2",
+                                 "--cpu-bind=cores\n--jobid=1", "--x\x1b[2J"])
+def test_srun_args_that_leave_the_placement_are_refused(tmp_path: Path, arg: str) -> None:
+    path = write_loop(tmp_path, fast_loop(**{"sims.generate.srun_args": ["--cpu-bind=cores", arg]}))
+    with pytest.raises(ConfigError, match=r"sims\.generate\.srun_args: .*(is not allowed|control character)") as err:
+        load_config(path)
+    assert repr(arg) in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_srun_args_that_keep_the_placement_are_taken(tmp_path: Path) -> None:
+    ok = ["--cpu-bind=cores", "--mem-per-cpu=500M", "-l", "--label", "--kill-on-bad-exit=1", "--export=ALL"]
+    path = write_loop(tmp_path, fast_loop(**{"sims.generate.srun_args": ok}))
+    assert load_config(path).sims.generate.srun_args == ok
+
+
+def test_a_sim_binary_that_is_a_symlink_loop_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sim").symlink_to(tmp_path / "sim")
+    path = write_loop(tmp_path, fast_loop(**{"sims.check.binary": "./sim"}))
+    err = _validate(path, capsys)
+    assert f"sims.check.binary: './sim': {tmp_path}/sim is a symbolic link that never ends (a loop)" in err
+
+
+def test_a_template_that_fails_at_run_time_is_one_line(tmp_path: Path) -> None:
+    """A template that renders with the trial values but not with a run's (here: a division by x)."""
+    import jinja2
+
+    from orchestrator.rundeck import SimIO, render_template
+
+    template = jinja2.Template("{{ 1 / x }}")
+    assert render_template("t", template, {"x": 2.0}) == "0.5"
+    with pytest.raises(ConfigError, match=r"^template deck: rendering failed with x=0\.0: ZeroDivisionError"):
+        SimIO(templates={"deck": template}).stage(tmp_path / "run", {"x": 0.0})
+
+
+def test_tensorboard_dir_naming_a_file_is_refused(tmp_path: Path) -> None:
+    from orchestrator.config import tensorboard_dir
+
+    (tmp_path / "loop.yml").write_text("a file")
+    with pytest.raises(ConfigError, match=rf"^tracking\.tensorboard_dir: 'loop.yml': {tmp_path}/loop.yml is not a"):
+        tensorboard_dir("loop.yml", tmp_path)
+    with pytest.raises(ConfigError, match=r"'loop.yml/tb': .*loop.yml is not a directory"):
+        tensorboard_dir("loop.yml/tb", tmp_path)
+    assert tensorboard_dir("tb/deeper", tmp_path) == tmp_path / "tb" / "deeper"

@@ -172,3 +172,82 @@ def test_resume_adopts_a_check_row_a_kill_left_unrecorded_as_a_check_row(tmp_pat
         store.reconcile(State(data_files=["data/check-000002.npy"], check_rows=1))
     with pytest.raises(StoreError, match="0 check rows of the state's files but state.json counts 1"):
         store.reconcile(State(data_files=["data/generate-000001.npy"], data_points=64, check_rows=1))
+# ---------------------------------------------------------------- issue 24: a dead coordinator, garbage run dirs
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+def test_status_tells_a_live_coordinator_from_a_sigkilled_one(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.write_state({**State().to_json(), "config": {"name": "sine"}})
+    holder = subprocess.Popen(  # a coordinator as far as the run dir can tell: the lock, a sim started
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom orchestrator.store import RunStore\n"
+         "from orchestrator.runlog import CampaignStart, SimStart\n"
+         "s = RunStore(Path(sys.argv[1])); s.lock(); s.log(CampaignStart(False, sys.argv[1], 0, {}))\n"
+         "s.log(SimStart('check-000005', 'check', 0, 2, 'mpiexec', (), []))\n"
+         "print('locked', flush=True); time.sleep(120)", str(store.root)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        live = _cli("status", str(store.root))
+        assert live.returncode == 0, live.stderr
+        assert f"status     running (coordinator pid {holder.pid} on {socket.gethostname()})" in live.stdout
+        assert "1 running: check-000005" in live.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    dead = _cli("status", str(store.root))
+    assert dead.returncode == 0, dead.stderr
+    assert "status     stopped (coordinator gone, resumable with run --resume" in dead.stdout, dead.stdout
+    assert "check-000005" not in dead.stdout and "0 running" in dead.stdout
+    assert f"resume     python -m orchestrator run --resume {store.root}" in dead.stdout
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("successes", "abc", "successes: got 'abc', expected a count"),
+    ("data_files", [1, 2], "data_files: got [1, 2], expected list[str]"),
+    ("failed_points", [["x"]], "failed_points: got [['x']], expected list[list[float]]"),
+    ("launch_counter", -4, "launch_counter: got -4"),
+    ("rng", {"bit_generator": "nonsense"}, "state.json: a field does not restore"),
+    ("config", [1, 2], "state.json holds no valid config"),
+    ("config", {"name": 5}, "state.json holds no valid config (config: name: got 5"),
+])
+def test_garbage_in_a_state_field_is_one_line_on_resume_and_status(tmp_path: Path, field: str, value: object,
+                                                                   says: str) -> None:
+    store = make_store(tmp_path)
+    good = {**State().to_json(), "config": load_config(store.root / "loop.yml").model_dump(mode="json")}
+    store.write_state({**good, field: value})
+    for cmd in (["run", "--resume", str(store.root), "--no-live"], ["status", str(store.root)]):
+        done = _cli(*cmd)
+        if cmd[0] == "status" and field in ("rng", "config"):  # status reads neither deeply
+            assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+            continue
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # besides progress notes
+        assert len(errors) == 1 and says in errors[0] and errors[0] == done.stderr.strip().splitlines()[-1], \
+            done.stderr
+
+
+def test_a_deleted_models_dir_is_one_line_on_resume(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    cfg = load_config(store.root / "loop.yml").model_dump(mode="json")
+    store.write_state({**State(model_version=1, model_file="models/model-0001.pt").to_json(), "config": cfg})
+    store.models_dir.rmdir()
+    done = _cli("run", "--resume", str(store.root), "--no-live")
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (f"error: {store.root}: models/ is gone, but state.json's model_file/member_files "
+                                   "name models/model-0001.pt; restore it, or start a new run (--new)")
+
+
+def test_a_lock_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.write_state({**State().to_json(), "config": load_config(store.root / "loop.yml").model_dump(mode="json")})
+    (store.root / ".lock").mkdir()
+    for cmd in (["run", "--resume", str(store.root), "--no-live"], ["status", str(store.root)]):
+        done = _cli(*cmd)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == (f"error: {store.root}/.lock is a directory, not the run's lock file; remove it "
+                                       "if no coordinator uses this run, then try again")

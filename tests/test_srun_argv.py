@@ -6,6 +6,7 @@ and the scheduler's listen/TLS decision is checked with stand-in resolvers.
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -369,3 +370,25 @@ def test_a_sims_own_mpi_mpiexec_and_srun_args_reach_every_launcher(tmp_path: Pat
     assert env["SIMKIT_EXPECT_RANKS"] == "8"
     if os.geteuid() == 0:  # Open MPI as root is told it is fine, as the mpiexec launcher does
         assert ROOT_ENV.items() <= env.items()
+
+
+@pytest.mark.parametrize("shape", [
+    {"sims.generate.ranks": 8},
+    {"sims.generate.ranks": 12, "sims.generate.ranks_per_node": 4},
+    {"sims.generate.ranks": 6, "sims.generate.ranks_per_node": 2, "sims.check.ranks": 5},
+    {"sims.generate.ranks": 16, "training.workers": 3, "training.threads_per_worker": 2},
+    {"sims.generate.ranks": 9, "sims.generate.ranks_per_node": 3, "resources.training_nodes": 1},
+])
+def test_the_allocation_a_too_small_one_suggests_fits_every_sim(shape: dict[str, object]) -> None:
+    """Take the suggestion literally (N nodes of C CPUs): every sim and the Dask workers fit in it."""
+    cfg = LoopConfig.model_validate(fast_loop(**{"training.backend": "allocation", **shape}))
+    small = Allocation(nodes=(Node("n1", 2),), in_slurm=True, job_id="9")
+    with pytest.raises(ResourceError) as err:
+        plan_slots(small, cfg)
+    found = re.search(r"\(e\.g\. salloc -N(\d+) --ntasks-per-node=(\d+)\)", str(err.value))
+    assert found, err.value
+    n, per = map(int, found.groups())
+    suggested = Allocation(nodes=tuple(Node(f"n{i}", per) for i in range(n)), in_slurm=True, job_id="9")
+    plan = plan_slots(suggested, cfg)
+    for sim in (cfg.sims.check, cfg.sims.generate):
+        assert sum(min(node.cpus, sim.ranks_per_node or node.cpus) for node in plan.sim_nodes) >= sim.ranks

@@ -340,3 +340,39 @@ def test_half_created_store_from_an_earlier_version_is_set_aside(tmp_path: Path)
     tracker.finish("FINISHED")
     (aside,) = tmp_path.glob("mlflow.db.unfinished-*")
     assert aside.stat().st_size > 0
+
+
+def test_a_held_schema_lock_is_waited_for_a_bounded_time_and_its_holder_named(tmp_path: Path) -> None:
+    """Issue 24 item 8: another process holds ``mlflow.db.lock`` (stopped, hung): the wait ends with a
+    passing fault naming that process, instead of blocking registration for ever."""
+    from orchestrator.tracking import ready_store
+
+    db = tmp_path / "mlflow.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fd = os.open({str(db) + '.lock'!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        t0 = time.monotonic()
+        with pytest.raises(TrackingError) as info:
+            ready_store(f"sqlite:///{db}", wait_s=0.5)
+        waited = time.monotonic() - t0
+        assert 0.5 <= waited < 5, waited
+        assert info.value.transient  # a passing fault: the campaign stops resumable (exit 75)
+        msg = str(info.value)
+        assert f"{db}.lock is held by pid {holder.pid} ({sys.executable} -c import fcntl" in msg, msg
+        assert "\n" not in msg
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    ready_store(f"sqlite:///{db}", wait_s=0.5)  # released: taken at once, the schema made
+    assert MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+
+
+def test_an_unsupported_uri_is_not_retried_as_a_passing_fault() -> None:
+    with pytest.raises(TrackingError) as info:
+        Tracker("ftp://example.org/mlflow", "e", "r").start({})
+    assert not info.value.transient

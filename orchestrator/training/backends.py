@@ -220,7 +220,7 @@ class Trainer:
             seconds: list[float] = list(await asyncio.gather(*futures))
         except Exception as exc:
             if type(exc).__name__ == "NoGpuError":  # raised by orchestrator.training.devices on the worker
-                raise TrainingError(str(exc)) from exc
+                raise ResourceError(str(exc)) from exc
             raise TrainingError(f"the model {self.cfg.model} cannot be built on a worker: {exc}") from exc
         return max(seconds)
 
