@@ -55,7 +55,10 @@ record=$VENV/.mpicc  # the choice, kept for later runs and for new-sim's rebuild
 [[ -z $mpicc && -s $record ]] && mpicc=$(cat "$record")
 if [[ -n $mpicc ]]; then
     found=$(command -v "$mpicc" 2>/dev/null) || { echo "bootstrap: MPICC=$mpicc is not an executable" >&2; exit 1; }
-    mpicc=$(readlink -f "$found")
+    # Absolute, but symlinks kept: Open MPI's mpicc is a link to opal_wrapper, which reads
+    # its role from the name it is called by (as opal_wrapper it compiles nothing, and
+    # FindMPI reports "Could NOT find MPI_C"); Debian's /usr/bin/mpicc is an alternatives link.
+    mpicc=$(realpath --no-symlinks "$found")
 else
     mpicc=$PWD/$VENV/bin/mpicc
 fi
