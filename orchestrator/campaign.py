@@ -595,7 +595,8 @@ class Campaign:
         s.rounds.append({"round": version, **metrics})
         self.store.log(TrainEnd(version, extra=metrics))
         trained = int(metrics.get("n_samples", s.data_points))
-        self.progress.note(f"training round {version} done: trained on {trained} rows ({s.data_points} accepted), "
+        self.progress.note(f"training round {version} done: trained on {trained} rows ({s.data_points} generate + "
+                           f"{s.check_rows} check rows accepted), "
                            f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
                            f"{metrics.get('train_seconds', 0):.1f} s")
         self.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)

@@ -168,9 +168,9 @@ def test_resume_adopts_a_check_row_a_kill_left_unrecorded_as_a_check_row(tmp_pat
     assert adopted == [("data/check-000003.npy", 1)]
     assert (state.data_points, state.check_rows, state.untrained) == (64, 2, [])
     (store.data_dir / "check-000002.npy").unlink()
-    with pytest.raises(StoreError, match="check-000002.npy is missing"):
+    with pytest.raises(StoreError, match=r"check-000002\.npy is missing"):
         store.reconcile(State(data_files=["data/check-000002.npy"], check_rows=1))
-    with pytest.raises(StoreError, match="0 check rows of the state's files but state.json counts 1"):
+    with pytest.raises(StoreError, match=r"0 check rows of the state's files but state\.json counts 1"):
         store.reconcile(State(data_files=["data/generate-000001.npy"], data_points=64, check_rows=1))
 # ---------------------------------------------------------------- issue 24: a dead coordinator, garbage run dirs
 
