@@ -70,6 +70,9 @@ def store_of(workdir: Path) -> Path:
 def _bound(port: int, host: str = HOST) -> socket.socket | None:
     """A listening socket on ``port``, or None when the port is taken."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # As every server does: connections it closed (TIME_WAIT) must not keep the port from the next start.
+    # On Linux this never lets two sockets listen on one port.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((host, port))
     except OSError as exc:

@@ -82,7 +82,7 @@ def ui(finished_campaign: Path, busy_port: int) -> Iterator[UI]:
     """The ui command as a user starts it, asked for a port that is taken."""
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", str(finished_campaign), "--port",
                              str(busy_port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()  # blocks until the URL is printed (the server answers by then)
     assert line.startswith("MLflow UI for "), (line, proc.stderr.read() if proc.poll() is not None else "")
     yield UI(proc, line.split(": ", 1)[1].split()[0], line)
