@@ -53,7 +53,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -904,7 +904,9 @@ def load_registered_model(tracking_uri: str, name: str, version: str | int | Non
         version: Version to load; the latest version if None.
 
     Returns:
-        The unpickled module. Its class must be importable in this process.
+        The module. Its class must be importable in this process. Only a version that is its
+        campaign's own artifact is followed (:func:`own_artifact`), and it is unpickled with
+        torch's weights-only loader admitting only torch module classes (:func:`load_weights_only`).
 
     Raises:
         TrackingError: The name or version is unknown (the message lists the registered
@@ -926,36 +928,118 @@ def load_registered_model(tracking_uri: str, name: str, version: str | int | Non
             f"available versions: {', '.join(versions)}"
         )
     import mlflow.artifacts
-    import mlflow.pytorch
 
     model_uri = f"models:/{name}/{chosen}"
     with tempfile.TemporaryDirectory(prefix="mlflow-load-") as tmp:
         with _wrap(f"download {model_uri}", tracking_uri):
             # Resolve the storage location with our client: downloading "models:/..."
             # directly makes MLflow use the *global* registry URI (./mlflow.db).
-            location = client.get_model_version_download_uri(name, chosen)
+            location = own_artifact(client, tracking_uri, name, chosen)
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=str(location), dst_path=tmp, tracking_uri=tracking_uri
+                artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri
             )
-        try:
-            with _quiet("mlflow"), _mlflow_env():
-                module = mlflow.pytorch.load_model(local, map_location="cpu")
-        except (ImportError, AttributeError) as exc:
-            raise TrackingError(
-                f"cannot unpickle {model_uri} from {tracking_uri}: {exc}; the package that "
-                "defines the model class must be importable (install the project in this "
-                "environment)"
-            ) from exc
-        except Exception as exc:
-            raise TrackingError(f"cannot load {model_uri} from {tracking_uri}: {exc}") from exc
-    if not isinstance(module, _torch_module_type()):
-        raise TrackingError(f"{model_uri} is not a torch.nn.Module (got {type(module).__name__})")
+        module = load_weights_only(Path(local) / "data" / "model.pth", model_uri)
     module.eval()
     return module
 
 
-def _torch_module_type() -> type[torch.nn.Module]:
-    """``torch.nn.Module``, imported lazily."""
+def own_artifact(client: MlflowClient, tracking_uri: str, name: str, version: str) -> str:
+    """Where version ``version`` of ``name`` is stored, once shown to be its campaign's own artifact.
+
+    Refused, in one line (:class:`TrackingError`): a version registered from no run or from a run
+    that is not in this store, a source outside its run's experiment's artifact root, and, for
+    a sqlite store, a source outside the store's own ``mlartifacts/`` or in a directory that
+    another user may write. (Another account that reached the store could otherwise point the
+    champion at a model of its own.)
+    """
+    from mlflow.exceptions import MlflowException
+
+    what = f"model {name!r} version {version} in {tracking_uri}"
+    mv = client.get_model_version(name, version)
+    try:
+        run = client.get_run(str(mv.run_id)) if mv.run_id else None
+    except MlflowException:
+        run = None
+    if run is None:
+        raise TrackingError(f"{what} comes from no run of this store (run id {mv.run_id!r}); refusing to load it")
+    root = str(client.get_experiment(run.info.experiment_id).artifact_location)
+    location = str(client.get_model_version_download_uri(name, version))
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        _private_under(location, db.parent / "mlartifacts", what)
+    if not _is_under(location, root):
+        raise TrackingError(f"{what}: its source {location} is not an artifact of its run's experiment "
+                            f"(under {root}); refusing to load it")
+    return location
+
+
+def _local(uri: str) -> Path | None:
+    """The resolved path of a ``file:`` URI or a plain path; None for other schemes."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    return Path(unquote(parsed.path)).resolve()
+
+
+def _is_under(location: str, root: str) -> bool:
+    here, top = _local(location), _local(root)
+    if here is not None and top is not None:
+        return here.is_relative_to(top)
+    parts = location.split("/")
+    return ".." not in parts and location.startswith(root.rstrip("/") + "/")
+
+
+def _private_under(location: str, root: Path, what: str) -> None:
+    """``location`` lies in ``root`` and no directory from ``root`` down to it may be written by another user."""
+    here = _local(location)
+    if here is None or not here.is_relative_to(root.resolve()):
+        raise TrackingError(f"{what}: its source {location} is not in this store's own artifacts ({root}); "
+                            "refusing to load it")
+    for directory in [*reversed(here.parents), here]:
+        if not directory.is_relative_to(root.resolve()) or not directory.exists():
+            continue
+        st = directory.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise TrackingError(f"{what}: {directory} may be written by another user (owner uid {st.st_uid}, "
+                                f"mode {st.st_mode & 0o777:o}); refusing to load a model from it")
+
+
+def load_weights_only(path: Path, model_uri: str) -> torch.nn.Module:
+    """The module pickled at ``path`` (an MLflow pytorch model's ``data/model.pth``), unpickled by torch's
+    weights-only loader with no class admitted but ``torch.nn.Module`` subclasses: a pickle that names a
+    function or any other class (code to run) is refused before any of it executes."""
+    import importlib
+
     import torch
 
-    return torch.nn.Module
+    def module_class(qualified: str) -> type:
+        parts = qualified.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                obj: Any = importlib.import_module(".".join(parts[:cut]))
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except (ImportError, AttributeError):
+                continue
+            if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+                return obj
+            break
+        raise TrackingError(f"{model_uri} names {qualified}, which is not an importable torch module class; "
+                            "refusing to unpickle it (it could run code)")
+
+    if not path.is_file():
+        raise TrackingError(f"{model_uri} holds no data/model.pth (not a pickled torch module); refusing to load it")
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [module_class(q) for q in unsafe]
+        with torch.serialization.safe_globals(allowed):
+            module = torch.load(path, map_location="cpu", weights_only=True)
+    except TrackingError:
+        raise
+    except Exception as exc:  # torch raises many kinds on a garbage or hostile file
+        raise TrackingError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise TrackingError(f"{model_uri} is not a torch.nn.Module (got {type(module).__name__})")
+    return module

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +30,11 @@ pytestmark = [pytest.mark.ui, pytest.mark.integration]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _api(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """MLflow's REST API: POST with a JSON body, or GET without one."""
+def _api(ui: UI, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """MLflow's REST API through the front, with the printed URL's token: POST with a JSON body, or GET."""
     payload = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=payload,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(f"{ui.base}/api/2.0/mlflow/{path}", data=payload,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {ui.token}"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         data: dict[str, Any] = json.loads(resp.read())
         return data
@@ -65,6 +66,7 @@ def finished_campaign(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class UI:
     def __init__(self, proc: subprocess.Popen[str], url: str, first_line: str) -> None:
         self.proc, self.url, self.first_line = proc, url, first_line
+        self.base, _, self.token = url.partition("/?token=")  # the printed URL: http://127.0.0.1:PORT/?token=T
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def ui(finished_campaign: Path, busy_port: int) -> Iterator[UI]:
     """The ui command as a user starts it, asked for a port that is taken."""
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", str(finished_campaign), "--port",
                              str(busy_port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()  # blocks until the URL is printed (the server answers by then)
     assert line.startswith("MLflow UI for "), (line, proc.stderr.read() if proc.poll() is not None else "")
     yield UI(proc, line.split(": ", 1)[1].split()[0], line)
@@ -91,24 +93,29 @@ def ui(finished_campaign: Path, busy_port: int) -> Iterator[UI]:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium: scripts/install-browser.sh installs it (root, apt)")
 def test_ui_shows_the_campaign_its_metrics_and_model_in_a_browser(ui: UI, busy_port: int) -> None:
-    assert ui.url.startswith("http://127.0.0.1:") and not ui.url.endswith(f":{busy_port}")
+    assert ui.base.startswith("http://127.0.0.1:") and not ui.base.endswith(f":{busy_port}") and ui.token
     descendants = psutil.Process(ui.proc.pid).children(recursive=True)
     for conn in psutil.net_connections("tcp"):  # nothing of the server listens off loopback
         if conn.status == psutil.CONN_LISTEN and conn.pid in {ui.proc.pid, *(p.pid for p in descendants)}:
             assert conn.laddr.ip == "127.0.0.1", conn
 
-    exps = _api(ui.url, "experiments/search", {"max_results": 100})["experiments"]
+    for url in (f"{ui.base}/", f"{ui.base}/api/2.0/mlflow/experiments/search?max_results=1"):  # no token: refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=30)
+        refused.value.close()  # an open connection would hold the port after the ui ends (FIN_WAIT2)
+        assert refused.value.code == 403
+    exps = _api(ui, "experiments/search", {"max_results": 100})["experiments"]
     exp = next(e for e in exps if e["name"] == "ui-test")
-    runs = _api(ui.url, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    runs = _api(ui, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert len(runs) == 1
     run = runs[0]
     run_name = run["info"]["run_name"]
     assert run_name.startswith("sine-")
 
-    listing = _rendered(f"{ui.url}/#/experiments/{exp['experiment_id']}/runs")
+    listing = _rendered(f"{ui.url}#/experiments/{exp['experiment_id']}/runs")
     assert "ui-test" in listing and run_name in listing
 
-    page = _rendered(f"{ui.url}/#/experiments/{exp['experiment_id']}/runs/{run['info']['run_id']}")
+    page = _rendered(f"{ui.url}#/experiments/{exp['experiment_id']}/runs/{run['info']['run_id']}")
     assert run_name in page
     for metric in ("check_error", "round_train_rmse", "round_data_points", "round_sims_launched", "round_wall_s"):
         assert metric in page, metric
@@ -116,10 +123,10 @@ def test_ui_shows_the_campaign_its_metrics_and_model_in_a_browser(ui: UI, busy_p
     assert "target_met: 1 training round(s)" in page  # the description says how it ended
 
     # the registry's page of the model version names the campaign run that made it
-    version = _rendered(f"{ui.url}/#/models/ui-surrogate/versions/1")
+    version = _rendered(f"{ui.url}#/models/ui-surrogate/versions/1")
     assert f"Surrogate trained by campaign run {run_name}" in version
 
-    artifacts = _api(ui.url, f"artifacts/list?run_id={run['info']['run_id']}")
+    artifacts = _api(ui, f"artifacts/list?run_id={run['info']['run_id']}")
     names = {f["path"] for f in artifacts.get("files", [])}
     assert {"timeline.png", "summary.json", "loop.yml", "events.jsonl"} <= names
 
@@ -131,7 +138,7 @@ def test_ctrl_c_stops_the_server_and_its_whole_tree_and_the_busy_port_was_named(
     assert ui.proc.wait(60) == 0
     _, alive = psutil.wait_procs(tree, timeout=30)
     assert alive == []
-    port = int(ui.url.rsplit(":", 1)[1])
+    port = int(ui.base.rsplit(":", 1)[1])
     with socket.socket() as s:  # nothing listens there any more (closed connections may linger in TIME_WAIT)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

@@ -8,7 +8,7 @@ restarts the worker); a task that raises is retried ``task_retries`` times, then
 surfaces as :class:`TrainingError`.
 
 Backends:
-- ``local``: a ``LocalCluster`` of worker processes, scheduler on loopback, TLS, no dashboard.
+- ``local``: a ``LocalCluster`` of worker processes, scheduler on loopback, TLS, no HTTP server.
 - ``allocation`` and ``jobqueue``: see :mod:`orchestrator.training.slurm`.
 """
 
@@ -32,6 +32,7 @@ from orchestrator.procs import guardian, kill_known, read_stat
 from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
 from orchestrator.training.fastexit import FastExit
+from orchestrator.training.nohttp import ROUTES_OFF, NoHTTP, stop_http
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class LocalBackend(Backend):
         return await asyncio.shield(self._starting)
 
     async def _start(self) -> Client:
-        dask.config.set(QUIET_DASK)
+        dask.config.set({**QUIET_DASK, **ROUTES_OFF})
         # TLS with a certificate made for this campaign: another user (or process) on the node cannot
         # connect, even on loopback, and so cannot run code in the workers. No dashboard.
         security = Security.temporary()
@@ -118,11 +119,13 @@ class LocalBackend(Backend):
             host="127.0.0.1",
             protocol="tls://",
             security=security,
-            dashboard_address=None,  # no dashboard; the scheduler's HTTP server (health) on loopback
+            dashboard_address=None,  # no dashboard; the HTTP servers on loopback, stopped once up (nohttp)
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             asynchronous=True,
         ))
+        stop_http(self.cluster.scheduler)
         self.client = await cast(Awaitable[Client], Client(self.cluster, security=security, asynchronous=True))
+        await cast(Awaitable[Any], self.client.register_plugin(NoHTTP()))
         await cast(Awaitable[Any], self.client.register_plugin(FastExit()))  # a prompt exit at close
         for pid, _ in worker_processes(self.cluster):  # a SIGKILLed coordinator leaves no worker process behind
             guardian.watch_pid(pid)

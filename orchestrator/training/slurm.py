@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import dask
 from distributed import Client, Scheduler
 from distributed.security import Security
 
@@ -49,6 +51,7 @@ from orchestrator.slurm import (
     step_argv,
 )
 from orchestrator.training.base import Backend
+from orchestrator.training.nohttp import ROUTES_OFF, WORKER_ENV, NoHTTP, stop_http
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ WORKER_EXIT_TIMEOUT_S = 15.0
 WORKER_DEATH_TIMEOUT_S = 60
 """A worker whose scheduler vanished (coordinator killed) exits after this."""
 HTTP_ADDRESS = "127.0.0.1:0"
-"""The scheduler's HTTP server (health, metrics; no dashboard) stays on loopback, any free port."""
+"""The scheduler's HTTP server binds loopback, any free port, and is stopped once up (:mod:`.nohttp`)."""
 
 
 # --------------------------------------------------------------------------
@@ -245,8 +248,10 @@ class AllocationBackend(Backend):
         security = _Security.temporary() if self.listen.tls else None
         self.dask_dir.mkdir(parents=True, exist_ok=True)
         tls_flags = write_worker_tls(security, self.dask_dir / "tls") if security is not None else []
+        dask.config.set(ROUTES_OFF)
         self.scheduler = await Scheduler(host=self.listen.host, port=0, protocol=self.listen.protocol,
                                          security=security, dashboard=False, dashboard_address=HTTP_ADDRESS)
+        stop_http(self.scheduler)
         log.info("dask scheduler at %s (tls %s)", self.scheduler.address, self.listen.tls)
         argv = [
             *step_argv(self.cfg.workers, cpus_per_task=self.cfg.threads_per_worker, placement=placement,
@@ -255,12 +260,13 @@ class AllocationBackend(Backend):
             *worker_argv(self.scheduler.address, self.cfg, self.dask_dir, tls_flags),
         ]
         with self.log_path.open("wb") as out:
-            self.proc = await procs.start(argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1"}), stdout=out,
-                                          stderr=subprocess.STDOUT)
+            self.proc = await procs.start(argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENV}),
+                                          stdout=out, stderr=subprocess.STDOUT)
         self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)
         await self._wait_for_workers(self.client, self.proc)
         from orchestrator.training.fastexit import FastExit
 
+        await cast(Any, self.client).register_plugin(NoHTTP())
         await cast(Any, self.client).register_plugin(FastExit())  # the step ends soon after the close
         return self.client
 
@@ -356,6 +362,8 @@ def jobqueue_options(
                                                                       for d in user_directives) else [gres])
     if security is not None:
         opts.update(security=security, shared_temp_directory=str(run_dir / "dask" / "tls"))
+    prologue = list(user.pop("job_script_prologue", None) or [])
+    opts["job_script_prologue"] = [*prologue, *(f"export {k}={shlex.quote(v)}" for k, v in WORKER_ENV.items())]
     opts.update(user)
     opts["scheduler_options"] = scheduler
     return opts
@@ -397,14 +405,17 @@ class JobqueueBackend(Backend):
             (self.run_dir / "dask" / "tls").mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.run_dir / "dask-jobs").mkdir(parents=True, exist_ok=True)
         opts = jobqueue_options(self.cfg, self.run_dir, self.listen, security)
+        dask.config.set(ROUTES_OFF)
         try:
             self.cluster = await SLURMCluster(asynchronous=True, **opts)
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"training.jobqueue: SLURMCluster refused the options: {exc}") from exc
+        stop_http(self.cluster.scheduler)
         log.info("SLURMCluster scheduler at %s; job script:\n%s", self.cluster.scheduler_address,
                  self.cluster.job_script())
         self.cluster.scale(self.cfg.workers)
         self.client = await _Client(self.cluster, asynchronous=True)
+        await cast(Any, self.client).register_plugin(NoHTTP())
         try:
             await cast(Any, self.client).wait_for_workers(self.cfg.workers, timeout=JOBQUEUE_START_TIMEOUT_S)
         except TimeoutError as exc:
