@@ -48,7 +48,7 @@ class Pictures:
             logdir = tensorboard_dir(cfg.tracking.tensorboard_dir, root)
             try:
                 self._tb = EventWriter(logdir)
-            except OSError as exc:  # a file of that name on the way, no permission
+            except (NotADirectoryError, FileExistsError, PermissionError) as exc:  # a file on the way, no access
                 raise ConfigError(f"tracking.tensorboard_dir: {cfg.tracking.tensorboard_dir!r}: cannot write "
                                   f"event files in {logdir}: {exc.strerror}") from exc
 

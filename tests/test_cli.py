@@ -60,3 +60,14 @@ def test_a_malformed_set_value_is_one_line() -> None:
     assert proc.returncode == 2
     assert proc.stderr == ("error: --set 'target.tolerance=[0.1': value '[0.1' is not valid YAML at column 5: "
                            "expected ',' or ']', but got '<stream end>'\n")
+
+
+def test_tensorboard_dir_naming_a_file_in_the_run_dir_is_one_line(tmp_path: Path) -> None:
+    """Relative to the run dir, which holds loop.yml: known only once the run dir exists."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", "examples/sine/loop.yml", "--no-live",
+                           "--set", "tracking.tensorboard_dir=loop.yml/tb", "--set", "tracking.enabled=false",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: tracking.tensorboard_dir: 'loop.yml/tb': "), proc.stderr
+    assert errors[0].endswith("/loop.yml is not a directory; name a directory (relative: to the run dir)")
