@@ -52,7 +52,7 @@ def _generate_values(cfg: LoopConfig, rng: np.random.Generator, sims: int, work:
     if cfg.chosen_points:  # the same sim told its points: uniform ones, as uniform sampling chooses
         lo = np.array([i.lo for i in cfg.inputs])
         hi = np.array([i.hi for i in cfg.inputs])
-        pts = rng.uniform(lo, hi, size=(cfg.policy.points_per_run, lo.size))
+        pts = rng.uniform(lo, hi, size=(cfg.points_per_generate, lo.size))
         values["points_file"] = str(write_points(work / f"p{sims}.txt", pts))
     return values
 

@@ -367,7 +367,7 @@ class Campaign:
         if not self.cfg.chosen_points:
             wlo, whi = self.sampler.window(x, y, s.failed_points, s.model_version)
             return await self._generate(seed, [float(v) for v in wlo], [float(v) for v in whi])
-        points = self.sampler.choose(self.cfg.policy.points_per_run, x, y, s.failed_points, s.model_version)
+        points = self.sampler.choose(self.cfg.points_per_generate, x, y, s.failed_points, s.model_version)
         key = f"{seed}-{id(points)}"
         self.sampler.pending[key] = points
         values: dict[str, float | int] = {"seed": seed}

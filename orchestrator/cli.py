@@ -132,6 +132,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         result = (f"parser {sim.parser}" if sim.parser else f"output file {sim.output.path}" if sim.output
                   else "simkit (--out)")
         print(f"    results: {result}")
+        if role == "generate":
+            points = (f"chosen by the coordinator ({cfg.points_per_generate} per run)" if cfg.chosen_points
+                      else "drawn by the sim in a window")
+            print(f"    points: {points}")
     if cfg.tracking.enabled:
         from orchestrator.sharedfs import read_mounts, sqlite_on_shared_fs
         from orchestrator.tracking import default_tracking_uri

@@ -283,15 +283,19 @@ class PolicyConfig(_Strict):
     """Where generate sims evaluate (see docs/sampling.md): ``uniform`` (the whole domain),
     ``near-failures`` (around failed checks), ``space-filling`` (Latin hypercube over the
     domain), ``ensemble`` (where ``ensemble_size`` surrogates disagree most, points kept apart),
-    or a user's ``module:function`` found next to loop.yml. Points are chosen by the coordinator
-    when the generate args use ``{points_file}``; otherwise the strategy picks a window centre."""
+    or a user's ``module:function`` found next to loop.yml. The strategy chooses each generate
+    run's points when the coordinator chooses them (``points_per_run``); otherwise it picks the
+    centre of the window the sim draws its own points in."""
     first_round: Literal["uniform", "space-filling"] = "space-filling"
     """How the points of generate runs before the first model are chosen (points mode)."""
     ensemble_size: int = Field(default=1, ge=1, le=64)
     """Surrogates trained per round, each from its own seed, as separate Dask tasks; the
     ensemble's mean is the prediction, its spread the uncertainty. ``ensemble`` needs >= 2."""
-    points_per_run: int = Field(default=32, ge=1, le=1_000_000)
-    """Points chosen for one generate run when its args use ``{points_file}``."""
+    points_per_run: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Points the coordinator chooses for each generate run. Set, every generate run is told its
+    points: in ``{points_file}`` (its args) and as ``points``/``points_file`` in its templates.
+    None: the sim draws its own points in a window, unless its args name ``{points_file}``
+    (then 32 per run)."""
     candidates: int = Field(default=2000, ge=1, le=1_000_000)
     """Size of the candidate pool the ensemble is evaluated on after each round."""
     min_separation: float = Field(default=0.02, ge=0, le=1)
@@ -583,8 +587,14 @@ class LoopConfig(_Strict):
 
     @property
     def chosen_points(self) -> bool:
-        """The generate sim is told its points (its args use ``{points_file}``)."""
-        return any("{points_file" in a for a in self.sims.generate.args)
+        """The coordinator chooses each generate run's points (``policy.points_per_run`` set, or
+        the generate args take a ``{points_file}``); otherwise the sim draws them in a window."""
+        return self.policy.points_per_run is not None or any("{points_file" in a for a in self.sims.generate.args)
+
+    @property
+    def points_per_generate(self) -> int:
+        """Points chosen for one generate run (when :attr:`chosen_points`)."""
+        return self.policy.points_per_run or DEFAULT_POINTS_PER_RUN
 
     @property
     def input_names(self) -> list[str]:
@@ -596,6 +606,8 @@ class LoopConfig(_Strict):
 
 
 COMMON_FIELDS = ("seed", "run_id", "attempt", "ranks", "campaign_time")
+DEFAULT_POINTS_PER_RUN = 32
+"""Points per generate run when its args name ``{points_file}`` and ``policy.points_per_run`` is unset."""
 
 
 def check_fields(inputs: Sequence[str]) -> set[str]:

@@ -26,7 +26,7 @@ from orchestrator.outputs import Parser, load_parser, read_output, run_parser
 from orchestrator.results import Table, read_table
 
 POINTS_HINT = ("; a generate run's templates get `points` and `points_file` when the coordinator chooses its "
-               "points, which it does when sims.generate.args name {points_file} (the code may ignore that file)")
+               "points: set policy.points_per_run (points per generate run)")
 
 
 def _environment(base: Path) -> jinja2.Environment:
@@ -35,7 +35,9 @@ def _environment(base: Path) -> jinja2.Environment:
                               keep_trailing_newline=True, autoescape=False)
 
 
-def _check_template(env: jinja2.Environment, src: Path, allowed: set[str], key: str) -> jinja2.Template:
+def _check_template(env: jinja2.Environment, src: Path, allowed: set[str], key: str
+                    ) -> tuple[jinja2.Template, set[str]]:
+    """The compiled template and the names it uses; an unknown name or bad syntax is a ConfigError."""
     try:
         text = src.read_text()
     except OSError as exc:
@@ -44,12 +46,13 @@ def _check_template(env: jinja2.Environment, src: Path, allowed: set[str], key: 
         ast = env.parse(text, filename=str(src))
     except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(f"{key}: {src}, line {exc.lineno}: template syntax error: {exc.message}") from exc
-    unknown = sorted(jinja2.meta.find_undeclared_variables(ast) - allowed)
+    used = jinja2.meta.find_undeclared_variables(ast)
+    unknown = sorted(used - allowed)
     if unknown:
         hint = POINTS_HINT if {"points", "points_file"} & set(unknown) else ""
         raise ConfigError(f"{key}: {src} uses undefined variable(s) {', '.join(unknown)}; "
                           f"allowed: {', '.join(sorted(allowed))}{hint}")
-    return env.from_string(text)
+    return env.from_string(text), used
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class SimIO:
     output: OutputFile | None = None
     parser: Parser | None = None
     parser_ref: str | None = None
+    uses: frozenset[str] = frozenset()
+    """The names its templates use (e.g. ``points``)."""
 
     @property
     def simkit(self) -> bool:
@@ -109,9 +114,11 @@ SIMKIT = SimIO()
 def sim_io(sim: SimConfig, base: Path, allowed: set[str], key: str) -> SimIO:
     """Check and load what ``sim`` declares (templates, files, parser), paths relative to ``base``."""
     env = _environment(base)
-    templates = {name: _check_template(env, resolve_path(base / src, f"{key}.templates.{name}"), allowed,
-                                       f"{key}.templates.{name}")
-                 for name, src in sim.templates.items()}
+    checked = {name: _check_template(env, resolve_path(base / src, f"{key}.templates.{name}"), allowed,
+                                     f"{key}.templates.{name}")
+               for name, src in sim.templates.items()}
+    templates = {name: template for name, (template, _) in checked.items()}
+    uses = frozenset().union(*(used for _, used in checked.values()))
     files = []
     for item in sim.files:
         path = resolve_path(base / item, f"{key}.files: {item!r}")
@@ -121,4 +128,4 @@ def sim_io(sim: SimConfig, base: Path, allowed: set[str], key: str) -> SimIO:
             raise ConfigError(f"{key}.files: {path.name!r} is also a rendered template; keep one")
         files.append(path)
     parser = load_parser(sim.parser, base, f"{key}.parser") if sim.parser else None
-    return SimIO(templates, tuple(files), sim.output, parser, sim.parser)
+    return SimIO(templates, tuple(files), sim.output, parser, sim.parser, uses)

@@ -194,6 +194,7 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
         check_launcher(sim, setups[role], key)
         for name, template in setups[role].io.templates.items():  # fails now, not in every sim attempt
             render_template(f"{key}.templates.{name}", template, sample_fields(cfg, role, sim))
+    check_points_reach(cfg, setups["generate"], f"{loop_file}: sims.generate")
     return setups
 
 
@@ -211,6 +212,15 @@ def sample_fields(cfg: LoopConfig, role: str, sim: SimConfig) -> dict[str, Any]:
     if cfg.chosen_points:
         fields |= {"points": [mid, mid], "points_file": "points.txt"}
     return fields
+
+
+def check_points_reach(cfg: LoopConfig, setup: SimSetup, key: str) -> None:
+    """Refuse, in one line, points chosen for a generate sim that is told them nowhere."""
+    told = any("{points_file" in a for a in cfg.sims.generate.args) or {"points", "points_file"} & setup.io.uses
+    if cfg.chosen_points and not told:
+        raise ConfigError(f"{key}: policy.points_per_run={cfg.policy.points_per_run} makes the coordinator choose "
+                          "each run's points, but the sim is not told them: name {points_file} in its args or "
+                          "use `points` (or `points_file`) in one of its templates")
 
 
 def check_launcher(sim: SimConfig, setup: SimSetup, key: str) -> None:

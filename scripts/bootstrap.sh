@@ -70,16 +70,25 @@ if [[ -f $stamp ]] && [[ -z $(find "${inputs[@]}" -newer "$stamp" 2>/dev/null) ]
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-if [[ -f $stamp ]]; then
-    echo "bootstrap: pyproject.toml, constraints.txt, CMakeLists.txt, sims/ or MPICC changed: updating $VENV" >&2
+if [[ -f $stamp ]] && [[ -z $(find pyproject.toml constraints.txt -newer "$stamp" 2>/dev/null) ]]; then
+    # The dependencies are in place: rebuild the sims (and the editable hook) only, in seconds.
+    echo "bootstrap: CMakeLists.txt, sims/ or MPICC changed: rebuilding the sims" >&2
+    only=(--no-deps)
+    project=.
 else
-    echo "bootstrap: installing into $VENV (first time: a few minutes)" >&2
+    if [[ -f $stamp ]]; then
+        echo "bootstrap: pyproject.toml or constraints.txt changed: updating $VENV" >&2
+    else
+        echo "bootstrap: installing into $VENV (first time: a few minutes)" >&2
+    fi
+    # The exact versions (torch's CPU wheel among them) come from constraints.txt.
+    pip install -c constraints.txt "scikit-build-core>=0.10" "cmake>=3.20" ninja mpich
+    only=()
+    project='.[dev,ui]'
 fi
-# The exact versions (torch's CPU wheel among them) come from constraints.txt.
-pip install -c constraints.txt "scikit-build-core>=0.10" "cmake>=3.20" ninja mpich
 echo "bootstrap: building the sims with $mpicc" >&2
 # Passed explicitly, so CMake never takes whichever mpicc PATH shows first.
-pip install -c constraints.txt --no-build-isolation -e '.[dev,ui]' \
+pip install -c constraints.txt --no-build-isolation "${only[@]}" -e "$project" \
     --config-settings=cmake.define.MPI_C_COMPILER="$mpicc"
 echo "$mpicc" >"$record"
 touch "$stamp"

@@ -172,9 +172,12 @@ def test_chosen_points_reach_a_template_driven_code(tmp_path: Path) -> None:
     loop = project(tmp_path)
     (tmp_path / "generate.in.j2").write_text(CHOSEN_DECK)
     cfg = yaml.safe_load(loop.read_text())
-    cfg["sims"]["generate"]["args"] = ["deck.in", "{points_file}"]  # the coordinator chooses; the code ignores it
+    assert cfg["sims"]["generate"]["args"] == ["deck.in"]  # no {points_file}: the config alone says "chosen"
     cfg["policy"] = {"sampling": "space-filling", "points_per_run": 12}
     loop.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    validated = orchestrate("validate", str(loop), cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr
+    assert "    points: chosen by the coordinator (12 per run)" in validated.stdout.splitlines()
     done = orchestrate("run", str(loop), "--workdir", str(tmp_path / "runs"), "--no-live", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = next((tmp_path / "runs").glob("square-*"))
@@ -192,10 +195,20 @@ def test_chosen_points_reach_a_template_driven_code(tmp_path: Path) -> None:
 
 def test_points_in_a_template_without_chosen_points_is_one_line_that_says_how(tmp_path: Path) -> None:
     loop = project(tmp_path)
-    (tmp_path / "generate.in.j2").write_text(CHOSEN_DECK)  # but args do not name {points_file}
+    (tmp_path / "generate.in.j2").write_text(CHOSEN_DECK)  # but policy.points_per_run is not set
     line = one_line_error(orchestrate("validate", str(loop), cwd=tmp_path))
     assert "sims.generate.templates.deck.in" in line and "undefined variable(s) points, points_file" in line
-    assert "sims.generate.args name {points_file}" in line
+    assert "set policy.points_per_run" in line
+
+
+def test_a_window_deck_is_drawn_by_the_sim_and_chosen_points_it_ignores_are_refused(tmp_path: Path) -> None:
+    loop = project(tmp_path)  # generate.in.j2 spreads 16 points over {{ lo }}..{{ hi }} itself
+    validated = orchestrate("validate", str(loop), cwd=tmp_path)
+    assert validated.returncode == 0, validated.stderr
+    assert "    points: drawn by the sim in a window" in validated.stdout.splitlines()
+    line = one_line_error(orchestrate("validate", str(loop), "--set", "policy.points_per_run=12", cwd=tmp_path))
+    assert "sims.generate: policy.points_per_run=12 makes the coordinator choose" in line
+    assert "name {points_file} in its args or use `points`" in line
 
 
 def test_template_with_an_undefined_variable_is_one_line_at_validate(tmp_path: Path) -> None:

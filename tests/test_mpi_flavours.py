@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from orchestrator.launchers.base import LaunchRequest
@@ -65,6 +66,22 @@ def sim_events(work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return json.loads((run_dir / "summary.json").read_text()), events
 
 
+def assert_lammps_ran_the_chosen_points(work: Path, events: list[dict[str, Any]]) -> None:
+    """Each LAMMPS generate run evaluated exactly the densities the coordinator chose, looped over in its
+    deck (``{% for p in points %}``), with no points file on its command line."""
+    gens = [e for e in events if e["event"] == "sim_end" and e["role"] == "generate" and e["outcome"] == "ok"]
+    assert gens
+    starts = {e["run_id"]: e["argv"] for e in events if e["event"] == "sim_start"}
+    for end in gens:
+        sim_dir = next(work.iterdir()) / "sims" / end["run_id"]
+        chosen = np.loadtxt(sim_dir / "points.txt", ndmin=2)[:, 0]
+        deck = (sim_dir / "in.generate").read_text()
+        assert deck.count("include lj-crystal.lmp") == len(chosen) == 32
+        ran = np.loadtxt(sim_dir / "rows.txt", ndmin=2)[:, 0]
+        np.testing.assert_allclose(ran, chosen, rtol=1e-12)  # LAMMPS prints %.15g
+        assert not any("points" in a for a in starts[end["run_id"]])
+
+
 # ------------------------------------------------------------------ detection and argv, as data
 
 
@@ -106,6 +123,17 @@ def test_validate_prints_the_detected_mpi(flavour: str, tmp_path: Path) -> None:
     assert f"srun --mpi={Flavour(flavour).srun_plugin}" in done.stdout
 
 
+def test_lammps_example_validates_with_points_chosen_by_the_coordinator() -> None:
+    if not LAMMPS.exists():
+        pytest.skip(f"{LAMMPS} is missing: {NEED}")
+    done = orchestrate("validate", "examples/lammps-lj/loop.yml")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    generate = lines.index(next(ln for ln in lines if ln.startswith("  generate: ")))
+    assert "    points: chosen by the coordinator (32 per run)" in lines[generate:]
+    assert "{points_file}" not in (REPO / "examples/lammps-lj/loop.yml").read_text()
+
+
 def test_spawn_with_debian_open_mpi_is_refused_in_one_line(tmp_path: Path) -> None:
     loop = loop_for(tmp_path, debian_sims("openmpi"), **{"sims.check.launcher": "spawn"})
     done = orchestrate("validate", str(loop))
@@ -143,6 +171,7 @@ def test_lammps_example_meets_its_target_locally(tmp_path: Path) -> None:
     assert summary["target_met"] is True
     starts = [e for e in events if e["event"] == "sim_start"]
     assert all(e["argv"][0] == "/usr/bin/mpiexec.openmpi" and "--out" not in e["argv"] for e in starts)
+    assert_lammps_ran_the_chosen_points(work, events)
 
 
 # ------------------------------------------------------------------ the same under salloc -N3 with srun
@@ -202,4 +231,5 @@ def test_lammps_example_meets_its_target_under_salloc(slurm_env: dict[str, str],
     assert summary["target_met"] is True
     starts = [e for e in events if e["event"] == "sim_start"]
     assert all(e["argv"][:3] == ["srun", "--exact", "--mpi=pmix"] and "--out" not in e["argv"] for e in starts)
+    assert_lammps_ran_the_chosen_points(work, events)
     assert probed["steps"] == [] and probed["stepds"] == []
