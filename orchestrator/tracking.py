@@ -1001,9 +1001,25 @@ def _private_under(location: str, root: Path, what: str) -> None:
         if not directory.is_relative_to(root.resolve()) or not directory.exists():
             continue
         st = directory.stat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        if _others_may_write(st):
             raise TrackingError(f"{what}: {directory} may be written by another user (owner uid {st.st_uid}, "
                                 f"mode {st.st_mode & 0o777:o}); refusing to load a model from it")
+
+
+def _others_may_write(st: os.stat_result) -> bool:
+    """Not ours, writable by others, or writable by a group that is not our own private one (umask 002)."""
+    import grp
+    import pwd
+
+    if st.st_uid != os.getuid() or st.st_mode & 0o002:
+        return True
+    if not st.st_mode & 0o020:
+        return False
+    try:
+        members = grp.getgrgid(st.st_gid).gr_mem
+    except KeyError:
+        return True
+    return bool(members) or st.st_gid != pwd.getpwuid(os.getuid()).pw_gid
 
 
 def load_weights_only(path: Path, model_uri: str) -> torch.nn.Module:

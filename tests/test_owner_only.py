@@ -297,3 +297,23 @@ def test_a_pickle_inside_the_campaigns_artifacts_is_not_unpickled(tmp_path: Path
     assert proc.returncode != 0 and not marker.exists()
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "system, which is not an importable torch module class" in proc.stderr, proc.stderr
+
+
+def test_a_version_in_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:
+    """The campaign's own version, but its directory opened to every account: anyone could have swapped it."""
+    from orchestrator.errors import TrackingError
+    from orchestrator.tracking import load_registered_model
+
+    root = tmp_path / "runs"
+    uri = default_tracking_uri(root)
+    tracker = Tracker(uri, "owned", "sine-owned")
+    tracker.start({})
+    version = tracker.register_model(small_model(1), MODEL).version
+    tracker.finish("FINISHED")
+    x = torch.ones(2, 1)
+    assert torch.equal(load_registered_model(uri, MODEL, version)(x), small_model(1)(x))  # loads while private
+    (pth,) = (root / "mlartifacts").rglob("data/model.pth")
+    pth.parent.parent.chmod(0o777)
+    opened = rf"may be written by another user \(owner uid {os.getuid()}, mode 777\); refusing"
+    with pytest.raises(TrackingError, match=opened):
+        load_registered_model(uri, MODEL, version)

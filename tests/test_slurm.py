@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -293,12 +294,14 @@ async def _tls_workers(work: Path) -> dict[str, Any]:
         client = await backend.start()
         total = await client.submit(operator.add, 40, 2)
         info = backend.describe()
+        ports = await asyncio.to_thread(_dask_ports, str(work / "sine-tls"))
+        answers = await asyncio.to_thread(_http_answers, ports)
     finally:
         await backend.close()
     modes = sorted(oct(p.stat().st_mode & 0o777) for p in (work / "sine-tls" / "dask" / "tls").iterdir())
     assert alloc.job_id is not None
     report = {"total": total, "info": info, "modes": modes, "steps": listed_steps(alloc.job_id),
-              "left": pids_of(str(work / "sine-tls"))}
+              "left": pids_of(str(work / "sine-tls")), "ports": ports, "http_answers": answers}
 
     # a worker step Slurm refuses (a node outside the allocation) fails start() at once, with srun's reason
     outside = sorted({"n1", "n2", "n3"} - set(alloc.node_names))[0]
@@ -313,6 +316,43 @@ async def _tls_workers(work: Path) -> dict[str, Any]:
         await bad.close()
     report["refused_s"] = time.monotonic() - t0
     return report
+
+
+def _dask_ports(marker: str) -> list[int]:
+    """TCP ports on which this process (the scheduler) and the srun'd workers and nannies (``marker`` in their
+    command lines) listen."""
+    import psutil
+
+    pids = {os.getpid()}
+    for pid in pids_of(marker):  # srun and the nannies; the workers are the nannies' children
+        try:
+            pids |= {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            continue
+    return sorted({c.laddr.port for c in psutil.net_connections("inet")
+                   if c.pid in pids and c.status == psutil.CONN_LISTEN})
+
+
+def _http_answers(ports: list[int]) -> list[str]:
+    """``port path: status line`` for every port that answers plain HTTP or TLS without a client certificate."""
+    import ssl
+
+    answered = []
+    for port in ports:
+        for tls in (False, True):
+            for path in ("/health", "/info/main/workers.html"):
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                        ctx = ssl.create_default_context()
+                        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                        conn = ctx.wrap_socket(raw) if tls else raw
+                        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                        line = conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+                except (OSError, ssl.SSLError):
+                    continue
+                if line.startswith("HTTP/"):
+                    answered.append(f"{port} {path} tls={tls}: {line}")
+    return answered
 
 
 def tls_driver() -> None:
@@ -334,6 +374,8 @@ def test_allocation_backend_over_tls(slurm_env: dict[str, str], tmp_path: Path) 
     assert len(info["workers"]) == 2 and all(w.startswith("tls://") for w in info["workers"])
     assert len(info["nodes"]) == 2 and info["step_id"].startswith(f"{probed['job']}.")
     assert report["modes"] == ["0o600"] * 3
+    # scheduler, two workers and their nannies listen, and none answers HTTP (plain, or TLS without the certificate)
+    assert len(report["ports"]) >= 5 and report["http_answers"] == [], report
     assert report["steps"] == [] and report["left"] == []
     assert probed["stepds"] == []
     assert "Unable to create step" in report["refused"] and report["refused_s"] < 20, report

@@ -281,6 +281,11 @@ def test_jobqueue_options_defaults_and_pass_through(tmp_path: Path) -> None:
                                          "port": 8786}
     assert opts["job_name"] == "sine-1-dask"
     assert "security" not in opts
+    # the workers' HTTP servers serve no route (they are stopped once up): the jobs' environment says so
+    assert opts["job_script_prologue"] == ["export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'"]
+    mine = TrainingConfig(backend="jobqueue", jobqueue={"job_script_prologue": ["module load python"]})
+    assert ts.jobqueue_options(mine, tmp_path / "s", ts.LOOPBACK, None)["job_script_prologue"] == [
+        "module load python", "export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'"]
     secure = ts.jobqueue_options(cfg, tmp_path / "sine-1", ts.ListenPlan("10.0.0.5", tls=True), object())  # type: ignore[arg-type]
     assert secure["scheduler_options"]["host"] == "10.0.0.5"
     assert secure["shared_temp_directory"] == str(tmp_path / "sine-1" / "dask" / "tls")
