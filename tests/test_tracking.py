@@ -380,6 +380,7 @@ def test_an_unsupported_uri_is_not_retried_as_a_passing_fault() -> None:
     assert not info.value.transient
 
 
+@pytest.mark.integration
 def test_registration_behind_a_held_schema_lock_stops_resumable_naming_the_holder(tmp_path: Path) -> None:
     """Issue 24 item 8, end to end: another process holds ``mlflow.db.lock`` when the target is met. The
     registration waits SCHEMA_LOCK_WAIT_S, then the campaign stops resumable (75) with one line naming the
