@@ -60,6 +60,8 @@ class InputSpec(_Strict):
     def _ordered(self) -> InputSpec:
         if not self.lo < self.hi:
             raise ValueError(f"lo ({self.lo}) must be below hi ({self.hi})")
+        if self.hi - self.lo == float("inf"):
+            raise ValueError(f"the domain [{self.lo}, {self.hi}] is wider than a float holds; rescale the input")
         return self
 
 
@@ -146,9 +148,19 @@ class SimConfig(_Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
+        for name, value in v.items():
             if not _IDENT.match(name):
                 raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
+            if "\x00" in value:
+                raise ValueError(f"{name}={value!r} holds a NUL character, which no environment can carry")
+        return v
+
+    @field_validator("binary", "args", "mpiexec")
+    @classmethod
+    def _no_nul(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for item in [v] if isinstance(v, str) else v or ():
+            if "\x00" in item:
+                raise ValueError(f"{item!r} holds a NUL character, which no command line can carry")
         return v
 
     @field_validator("srun_args")
@@ -447,7 +459,7 @@ class LoopConfig(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     """Campaign name; run directories are <workdir>/<name>-<timestamp>."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     """Makes the campaign reproducible: query points, sim seeds, model init."""
     workdir: str = "runs"
     """Run root (relative to the current directory); ``--workdir`` overrides."""
