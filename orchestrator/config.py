@@ -37,6 +37,8 @@ _SRUN_DENIED_SHORT = frozenset("nNcwFOsr")
 """The short forms of :data:`SRUN_DENIED` (``-n4``, ``-w node1``, ...)."""
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "databricks", "http", "https")
 """URI schemes of the MLflow stores a campaign can track to (MLflow's file store is refused by this MLflow)."""
+_MEMORY = re.compile(r"^\s*(auto|(\d+(\.\d*)?([eE][+-]?\d+)?)?\s*([kmgtp]i?b?|b)?)\s*$", re.IGNORECASE)
+"""A memory limit as dask.utils.parse_bytes reads it (a number, a unit, or both), or ``auto``."""
 CHAMPION_ALIAS = "champion"
 """The registry alias of the model in service by default (continual mode sets it; predict and evaluate read it)."""
 
@@ -330,6 +332,14 @@ class TrainingConfig(_Strict):
     ``torch.distributed`` (gloo on CPU, nccl on GPU)."""
     jobqueue: dict[str, Any] = {}
     """Passed through to dask_jobqueue.SLURMCluster (queue, account, walltime, ...)."""
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        if not v.strip() or not _MEMORY.match(v):
+            raise ValueError(f"got {v!r}, expected an amount of memory in Dask's syntax (e.g. 2GB, 512MiB, 4e9) "
+                             "or auto")
+        return v
 
     @property
     def gpus(self) -> int:
