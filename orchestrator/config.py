@@ -509,6 +509,10 @@ class LoopConfig(_Strict):
     @model_validator(mode="after")
     def _placeholders(self) -> LoopConfig:
         names = [i.name for i in self.inputs]
+        reserved = [n for n in names if n in RESERVED_FIELDS or n.endswith(("_lo", "_hi"))]
+        if reserved:
+            raise ValueError(f"inputs: name {reserved[0]!r} is a placeholder the coordinator fills itself "
+                             f"({', '.join(RESERVED_FIELDS)}, NAME_lo, NAME_hi); rename the input")
         if len(set(names) | set(self.outputs)) != len(names) + len(self.outputs):
             both = sorted({n for n in [*names, *self.outputs] if [*names, *self.outputs].count(n) > 1})
             raise ValueError(f"inputs/outputs: {', '.join(map(repr, both))} named twice; input and output names "
@@ -544,6 +548,8 @@ class LoopConfig(_Strict):
 
 
 COMMON_FIELDS = ("seed", "run_id", "attempt", "ranks", "campaign_time")
+RESERVED_FIELDS = (*COMMON_FIELDS, "points", "points_file", "lo", "hi")
+"""Placeholder names an input may not take: the coordinator's value would silently replace the input's."""
 
 
 def check_fields(inputs: Sequence[str]) -> set[str]:
