@@ -37,6 +37,8 @@ _SRUN_DENIED_SHORT = frozenset("nNcwFOsr")
 """The short forms of :data:`SRUN_DENIED` (``-n4``, ``-w node1``, ...)."""
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "databricks", "http", "https")
 """URI schemes of the MLflow stores a campaign can track to (MLflow's file store is refused by this MLflow)."""
+_MEMORY = re.compile(r"^\s*(auto|(\d+(\.\d*)?([eE][+-]?\d+)?)?\s*([kmgtp]i?b?|b)?)\s*$", re.IGNORECASE)
+"""A memory limit as dask.utils.parse_bytes reads it (a number, a unit, or both), or ``auto``."""
 CHAMPION_ALIAS = "champion"
 """The registry alias of the model in service by default (continual mode sets it; predict and evaluate read it)."""
 
@@ -60,6 +62,8 @@ class InputSpec(_Strict):
     def _ordered(self) -> InputSpec:
         if not self.lo < self.hi:
             raise ValueError(f"lo ({self.lo}) must be below hi ({self.hi})")
+        if self.hi - self.lo == float("inf"):
+            raise ValueError(f"the domain [{self.lo}, {self.hi}] is wider than a float holds; rescale the input")
         return self
 
 
@@ -146,9 +150,19 @@ class SimConfig(_Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
+        for name, value in v.items():
             if not _IDENT.match(name):
                 raise ValueError(f"environment variable name {name!r} is not a name (letters, digits, _)")
+            if "\x00" in value:
+                raise ValueError(f"{name}={value!r} holds a NUL character, which no environment can carry")
+        return v
+
+    @field_validator("binary", "args", "mpiexec")
+    @classmethod
+    def _no_nul(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for item in [v] if isinstance(v, str) else v or ():
+            if "\x00" in item:
+                raise ValueError(f"{item!r} holds a NUL character, which no command line can carry")
         return v
 
     @field_validator("srun_args")
@@ -397,6 +411,14 @@ class TrainingConfig(_Strict):
     jobqueue: dict[str, Any] = {}
     """Passed through to dask_jobqueue.SLURMCluster (queue, account, walltime, ...)."""
 
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        if not v.strip() or not _MEMORY.match(v):
+            raise ValueError(f"got {v!r}, expected an amount of memory in Dask's syntax (e.g. 2GB, 512MiB, 4e9) "
+                             "or auto")
+        return v
+
     @property
     def gpus(self) -> int:
         """GPUs per worker after the default (``gpus_per_worker``)."""
@@ -525,7 +547,7 @@ class LoopConfig(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     """Campaign name; run directories are <workdir>/<name>-<timestamp>."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     """Makes the campaign reproducible: query points, sim seeds, model init."""
     workdir: str = "runs"
     """Run root (relative to the current directory); ``--workdir`` overrides."""
@@ -565,6 +587,10 @@ class LoopConfig(_Strict):
     @model_validator(mode="after")
     def _placeholders(self) -> LoopConfig:
         names = [i.name for i in self.inputs]
+        reserved = [n for n in names if n in RESERVED_FIELDS or n.endswith(("_lo", "_hi"))]
+        if reserved:
+            raise ValueError(f"inputs: name {reserved[0]!r} is a placeholder the coordinator fills itself "
+                             f"({', '.join(RESERVED_FIELDS)}, NAME_lo, NAME_hi); rename the input")
         if len(set(names) | set(self.outputs)) != len(names) + len(self.outputs):
             both = sorted({n for n in [*names, *self.outputs] if [*names, *self.outputs].count(n) > 1})
             raise ValueError(f"inputs/outputs: {', '.join(map(repr, both))} named twice; input and output names "
@@ -608,6 +634,8 @@ class LoopConfig(_Strict):
 COMMON_FIELDS = ("seed", "run_id", "attempt", "ranks", "campaign_time")
 DEFAULT_POINTS_PER_RUN = 32
 """Points per generate run when its args name ``{points_file}`` and ``policy.points_per_run`` is unset."""
+RESERVED_FIELDS = (*COMMON_FIELDS, "points", "points_file", "lo", "hi")
+"""Placeholder names an input may not take: the coordinator's value would silently replace the input's."""
 
 
 def check_fields(inputs: Sequence[str]) -> set[str]:

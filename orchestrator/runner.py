@@ -314,7 +314,13 @@ def open_run(
         root = workdir or Path(cfg.workdir)
         found = None if new else find_unfinished(root, cfg.name)
         if found is None:
-            store = RunStore.create(root, cfg.name, loop_file)
+            try:
+                store = RunStore.create(root, cfg.name, loop_file)
+            except (NotADirectoryError, FileExistsError) as exc:  # a file where the run root should be
+                path = root.absolute()
+                blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+                raise ConfigError(f"workdir: {str(root)!r}: {blocker} is not a directory; give a directory "
+                                  "(workdir in loop.yml, or --workdir)") from exc
             store.lock()
             store.write_state({**State().to_json(), "config": flat_dict(cfg)})  # resumable from the start
             return cfg, store, None, root

@@ -71,3 +71,13 @@ def test_tensorboard_dir_naming_a_file_in_the_run_dir_is_one_line(tmp_path: Path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: tracking.tensorboard_dir: 'loop.yml/tb': "), proc.stderr
     assert errors[0].endswith("/loop.yml is not a directory; name a directory (relative: to the run dir)")
+
+
+def test_a_workdir_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run", "examples/sine/loop.yml", "--no-live",
+                           "--workdir", str(tmp_path / "afile" / "runs")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: workdir: '{tmp_path}/afile/runs': {tmp_path}/afile is not a directory; give a "
+                           "directory (workdir in loop.yml, or --workdir)\n")

@@ -6,6 +6,7 @@ a few seconds, every later operation milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from orchestrator.tracking import (
     flatten_params,
     load_registered_model,
 )
+from tests.conftest import REPO
 
 CONFIG = {
     "campaign": {"name": "heat", "rounds": 3, "seed": 7},
@@ -376,3 +378,48 @@ def test_an_unsupported_uri_is_not_retried_as_a_passing_fault() -> None:
     with pytest.raises(TrackingError) as info:
         Tracker("ftp://example.org/mlflow", "e", "r").start({})
     assert not info.value.transient
+
+
+@pytest.mark.integration
+def test_registration_behind_a_held_schema_lock_stops_resumable_naming_the_holder(tmp_path: Path) -> None:
+    """Issue 24 item 8, end to end: another process holds ``mlflow.db.lock`` when the target is met. The
+    registration waits SCHEMA_LOCK_WAIT_S, then the campaign stops resumable (75) with one line naming the
+    holder; once the lock is free, the resume registers the model."""
+    import fcntl
+    import os
+
+    from orchestrator.tracking import SCHEMA_LOCK_WAIT_S
+    from tests.fault_chain import campaign_loop, start
+
+    loop = campaign_loop(tmp_path, "lk", **{"target.successes": 1})
+    work = tmp_path / "runs"
+    proc = start(loop, work)
+    fd = -1
+    try:
+        deadline = time.monotonic() + 240
+        while fd < 0:  # MLflow's start has taken and released the lock once it names its run
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            states = list(work.glob("lk-*/state.json"))
+            with contextlib.suppress(OSError, ValueError):
+                if states and json.loads(states[0].read_text()).get("mlflow_run_id"):
+                    fd = os.open(work / "mlflow.db.lock", os.O_RDWR)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            time.sleep(0.05)
+        t_held = time.monotonic()
+        _, err = proc.communicate(timeout=SCHEMA_LOCK_WAIT_S + 240)
+        assert proc.returncode == 75, err[-3000:]
+        assert time.monotonic() - t_held >= SCHEMA_LOCK_WAIT_S - 1
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert f"mlflow.db.lock is held by pid {os.getpid()} (" in errors[0], errors
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run_dir = next(work.glob("lk-*"))
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "run", "--resume", str(run_dir), "--no-live"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model registered as lk-surrogate version 1" in done.stdout

@@ -267,16 +267,18 @@ class Trainer:
         registers through :mod:`orchestrator.tracking` with the campaign's URI and run.
         """
         future = self.client.submit(
-            remote.call, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id, name,
-            self.columns, key, pure=False,
+            remote.call_quietly, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id,
+            name, self.columns, key, pure=False,
         )
         try:
-            result: tuple[str, str] = await future
+            result: tuple[str, str] | remote.Refused = await future
         except OrchestratorError:
             raise
         except Exception as exc:
             raise TrainingError(f"registering the model as {name!r} failed on a Dask worker: "
                                 f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(result, remote.Refused):  # a locked or unreachable store: its one line
+            raise result.error
         return result
 
     async def figure(self, state: bytes, data_paths: list[str], checks: list[tuple[list[float], list[float], bool]],

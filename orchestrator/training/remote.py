@@ -42,3 +42,22 @@ def call_ddp(name: str, *args: Any) -> Any:
     from orchestrator.training import ddp_worker
 
     return getattr(ddp_worker, name)(*args)
+
+
+class Refused:
+    """What :func:`call_quietly` returns in place of an OrchestratorError the task raised (a locked or
+    unreachable MLflow store): the user's one line, as data, so the worker logs no "Compute Failed"
+    traceback and Dask does not retry it; the coordinator raises it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def call_quietly(name: str, *args: Any) -> Any:
+    """:func:`call`, with an OrchestratorError returned as :class:`Refused` instead of raised."""
+    from orchestrator.errors import OrchestratorError
+
+    try:
+        return call(name, *args)
+    except OrchestratorError as exc:
+        return Refused(exc)
