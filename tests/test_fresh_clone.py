@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,10 @@ def user_env() -> dict[str, str]:
 
 
 def run(argv: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=cwd, env=user_env(), capture_output=True, text=True, timeout=timeout)
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, env=user_env(), capture_output=True, text=True, timeout=timeout)
+    print(f"fresh clone: {time.perf_counter() - t0:6.1f} s  {' '.join(argv[:4])[:100]}")  # pytest -s shows them
+    return done
 
 
 def venv_sharing_this_ones_packages(clone: Path) -> None:
