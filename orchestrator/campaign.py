@@ -50,6 +50,7 @@ from orchestrator.runlog import (
 )
 from orchestrator.services import Services
 from orchestrator.simrunner import SimRunner
+from orchestrator.slurm import JobWatch
 from orchestrator.store import EVENTS, LOOP, RunStore
 from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.training.backends import Backend, Trainer
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+ALLOCATION_GONE = "allocation_gone"
+"""The stop reason when the Slurm job ended under the campaign (scancel, a node failure)."""
 SIGNALLED_CLOSE_S = 1.0
 """After a signal, how long MLflow may take to close the run (a busy database must not delay the exit)."""
 
@@ -143,6 +146,7 @@ class Campaign:
         state: State | None = None,
         strategy: sampling.Strategy | None = None,
         walltime: WalltimeGuard | None = None,
+        job_watch: JobWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -194,6 +198,8 @@ class Campaign:
         """Query points whose check sim already ran (prechecks), with their truth."""
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
+        self.job_watch = job_watch
+        """Inside Slurm: tells when the allocation itself is gone (scancel), which no signal reports."""
         self._t0 = time.monotonic()
 
     # -- bookkeeping ------------------------------------------------------
@@ -270,6 +276,8 @@ class Campaign:
         return False
 
     def _sim_ended(self, role: str, result: SimResult) -> None:
+        if result.info.get("allocation_gone"):
+            self._allocation_gone(f"srun says so ({result.request.run_id}: {result.message.splitlines()[0][-120:]})")
         if self.walltime is not None:
             self.walltime.durations.observe(role, result.wall_s)
             self.state.sim_durations = self.walltime.durations.to_json()
@@ -519,6 +527,27 @@ class Campaign:
         self.checkpoint()
 
     # -- the loop ---------------------------------------------------------
+    def _allocation_gone(self, why: str) -> None:
+        """The Slurm job ended under the campaign: stop as after a signal (checkpoint, exit 75)."""
+        if self._signal is None:
+            job = None if self.job_watch is None else self.job_watch.job_id
+            log.warning("the Slurm allocation (job %s) is gone: %s; checkpointing and exiting (resume in a new "
+                        "allocation: python -m orchestrator run --resume %s)", job, why, self.store.root)
+            self._signal = ALLOCATION_GONE
+        self._interrupt.set()
+
+    async def _watch_job(self) -> None:
+        if self.job_watch is not None:
+            self._allocation_gone(f"squeue says {await self.job_watch.gone()}")
+
+    async def _gone_or(self, error: OrchestratorError) -> OrchestratorError:
+        """An error that stopped the campaign, unless it came from the allocation's end (then 75)."""
+        if self._signal != ALLOCATION_GONE and (self.job_watch is None or await self.job_watch.check() is None):
+            return error
+        self._allocation_gone(f"{type(error).__name__}: {error}")
+        return Interrupted(f"the Slurm allocation ended under the campaign ({error}); resume in a new "
+                           f"allocation: python -m orchestrator run --resume {self.store.root}")
+
     def _install_signals(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
 
@@ -614,6 +643,7 @@ class Campaign:
         registered; a resume of a ``registering`` run goes straight to the registration.
         """
         remove_signals = self._install_signals()
+        watching = asyncio.ensure_future(self._watch_job())
         status, reason, error, registered = Status.FAILED, None, None, None
         registering = self.state.status is Status.REGISTERING
         self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free,
@@ -632,7 +662,7 @@ class Campaign:
                 if status is Status.TARGET_MET:
                     status, registered = await self._register()
             except (OrchestratorError, OSError) as exc:
-                error = self._stopped_by(exc)
+                error = await self._gone_or(self._stopped_by(exc))
                 self.store.log(CampaignError(type(error).__name__, str(error)))
                 if error.transient:  # a passing fault (a worker death, a locked database, a full disk)
                     status = Status.INTERRUPTED
@@ -678,6 +708,7 @@ class Campaign:
                 self.state.status = status
                 self.checkpoint(summary["wall_s"])  # the wall time the summary says, in every view
         finally:
+            watching.cancel()
             remove_signals()
             self.store.close()  # now another coordinator may have the run dir (a library caller, a test)
         if error is not None:

@@ -33,6 +33,7 @@ from orchestrator.procs import guardian
 from orchestrator.progress import Progress
 from orchestrator.rundeck import SimIO, sim_io
 from orchestrator.runlog import State, status_of
+from orchestrator.slurm import JobWatch
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
 from orchestrator.walltime import WalltimeGuard, allocation_end
@@ -348,7 +349,8 @@ async def run(
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
     strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
     campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                        state, strategy, walltime=walltime_guard(cfg, alloc))
+                        state, strategy, walltime=walltime_guard(cfg, alloc),
+                        job_watch=JobWatch(alloc.job_id) if alloc.in_slurm and alloc.job_id else None)
     if loop_file is not None and campaign.state.loop_dir is None:
         campaign.state.loop_dir = str(loop_file.resolve().parent)
     with progress:

@@ -68,6 +68,8 @@ class SimRunner:
             last = await self._attempt(role, sim, values, attempt, points)
             if last is None:  # it would not end before the allocation does
                 return None
+            if last.info.get("allocation_gone"):
+                return None  # the campaign stops (its on_end saw it): no retry, not the sim kind's failure
             if last.ok:
                 self._consecutive_failures[role] = 0
                 self._ever_ok[role] = True

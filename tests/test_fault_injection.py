@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
@@ -36,6 +37,7 @@ from tests.fault_chain import (
     chain,
     left_running,
     read_events,
+    record,
     registry,
     run_dirs,
     start,
@@ -266,3 +268,111 @@ def test_sigkill_inside_salloc_with_spawn(slurm_env: dict[str, str], tmp_path: P
     figures = _in_salloc(slurm_env, tmp_path, "salloc-spawn-SIGKILL", "spawn", ["mid_generate:SIGKILL"])
     assert not figures["problems"], "\n".join(figures["problems"])  # type: ignore[arg-type]
     assert figures["campaigns"] == 1
+
+
+# ---------------------------------------------------------------- the allocation itself ends (scancel)
+
+GONE_BOUND_S = 30.0
+"""How long a coordinator may go on after its allocation was scancelled (a failed srun tells at
+once; the job watch polls every :data:`orchestrator.slurm.JOB_WATCH_S`)."""
+
+SCANCELLED = """
+echo "$SLURM_JOB_ID" > "$ORCH_PROBE/job"
+"$@"; echo $? > "$ORCH_PROBE/rc"
+"""
+
+
+def _coordinator_of(salloc: subprocess.Popen[str], timeout: float = 60) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in tree(salloc.pid):
+            try:
+                if "orchestrator" in p.cmdline() and "run" in p.cmdline():
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        assert salloc.poll() is None, salloc.stderr.read() if salloc.stderr else ""
+        time.sleep(0.05)
+    raise AssertionError("no coordinator under salloc")
+
+
+def _lock_free(run_dir: Path) -> bool:
+    import fcntl
+
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slurm
+def test_scancel_of_the_allocation_checkpoints_exits_75_and_resumes_elsewhere(
+    slurm_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.slurm_cluster import slurm_client_env
+    from tests.test_slurm import in_allocation
+
+    figures = Figures("salloc-scancel")
+    loop = campaign_loop(tmp_path, "fi", **{"tracking.enabled": False, "policy.max_inflight": 2})
+    work = tmp_path / "runs"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {**slurm_client_env(slurm_env), "ORCH_PROBE": str(probe), "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1", "MPIR_CVAR_CH4_NETMOD": "ofi"}
+    argv = [sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work), "--no-live"]
+    salloc = subprocess.Popen(["salloc", "-N", "2", "--ntasks-per-node=8", "-t", "10", "-J", "orch-test",
+                               "bash", "-c", SCANCELLED, "wrapper", *argv],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        coordinator = _coordinator_of(salloc)
+        # sims in flight: a generate's ranks are running (its srun step exists)
+        event = wait_for_event(work, "fi", BOUNDARIES["mid_generate"], salloc, 0)
+        deadline = time.monotonic() + 30
+        while not any(str(event["run_id"]) in " ".join(p.cmdline()) for p in tree(coordinator.pid)
+                      if p.is_running()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs = tree(coordinator.pid)
+        job = (probe / "job").read_text().strip()
+        subprocess.run(["scancel", job], env=env, check=True, timeout=30)
+        t0 = time.monotonic()
+        try:
+            coordinator.wait(timeout=GONE_BOUND_S)
+        except psutil.TimeoutExpired:
+            raise AssertionError(f"the coordinator still runs {GONE_BOUND_S:.0f} s after scancel") from None
+        took = time.monotonic() - t0
+        _, err = salloc.communicate(timeout=60)
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+            salloc.communicate()
+    figures.faults += 1
+    assert (probe / "rc").read_text().strip() == "75", err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    run_dir = run_dirs(work, "fi")[0]
+    assert _lock_free(run_dir), "the run dir's lock is still held"
+    left = left_running(procs)
+    figures.orphans += len(left)
+    assert left == [], left
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["stop_reason"] == "allocation_gone", state
+    accepted = {Path(e["path"]).name for e in read_events(run_dir) if e["event"] == "data_accepted"}
+    assert accepted <= {Path(p).name for p in state["data_files"]}
+    # resume in a new allocation: it continues the same run to its target
+    proc, probed = in_allocation(slurm_env, tmp_path / "probe2", [*argv[:4], "--resume", str(run_dir),
+                                                                 "--no-live"],
+                                 nodes=2, per_node=8, extra_env={"MPIR_CVAR_CH4_NETMOD": "ofi"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert probed["steps"] == [], probed
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "target_met", state
+    disk = sum(int(np.load(f).shape[0]) for f in (run_dir / "data").glob("*.npy"))
+    figures.rows_lost += abs(disk - state["data_points"])
+    figures.campaigns += 1
+    record(figures)
+    assert disk == state["data_points"]
+    assert len(run_dirs(work, "fi")) == 1
+    assert took < GONE_BOUND_S
