@@ -191,9 +191,9 @@ def says_allocation_gone(text: str) -> bool:
 def job_gone(state_output: str) -> str | None:
     """What ``squeue -h -t all -j JOB -o %T`` printed, as the reason the job is gone (None: alive).
 
-    >>> job_gone("RUNNING\n") is None
+    >>> job_gone("RUNNING") is None
     True
-    >>> job_gone("CANCELLED\n"), job_gone("")
+    >>> job_gone("CANCELLED"), job_gone("")
     ('CANCELLED', 'no longer listed')
     """
     states = state_output.split()
