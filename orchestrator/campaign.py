@@ -29,7 +29,7 @@ from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
 from orchestrator.diskfull import disk_full_error, full, is_full_error
-from orchestrator.errors import DiskFull, Interrupted, OrchestratorError, StoreError
+from orchestrator.errors import DiskFull, Interrupted, OrchestratorError, StoreError, TrainingDiverged, TrainingError
 from orchestrator.launchers.base import Launcher, SimResult
 from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
@@ -44,6 +44,7 @@ from orchestrator.runlog import (
     State,
     Status,
     TrainEnd,
+    TrainFailed,
     TrainStart,
     WalltimeSkip,
     build_summary,
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+MAX_DIVERGED = 3
+"""Training rounds in a row whose loss went non-finite before the campaign stops."""
 ALLOCATION_GONE = "allocation_gone"
 """The stop reason when the Slurm job ended under the campaign (scancel, a node failure)."""
 SIGNALLED_CLOSE_S = 1.0
@@ -112,6 +115,8 @@ class TrainResult:
     members: list[bytes]
     """One state per ensemble member (one for a single model)."""
     metrics: dict[str, float]
+    diverged: str | None = None
+    """The round's loss went non-finite (its message): no new model, the campaign goes on."""
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,7 @@ class Campaign:
         """A sim was not started because it would overrun the allocation."""
         self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
                               fits=self._fits, on_end=self._sim_ended,
-                              clock=lambda: self.continual.clock)
+                              clock=lambda: self.continual.clock, reference=lambda: self._data_xy()[1])
         self.sink = TrackingSink(tracker, store, self.state, self.checkpoint)
         self.services = Services(backend, self.trainer, store, self.sink)
         self.pictures = Pictures(cfg, store.root, self.trainer, self.sink.upload, self.services.trainer_ready)
@@ -198,6 +203,8 @@ class Campaign:
         """Query points whose check sim already ran (prechecks), with their truth."""
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
+        self._diverged = 0
+        """Training rounds that diverged in a row."""
         self.job_watch = job_watch
         """Inside Slurm: tells when the allocation itself is gone (scancel), which no signal reports."""
         self._t0 = time.monotonic()
@@ -402,11 +409,14 @@ class Campaign:
         size = self.cfg.policy.ensemble_size
         self.store.log(TrainStart(self.state.model_version + 1, len(files), self.state.data_points,
                                   self.backend.describe().get("workers"), members=size))
-        if size == 1:
-            model, metrics = await self.trainer.train(self.model_state, paths, seed)
-            return TrainResult([model], metrics)
-        members: list[bytes | None] = list(self.members) if len(self.members) == size else [None] * size
-        return TrainResult(*await self.trainer.train_ensemble(members, paths, seed))
+        try:
+            if size == 1:
+                model, metrics = await self.trainer.train(self.model_state, paths, seed)
+                return TrainResult([model], metrics)
+            members: list[bytes | None] = list(self.members) if len(self.members) == size else [None] * size
+            return TrainResult(*await self.trainer.train_ensemble(members, paths, seed))
+        except TrainingDiverged as exc:
+            return TrainResult([], {}, diverged=str(exc))
 
     def _apply(self, actions: list[pol.Action]) -> pol.StopReason | None:
         for action in actions:
@@ -485,7 +495,23 @@ class Campaign:
         self.state.data_points += r.rows
         self.store.log(DataAccepted(r.path, r.rows, self.state.data_points))
 
+    def _on_diverged(self, message: str) -> None:
+        """A failed round: one line, the model as it was, its data still untrained (the next round
+        draws a new seed and has more data); MAX_DIVERGED in a row stop the campaign."""
+        s = self.state
+        self._diverged += 1
+        self._training_files = set()
+        self._untrained_in_training = 0
+        self.store.log(TrainFailed(s.model_version, message, self._diverged))
+        self.progress.note(f"training round {s.model_version + 1} failed: {message}; model stays v{s.model_version}")
+        if self._diverged >= MAX_DIVERGED:
+            raise TrainingError(f"training diverged {self._diverged} rounds in a row; last: {message}")
+
     def _on_train(self, r: TrainResult) -> None:
+        if r.diverged is not None:
+            self._on_diverged(r.diverged)
+            return
+        self._diverged = 0
         s = self.state
         version = s.model_version + 1
         paths = [self.store.save_model(version, m, member=k) for k, m in enumerate(r.members)]

@@ -35,6 +35,7 @@ class EventKind(enum.StrEnum):
     DATA_ACCEPTED = "data_accepted"
     TRAIN_START = "train_start"
     TRAIN_END = "train_end"
+    TRAIN_FAILED = "train_failed"
     TRAINING_BACKEND = "training_backend"
     REGISTERING = "registering"
     MODEL_REGISTERED = "model_registered"
@@ -195,6 +196,16 @@ class TrainEnd(Event):
     version: int
     extra: dict[str, float] = field(default_factory=dict)
     """The training's metrics (train_loss, train_rmse, ...), data_points and successes."""
+
+
+@dataclass(frozen=True)
+class TrainFailed(Event):
+    """A training round diverged (non-finite loss): the model stays at ``version``, the campaign goes on."""
+
+    KIND = EventKind.TRAIN_FAILED
+    version: int
+    message: str
+    in_a_row: int
 
 
 @dataclass(frozen=True)
