@@ -782,7 +782,7 @@ class Campaign:
         twin = Twin(self.cfg, self.continual, CampaignPorts(self), self.rng, lambda: self.elapsed)
         if not self.continual.active:
             assert self.model_state is not None
-            reg = await self.register_model(self.model_state)
+            reg = await self.register_model(self.model_state, final_key(self.state.model_version))
             twin.begin(self.state.model_version, None if reg is None else reg["version"], self._data_so_far())
         task, _ = await self._unless_interrupted(twin.run())
         if task.cancelled():
@@ -797,13 +797,15 @@ class Campaign:
             out.append(DataFile(f, int(np.load(path, mmap_mode="r").shape[0]), path.stat().st_mtime))
         return out
 
-    async def register_model(self, model: bytes) -> dict[str, str] | None:
-        """Register ``model`` under ``tracking.register_as``, from a Dask worker (None without tracking)."""
+    async def register_model(self, model: bytes, key: str | None = None) -> dict[str, str] | None:
+        """Register ``model`` under ``tracking.register_as``, from a Dask worker (None without tracking).
+        ``key`` names the registration: run again (a resume), it returns the version made before."""
         name = self.cfg.tracking.register_as
         if not self.sink.enabled or not name:
             return None
         await self.services.trainer_ready()
-        return await self.sink.register(self.trainer, model, name)
+        self.store.log(Registering(name, key))
+        return await self.sink.register(self.trainer, model, name, key)
 
     async def _end_services(self) -> None:
         """After a signal: stop the services' start-up and close the Dask backend, each within
@@ -831,11 +833,11 @@ class Campaign:
             return Status.TARGET_MET, None
         self.state.status = Status.REGISTERING
         self.checkpoint()
-        self.store.log(Registering(name))
+        # keyed by the model's version: a resumed registration finds the version it made before
+        key = final_key(self.state.model_version)
+        self.store.log(Registering(name, key))
         self.progress.phase(f"registering the model as {name} in MLflow", note=True)
         model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
-        # keyed by the model's version: a resumed registration finds the version it made before
-        key = f"final-model-v{self.state.model_version}"
         task, interrupted = await self._unless_interrupted(self.sink.register(self.trainer, model, name, key))
         if interrupted:
             return Status.INTERRUPTED, None
@@ -880,6 +882,12 @@ class Campaign:
         except Exception as exc:  # a picture is never worth failing the campaign's ending
             log.warning("campaign %s: no timeline picture: %s", self.cfg.name, exc)
         return out
+
+
+def final_key(version: int) -> str:
+    """The registration key of the model that met the target (the final one, or continual mode's
+    first champion: the same model, so one version)."""
+    return f"final-model-v{version}"
 
 
 def _fmt(v: list[float] | None) -> str:

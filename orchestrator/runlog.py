@@ -233,6 +233,9 @@ class Registering(Event):
 
     KIND = EventKind.REGISTERING
     name: str
+    key: str | None = None
+    """The registration's key (``final-model-v3``, ``challenger-c2``): a resumed registration under the
+    same key finds the version made before instead of making a second one."""
 
 
 @dataclass(frozen=True)

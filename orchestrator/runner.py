@@ -278,7 +278,7 @@ def open_run(
         cfg = resume_config(cfg, load_config(loop_file or store.root / LOOP, overrides))
     state = store.read_campaign_state()
     state.launch_counter = store.next_launch(state.launch_counter)
-    for rel, rows in store.reconcile(state):
+    for rel, rows in store.reconcile(state, cfg.n_columns):
         progress.note(f"resume: adopted {rel} ({rows} rows), written just before the run was stopped")
     root = workdir or resume.parent
     return cfg, store, state, root

@@ -376,3 +376,66 @@ def test_scancel_of_the_allocation_checkpoints_exits_75_and_resumes_elsewhere(
     assert disk == state["data_points"]
     assert len(run_dirs(work, "fi")) == 1
     assert took < GONE_BOUND_S
+
+
+# ---------------------------------------------------------------- continual mode: a challenger's registration
+
+
+def _drift_run(work: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(REPO / "examples/drift/loop.yml"),
+                             "--workdir", str(work), "--no-live", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+CHALLENGER_REGISTERING: Callable[[dict[str, Any]], bool] = (
+    lambda e: e["event"] == "registering" and str(e.get("key", "")).startswith("challenger"))
+
+
+def _logged_models(work: Path) -> int:
+    """Models logged to MLflow so far: a registration's first write (the version follows within ~1 s)."""
+    try:
+        with sqlite3.connect(f"file:{work / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+            return int(con.execute("SELECT COUNT(*) FROM logged_models").fetchone()[0])
+    except sqlite3.OperationalError:  # locked by the writer this instant
+        return -1
+
+
+def test_sigterm_while_a_challenger_registers_then_resume_makes_no_extra_version(tmp_path: Path) -> None:
+    figures = Figures("continual-SIGTERM-at-challenger-registration")
+    clean = _drift_run(tmp_path / "clean")
+    _, err = clean.communicate(timeout=400)
+    assert clean.returncode == 0, err[-3000:]
+    clean_versions = len(registry(tmp_path / "clean", "drift-surrogate")["versions"])
+    work = tmp_path / "runs"
+    proc = _drift_run(work)
+    try:
+        wait_for_event(work, "drift", CHALLENGER_REGISTERING, proc, 0, 300)
+        before = _logged_models(work)
+        # the worker's registration is under way (its model logged): the signal lands before its version
+        # exists, and the worker, not told, would go on to make it while the coordinator shuts down
+        deadline = time.monotonic() + 120
+        while _logged_models(work) <= before and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        procs = tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    figures.faults += 1
+    assert proc.returncode == 75, err[-3000:]
+    figures.orphans += len(left_running(procs))
+    resumed = _drift_run(work)
+    _, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    versions = registry(work, "drift-surrogate")["versions"]
+    figures.extra_versions += len(versions) - clean_versions
+    figures.campaigns += 1
+    record(figures)
+    assert len(versions) == clean_versions, (versions, clean_versions)
+    # every version is one the run log knows
+    run_dir = run_dirs(work, "drift")[0]
+    known = {str(e.get("version")) for e in read_events(run_dir) if e["event"] == "model_registered"}
+    assert {str(v) for v, _ in versions} <= known, (versions, known)
+    assert figures.orphans == 0
