@@ -30,7 +30,7 @@ from orchestrator.certify import Verdict
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
 from orchestrator.diskfull import disk_full_error, full, is_full_error
-from orchestrator.errors import DiskFull, Interrupted, OrchestratorError, StoreError
+from orchestrator.errors import DiskFull, Interrupted, OrchestratorError, StoreError, TrainingDiverged, TrainingError
 from orchestrator.launchers.base import Launcher, SimResult
 from orchestrator.pictures import Pictures
 from orchestrator.progress import Progress, Snapshot
@@ -45,12 +45,14 @@ from orchestrator.runlog import (
     State,
     Status,
     TrainEnd,
+    TrainFailed,
     TrainStart,
     WalltimeSkip,
     build_summary,
 )
 from orchestrator.services import Services
 from orchestrator.simrunner import SimRunner
+from orchestrator.slurm import JobWatch
 from orchestrator.store import EVENTS, LOOP, RunStore
 from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink, evidence_metrics
 from orchestrator.training.backends import Backend, Trainer
@@ -63,6 +65,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+MAX_DIVERGED = 3
+"""Training rounds in a row whose loss went non-finite before the campaign stops."""
+ALLOCATION_GONE = "allocation_gone"
+"""The stop reason when the Slurm job ended under the campaign (scancel, a node failure)."""
 SIGNALLED_CLOSE_S = 1.0
 """After a signal, how long MLflow may take to close the run (a busy database must not delay the exit)."""
 
@@ -113,6 +119,8 @@ class TrainResult:
     members: list[bytes]
     """One state per ensemble member (one for a single model)."""
     metrics: dict[str, float]
+    diverged: str | None = None
+    """The round's loss went non-finite (its message): no new model, the campaign goes on."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ class Campaign:
         state: State | None = None,
         strategy: sampling.Strategy | None = None,
         walltime: WalltimeGuard | None = None,
+        job_watch: JobWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -180,7 +189,7 @@ class Campaign:
         """A sim was not started because it would overrun the allocation."""
         self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
                               fits=self._fits, on_end=self._sim_ended,
-                              clock=lambda: self.continual.clock)
+                              clock=lambda: self.continual.clock, reference=lambda: self._data_xy()[1])
         self.sink = TrackingSink(tracker, store, self.state, self.checkpoint)
         self.services = Services(backend, self.trainer, store, self.sink)
         self.pictures = Pictures(cfg, store.root, self.trainer, self.sink.upload, self.services.trainer_ready)
@@ -203,6 +212,10 @@ class Campaign:
             self._update_evidence()
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
+        self._diverged = 0
+        """Training rounds that diverged in a row."""
+        self.job_watch = job_watch
+        """Inside Slurm: tells when the allocation itself is gone (scancel), which no signal reports."""
         self._t0 = time.monotonic()
 
     # -- bookkeeping ------------------------------------------------------
@@ -285,6 +298,8 @@ class Campaign:
         return False
 
     def _sim_ended(self, role: str, result: SimResult) -> None:
+        if result.info.get("allocation_gone"):
+            self._allocation_gone(f"srun says so ({result.request.run_id}: {result.message.splitlines()[0][-120:]})")
         if self.walltime is not None:
             self.walltime.durations.observe(role, result.wall_s)
             self.state.sim_durations = self.walltime.durations.to_json()
@@ -418,11 +433,14 @@ class Campaign:
         size = self.cfg.policy.ensemble_size
         self.store.log(TrainStart(self.state.model_version + 1, len(files), self.state.data_points,
                                   self.backend.describe().get("workers"), members=size))
-        if size == 1:
-            model, metrics = await self.trainer.train(self.model_state, paths, seed)
-            return TrainResult([model], metrics)
-        members: list[bytes | None] = list(self.members) if len(self.members) == size else [None] * size
-        return TrainResult(*await self.trainer.train_ensemble(members, paths, seed))
+        try:
+            if size == 1:
+                model, metrics = await self.trainer.train(self.model_state, paths, seed)
+                return TrainResult([model], metrics)
+            members: list[bytes | None] = list(self.members) if len(self.members) == size else [None] * size
+            return TrainResult(*await self.trainer.train_ensemble(members, paths, seed))
+        except TrainingDiverged as exc:
+            return TrainResult([], {}, diverged=str(exc))
 
     def _apply(self, actions: list[pol.Action]) -> pol.StopReason | None:
         for action in actions:
@@ -570,7 +588,23 @@ class Campaign:
         self.state.data_points += r.rows
         self.store.log(DataAccepted(r.path, r.rows, self.state.data_points))
 
+    def _on_diverged(self, message: str) -> None:
+        """A failed round: one line, the model as it was, its data still untrained (the next round
+        draws a new seed and has more data); MAX_DIVERGED in a row stop the campaign."""
+        s = self.state
+        self._diverged += 1
+        self._training_files = set()
+        self._untrained_in_training = 0
+        self.store.log(TrainFailed(s.model_version, message, self._diverged))
+        self.progress.note(f"training round {s.model_version + 1} failed: {message}; model stays v{s.model_version}")
+        if self._diverged >= MAX_DIVERGED:
+            raise TrainingError(f"training diverged {self._diverged} rounds in a row; last: {message}")
+
     def _on_train(self, r: TrainResult) -> None:
+        if r.diverged is not None:
+            self._on_diverged(r.diverged)
+            return
+        self._diverged = 0
         s = self.state
         version = s.model_version + 1
         paths = [self.store.save_model(version, m, member=k) for k, m in enumerate(r.members)]
@@ -615,6 +649,27 @@ class Campaign:
         self.checkpoint()
 
     # -- the loop ---------------------------------------------------------
+    def _allocation_gone(self, why: str) -> None:
+        """The Slurm job ended under the campaign: stop as after a signal (checkpoint, exit 75)."""
+        if self._signal is None:
+            job = None if self.job_watch is None else self.job_watch.job_id
+            log.warning("the Slurm allocation (job %s) is gone: %s; checkpointing and exiting (resume in a new "
+                        "allocation: python -m orchestrator run --resume %s)", job, why, self.store.root)
+            self._signal = ALLOCATION_GONE
+        self._interrupt.set()
+
+    async def _watch_job(self) -> None:
+        if self.job_watch is not None:
+            self._allocation_gone(f"squeue says {await self.job_watch.gone()}")
+
+    async def _gone_or(self, error: OrchestratorError) -> OrchestratorError:
+        """An error that stopped the campaign, unless it came from the allocation's end (then 75)."""
+        if self._signal != ALLOCATION_GONE and (self.job_watch is None or await self.job_watch.check() is None):
+            return error
+        self._allocation_gone(f"{type(error).__name__}: {error}")
+        return Interrupted(f"the Slurm allocation ended under the campaign ({error}); resume in a new "
+                           f"allocation: python -m orchestrator run --resume {self.store.root}")
+
     def _install_signals(self) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
 
@@ -710,6 +765,7 @@ class Campaign:
         registered; a resume of a ``registering`` run goes straight to the registration.
         """
         remove_signals = self._install_signals()
+        watching = asyncio.ensure_future(self._watch_job())
         status, reason, error, registered = Status.FAILED, None, None, None
         registering = self.state.status is Status.REGISTERING
         self.store.log(CampaignStart(self.resumed, str(self.store.root), self.cfg.seed, self.pool.free,
@@ -728,7 +784,7 @@ class Campaign:
                 if status is Status.TARGET_MET:
                     status, registered = await self._register()
             except (OrchestratorError, OSError) as exc:
-                error = self._stopped_by(exc)
+                error = await self._gone_or(self._stopped_by(exc))
                 self.store.log(CampaignError(type(error).__name__, str(error)))
                 if error.transient:  # a passing fault (a worker death, a locked database, a full disk)
                     status = Status.INTERRUPTED
@@ -774,6 +830,7 @@ class Campaign:
                 self.state.status = status
                 self.checkpoint(summary["wall_s"])  # the wall time the summary says, in every view
         finally:
+            watching.cancel()
             remove_signals()
             self.store.close()  # now another coordinator may have the run dir (a library caller, a test)
         if error is not None:
@@ -821,7 +878,7 @@ class Campaign:
         twin = Twin(self.cfg, self.continual, CampaignPorts(self), self.rng, lambda: self.elapsed)
         if not self.continual.active:
             assert self.model_state is not None
-            reg = await self.register_model(self.model_state)
+            reg = await self.register_model(self.model_state, final_key(self.state.model_version))
             twin.begin(self.state.model_version, None if reg is None else reg["version"], self._data_so_far())
         task, _ = await self._unless_interrupted(twin.run())
         if task.cancelled():
@@ -836,13 +893,15 @@ class Campaign:
             out.append(DataFile(f, int(np.load(path, mmap_mode="r").shape[0]), path.stat().st_mtime))
         return out
 
-    async def register_model(self, model: bytes) -> dict[str, str] | None:
-        """Register ``model`` under ``tracking.register_as``, from a Dask worker (None without tracking)."""
+    async def register_model(self, model: bytes, key: str | None = None) -> dict[str, str] | None:
+        """Register ``model`` under ``tracking.register_as``, from a Dask worker (None without tracking).
+        ``key`` names the registration: run again (a resume), it returns the version made before."""
         name = self.cfg.tracking.register_as
         if not self.sink.enabled or not name:
             return None
         await self.services.trainer_ready()
-        return await self.sink.register(self.trainer, model, name)
+        self.store.log(Registering(name, key))
+        return await self.sink.register(self.trainer, model, name, key)
 
     async def _end_services(self) -> None:
         """After a signal: stop the services' start-up and close the Dask backend, each within
@@ -870,11 +929,11 @@ class Campaign:
             return Status.TARGET_MET, None
         self.state.status = Status.REGISTERING
         self.checkpoint()
-        self.store.log(Registering(name))
+        # keyed by the model's version: a resumed registration finds the version it made before
+        key = final_key(self.state.model_version)
+        self.store.log(Registering(name, key))
         self.progress.phase(f"registering the model as {name} in MLflow", note=True)
         model: bytes | list[bytes] = self.model_state if len(self.members) < 2 else list(self.members)
-        # keyed by the model's version: a resumed registration finds the version it made before
-        key = f"final-model-v{self.state.model_version}"
         task, interrupted = await self._unless_interrupted(self.sink.register(self.trainer, model, name, key))
         if interrupted:
             return Status.INTERRUPTED, None
@@ -926,6 +985,12 @@ def _drop_result(task: asyncio.Future[Any]) -> None:
     """Retrieve a result nobody waits for any more (so asyncio does not warn of it)."""
     if not task.cancelled():
         task.exception()
+
+
+def final_key(version: int) -> str:
+    """The registration key of the model that met the target (the final one, or continual mode's
+    first champion: the same model, so one version)."""
+    return f"final-model-v{version}"
 
 
 def _fmt(v: list[float] | None) -> str:

@@ -529,6 +529,33 @@ class StepsConfig(_Strict):
     """Check sims at fresh points the ``evaluate`` step compares the model against."""
 
 
+class AcceptanceConfig(_Strict):
+    """Rows that would poison the training are refused when a sim returns them (before they are
+    written to ``data/``; a check's truth likewise): dropped from the run's table and counted, with
+    the first offending value, in its ``sim_end`` event (``refused_rows``, ``refused``). A run left
+    with no row is a failed run, retried as usual. NaN and Inf are always refused (a malformed table)."""
+
+    ranges: dict[str, tuple[float, float]] = {}
+    """A declared plausible range ``[lo, hi]`` per output name (e.g. ``{y: [-2, 2]}``); a row with a
+    value outside it is refused. Outputs not named here have no range."""
+    max_abs: float = Field(default=3.4e38, gt=0)
+    """A row with an output of larger magnitude is refused (the default: the largest float32, which
+    the training computes in)."""
+    outlier_k: float | None = Field(default=1000.0, gt=0)
+    """Robust outlier rule: a row is refused when an output lies more than ``outlier_k`` robust
+    scales (1.4826 x the median absolute deviation) from the median of that output over the data
+    accepted so far and the run's own rows (a median is not moved by a few wild values). It judges
+    from 8 values on, and not where half of them are equal. None: off."""
+
+    @field_validator("ranges")
+    @classmethod
+    def _ordered_ranges(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (lo, hi) in v.items():
+            if not lo < hi:
+                raise ValueError(f"acceptance.ranges.{name}: lo ({lo}) must be below hi ({hi})")
+        return v
+
+
 class WalltimeConfig(_Strict):
     """Walltime-aware placement inside a Slurm allocation (see :mod:`orchestrator.walltime`)."""
 
@@ -573,6 +600,8 @@ class LoopConfig(_Strict):
     """Continual mode (keep the model current after the target is met)."""
     steps: StepsConfig = StepsConfig()
     """Steps run one at a time."""
+    acceptance: AcceptanceConfig = AcceptanceConfig()
+    """Which returned rows join the data (declared ranges, a robust outlier rule)."""
 
     @field_validator("outputs")
     @classmethod
@@ -605,6 +634,9 @@ class LoopConfig(_Strict):
                 raise ValueError(f"sims.{role}.output.columns: {columns.columns} takes {len(columns.columns)} "
                                  f"column(s) but a result has {self.n_columns} (inputs then outputs: "
                                  f"{', '.join([*names, *self.outputs])})")
+        unknown = sorted(set(self.acceptance.ranges) - set(self.outputs))
+        if unknown:
+            raise ValueError(f"acceptance.ranges: {unknown[0]!r} is not an output (outputs: {self.outputs})")
         check_placeholders(self.sims.check.args, check_fields(names), "sims.check.args")
         check_placeholders(self.sims.generate.args, generate_fields(names), "sims.generate.args")
         if self.policy.sampling == "ensemble" and self.policy.ensemble_size < 2:

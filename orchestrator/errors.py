@@ -65,6 +65,11 @@ class TrainingError(OrchestratorError):
     """Training or evaluation failed on the Dask workers in a way retries did not fix."""
 
 
+class TrainingDiverged(TrainingError):
+    """A training round's loss went non-finite: the round fails (the model stays as it was) and the
+    campaign goes on; several such rounds in a row stop it."""
+
+
 class SlurmError(OrchestratorError):
     """Slurm printed something we cannot read (the message quotes it)."""
 

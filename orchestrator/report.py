@@ -74,7 +74,7 @@ def build_timeline(events: list[LoggedEvent]) -> Timeline:
                 tl.sims.append(Interval(s["role"], s["t_rel"], t, e.get("outcome", "ok"), node, n, e["run_id"]))
         elif kind is EventKind.TRAIN_START:
             train_start = t
-        elif kind is EventKind.TRAIN_END and train_start is not None:
+        elif kind in (EventKind.TRAIN_END, EventKind.TRAIN_FAILED) and train_start is not None:
             tl.trainings.append(Interval("train", train_start, t))
             train_start = None
         elif kind is EventKind.CHECK:

@@ -38,6 +38,7 @@ class EventKind(enum.StrEnum):
     DATA_ACCEPTED = "data_accepted"
     TRAIN_START = "train_start"
     TRAIN_END = "train_end"
+    TRAIN_FAILED = "train_failed"
     TRAINING_BACKEND = "training_backend"
     REGISTERING = "registering"
     MODEL_REGISTERED = "model_registered"
@@ -215,6 +216,16 @@ class TrainEnd(Event):
 
 
 @dataclass(frozen=True)
+class TrainFailed(Event):
+    """A training round diverged (non-finite loss): the model stays at ``version``, the campaign goes on."""
+
+    KIND = EventKind.TRAIN_FAILED
+    version: int
+    message: str
+    in_a_row: int
+
+
+@dataclass(frozen=True)
 class Scores(Event):
     """The ensemble evaluated on a fresh candidate pool, for the sampling strategy."""
 
@@ -239,6 +250,9 @@ class Registering(Event):
 
     KIND = EventKind.REGISTERING
     name: str
+    key: str | None = None
+    """The registration's key (``final-model-v3``, ``challenger-c2``): a resumed registration under the
+    same key finds the version made before instead of making a second one."""
 
 
 @dataclass(frozen=True)

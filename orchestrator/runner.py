@@ -37,6 +37,7 @@ from orchestrator.procs import guardian
 from orchestrator.progress import Progress
 from orchestrator.rundeck import SimIO, render_template, sim_io
 from orchestrator.runlog import State, status_of
+from orchestrator.slurm import JobWatch
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import make_backend
 from orchestrator.walltime import WalltimeGuard, allocation_end
@@ -345,9 +346,9 @@ def open_run(
         cfg = resume_config(cfg, load_config(loop_file or store.root / LOOP, overrides))
     state = store.read_campaign_state()
     state.launch_counter = store.next_launch(state.launch_counter)
-    for rel, rows in store.reconcile(state):
-        progress.note(f"resume: adopted {rel} ({rows} rows), written just before the run was stopped")
     store.check_models(state)
+    for rel, rows in store.reconcile(state, cfg.n_columns):
+        progress.note(f"resume: adopted {rel} ({rows} rows), written just before the run was stopped")
     root = workdir or resume.parent
     return cfg, store, state, root
 
@@ -418,7 +419,8 @@ async def run(
     strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
     try:
         campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                            state, strategy, walltime=walltime_guard(cfg, alloc))
+                            state, strategy, walltime=walltime_guard(cfg, alloc),
+                            job_watch=JobWatch(alloc.job_id) if alloc.in_slurm and alloc.job_id else None)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         if state is None:
             raise

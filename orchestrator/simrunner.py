@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.acceptance import refused_rows
 from orchestrator.allocation import SlotPool
 from orchestrator.config import LoopConfig, SimConfig, render_args
 from orchestrator.diskfull import disk_full_error, full, says_full
@@ -37,7 +38,7 @@ class SimRunner:
         self, cfg: LoopConfig, store: RunStore, binaries: Mapping[str, Path], launchers: Mapping[str, Launcher],
         pool: SlotPool, state: State, progress: Progress, on_launch: Callable[[], None],
         fits: Callable[[str], bool] = lambda role: True, on_end: Callable[[str, SimResult], None] | None = None,
-        clock: Callable[[], int] = lambda: 0,
+        clock: Callable[[], int] = lambda: 0, reference: Callable[[], np.ndarray] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -52,6 +53,8 @@ class SimRunner:
         self.on_end = on_end
         self.clock = clock
         """``{campaign_time}`` for the sims' args: continual mode's monitoring round (0 before it)."""
+        self.reference = reference or (lambda: np.empty((0, len(cfg.outputs))))
+        """The outputs of the data accepted so far, for the outlier rule (:mod:`orchestrator.acceptance`)."""
         self._consecutive_failures = {"check": 0, "generate": 0}
         self._ever_ok = {"check": False, "generate": False}
         self._column_mismatches: dict[str, list[int]] = {"check": [], "generate": []}
@@ -68,6 +71,8 @@ class SimRunner:
             last = await self._attempt(role, sim, values, attempt, points)
             if last is None:  # it would not end before the allocation does
                 return None
+            if last.info.get("allocation_gone"):
+                return None  # the campaign stops (its on_end saw it): no retry, not the sim kind's failure
             if last.ok:
                 self._consecutive_failures[role] = 0
                 self._ever_ok[role] = True
@@ -109,6 +114,25 @@ class SimRunner:
                 f"{self.cfg.n_columns} ({names}): fix `inputs`/`outputs` or the sim (not retried: every run "
                 f"so far returned {got}; last: {last.request.run_id})"
             )
+
+    def _screen(self, result: SimResult) -> None:
+        """Refuse the rows that would poison the training (``acceptance``): they are dropped and
+        counted in the run's sim_end event; a run left with none is malformed (retried as usual)."""
+        if not result.ok or result.table is None:
+            return
+        acc = self.cfg.acceptance
+        refusal = refused_rows(result.table, len(self.cfg.inputs), self.cfg.outputs, self.reference(),
+                               ranges=acc.ranges, max_abs=acc.max_abs, outlier_k=acc.outlier_k)
+        if refusal is None:
+            return
+        rows = int(result.table.shape[0])
+        result.info.update(refused_rows=refusal.count, refused=refusal.reason)
+        log.warning("sim %s: %d of %d rows refused: %s", result.request.run_id, refusal.count, rows, refusal.reason)
+        if refusal.count == rows:
+            result.outcome, result.table = Outcome.MALFORMED, None
+            result.message = f"every row refused (acceptance): {refusal.reason}"
+        else:
+            result.table = result.table[~refusal.rows]
 
     def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
                  points: np.ndarray | None = None) -> LaunchRequest:
@@ -157,6 +181,7 @@ class SimRunner:
                 raise
         finally:
             self.pool.release(placement)
+        self._screen(result)
         if self.on_end is not None:
             self.on_end(role, result)
         if not result.ok:

@@ -166,6 +166,77 @@ async def end_steps(job_id: str, name: str, timeout: float = STEP_GONE_TIMEOUT_S
     return cancelled
 
 
+JOB_WATCH_S = 10.0
+"""How often the coordinator asks Slurm whether its allocation still exists (one ``squeue``)."""
+
+ALIVE_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING"})
+"""Job states in which the allocation still holds its nodes; any other (CANCELLED, COMPLETING,
+TIMEOUT, NODE_FAIL, PREEMPTED, ...) or no job at all means it is gone."""
+
+_GONE = re.compile(r"has expired|Invalid job id|already completing or completed|allocation has been revoked"
+                   r"|Job has been cancelled|Job/step already completing", re.IGNORECASE)
+
+
+def says_allocation_gone(text: str) -> bool:
+    """srun's (or squeue's) words for a job that no longer exists.
+
+    >>> says_allocation_gone("srun: error: Slurm job 1 has expired")
+    True
+    >>> says_allocation_gone("srun: error: n1: task 0: Exited with exit code 1")
+    False
+    """
+    return bool(_GONE.search(text))
+
+
+def job_gone(state_output: str) -> str | None:
+    """What ``squeue -h -t all -j JOB -o %T`` printed, as the reason the job is gone (None: alive).
+
+    >>> job_gone("RUNNING") is None
+    True
+    >>> job_gone("CANCELLED"), job_gone("")
+    ('CANCELLED', 'no longer listed')
+    """
+    states = state_output.split()
+    if not states:
+        return "no longer listed"
+    return None if states[0].upper() in ALIVE_STATES else states[0].upper()
+
+
+async def job_state_gone(job_id: str) -> str | None:
+    """Why the job ``job_id`` is gone, or None while it runs or while Slurm does not answer."""
+    try:
+        out = await asyncio.to_thread(run_checked, ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+                                      timeout=30)
+    except CommandError as exc:
+        if says_allocation_gone(exc.stderr):
+            return "no longer listed"
+        log.debug("job %s: cannot tell its state: %s", job_id, exc)
+        return None
+    return job_gone(out)
+
+
+@dataclass(frozen=True)
+class JobWatch:
+    """Tells the coordinator when its own allocation ends under it (``scancel``, a node failure):
+    Slurm sends the coordinator nothing when it runs under ``salloc``, and every later ``srun``
+    fails at once, so without this it would wait for ever for work that cannot start."""
+
+    job_id: str
+    every_s: float = JOB_WATCH_S
+
+    async def gone(self) -> str:
+        """Returns (with the reason) once the job is gone; polls ``squeue`` every ``every_s``."""
+        while True:
+            reason = await job_state_gone(self.job_id)
+            if reason is not None:
+                return reason
+            await asyncio.sleep(self.every_s)
+
+    async def check(self) -> str | None:
+        """One look: why the job is gone, or None."""
+        return await job_state_gone(self.job_id)
+
+
 def parse_node_addrs(text: str) -> dict[str, str]:
     """``sinfo -h -N -o '%N %o'`` output as {node name: NodeAddr}."""
     addrs: dict[str, str] = {}

@@ -36,7 +36,7 @@ from orchestrator.config import LoopConfig, flat_dict, load_config, resolve_bina
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.progress import Progress
 from orchestrator.runlog import Check, DataAccepted, Evaluate, Status, StepsEnd, StepsStart, TrainEnd, TrainStart
-from orchestrator.store import RunStore, atomic_write_json
+from orchestrator.store import RunStore, atomic_write_json, data_file_problem
 
 if TYPE_CHECKING:
     from orchestrator.campaign import Campaign
@@ -94,6 +94,9 @@ def find_data(cli: list[Path], cfg: LoopConfig, loop_file: Path, generated: list
         raise NoData(f"--steps train: no data; it is looked for in --data RUN_DIR|FILE.npy, in steps.data of "
                      f"{loop_file} and in this command's generate step (looked at: {looked}); "
                      "give --data, or run --steps generate,train")
+    for f in files:  # a table of other columns would train a model of another output count
+        if (why := data_file_problem(f, cfg.n_columns, [*cfg.input_names, *cfg.outputs])) is not None:
+            raise UsageError(f"--data {f}: {why}")
     return files
 
 

@@ -28,7 +28,8 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,61 @@ SUMMARY = "summary.json"
 LOOP = "loop.yml"
 LOCK = ".lock"
 LAUNCH_ID = re.compile(r"^(?:check|generate)-(\d+)$")
+NOT_ADOPTED = "not-adopted"
+"""Where a resume moves .npy files in data/ that are not accepted data (beside them, never deleted)."""
+
+
+def table_problem(table: np.ndarray, ncols: int | None, names: Sequence[str] = ()) -> str | None:
+    """Why an array is not a table of training rows (None: it is one).
+
+    >>> table_problem(np.zeros((4, 3)), 2, ["x", "y"])
+    '3 columns, where loop.yml declares 2 (x, y)'
+    """
+    if table.ndim != 2:
+        return f"a {table.ndim}-D array of shape {table.shape}, not a table of rows"
+    if ncols is not None and table.shape[1] != ncols:
+        declared = f" ({', '.join(names)})" if names else ""
+        return f"{table.shape[1]} columns, where loop.yml declares {ncols}{declared}"
+    if not np.issubdtype(table.dtype, np.floating):
+        return f"{table.dtype} values, not floats"
+    if not np.isfinite(table).all():
+        return f"{int((~np.isfinite(table)).any(axis=1).sum())} row(s) with NaN or Inf"
+    return None
+
+
+def data_file_problem(path: Path, ncols: int | None, names: Sequence[str] = ()) -> str | None:
+    """Why the .npy at ``path`` is not training data (unreadable, not a finite table of ``ncols``)."""
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return f"unreadable .npy ({exc.__class__.__name__}: {exc})"
+    return table_problem(np.asarray(table), ncols, names)
+
+
+DATA_RUNS = ("generate-", "check-")
+"""Run ids whose rows may be data (a check's truth joins the training data too)."""
+
+
+def unaccepted(path: Path, ncols: int | None, logged_rows: int | None) -> str | None:
+    """Why a file in data/ that the state does not count is not a generate or check run's accepted data."""
+    if not LAUNCH_ID.match(path.stem) or not path.stem.startswith(DATA_RUNS):
+        return "not named after a generate or check run"
+    if logged_rows is None:
+        return "no run of that id ended ok in the run log"
+    why = data_file_problem(path, ncols)
+    if why is None and int(np.load(path, mmap_mode="r").shape[0]) != logged_rows:
+        why = f"not the {logged_rows} rows the run log says that run returned"
+    return why
+
+
+def checkpoint_ok(path: Path) -> bool:
+    """A model checkpoint reads as one: a zip archive (what torch.save writes) whose members'
+    checksums hold. Checked without torch, which only the Dask workers import."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -239,14 +295,18 @@ class RunStore:
         used = [int(m.group(1)) for d in self.sims_dir.iterdir() if (m := LAUNCH_ID.match(d.name))]
         return max([counter, *used])
 
-    def reconcile(self, state: State) -> list[tuple[str, int]]:
+    def reconcile(self, state: State, ncols: int | None = None) -> list[tuple[str, int]]:
         """Check the state's data files against data/ before a resume; adopt complete ones it missed.
 
         A file the state counts but the disk lacks (or one that does not load) is a StoreError
         saying which; a file written just before a kill, whose step the state had not recorded
-        yet, is added to the state (it was accepted: written atomically). Returns the adopted
-        files and their rows.
+        yet, is added to the state (it was accepted: written atomically). Only such a file is
+        adopted: a generate run the run log says ended ok with that many rows, a finite table of
+        ``ncols`` columns; anything else in data/ (a stray or damaged .npy) is moved aside to
+        ``data/not-adopted/`` with a warning. A checkpoint that does not read falls back to the
+        last one that does (:meth:`usable_models`). Returns the adopted files and their rows.
         """
+        self.usable_models(state)
         rows = {"generate": 0, "check": 0}
         for rel in state.data_files:
             rows[data_role(rel)] += self._rows(rel, missing=f"{self.root / rel} is missing")
@@ -256,9 +316,14 @@ class RunStore:
                                  f"state.json counts {counted}; start a new run (--new)")
         known = set(state.data_files)
         adopted = []
+        ended = self._runs_ended_ok()
         for path in sorted(self.data_dir.glob("*.npy")):
             rel = str(path.relative_to(self.root))
             if rel not in known:
+                why = unaccepted(path, ncols, ended.get(path.stem))
+                if why is not None:
+                    self._set_aside(path, why)
+                    continue
                 n = self._rows(rel, missing=f"{path} is unreadable")
                 state.data_files.append(rel)
                 if data_role(rel) == "check":  # a check's row: data, never a round's worth of new runs
@@ -283,6 +348,36 @@ class RunStore:
                 where = "models/ is gone" if not self.models_dir.is_dir() else f"{self.root / rel} is missing"
                 raise StoreError(f"{self.root}: {where}, but state.json's model_file/member_files name {rel}; "
                                  "restore it, or start a new run (--new)")
+
+    def _runs_ended_ok(self) -> dict[str, int]:
+        """Run id -> rows of every generate or check run the run log says ended ok."""
+        return {str(e["run_id"]): int(e.get("rows") or 0) for e in self.read_events()
+                if e.kind == "sim_end" and e.get("outcome") == "ok"
+                and str(e.get("run_id", "")).startswith(DATA_RUNS)}
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        aside = self.data_dir / NOT_ADOPTED
+        aside.mkdir(mode=0o700, exist_ok=True)
+        log.warning("resume: %s is not accepted data (%s): not adopted, moved to %s", path, why, aside)
+        os.replace(path, aside / path.name)
+
+    def usable_models(self, state: State) -> None:
+        """The state's checkpoint (and ensemble members) must read as one: a garbage or truncated
+        file makes the resume fall back, with a warning, to the newest older version whose files
+        read, or to no model (the next round trains a fresh one); every data file is then untrained."""
+        files = [state.model_file, *state.member_files] if state.model_file else []
+        bad = next((f for f in files if not checkpoint_ok(self.root / f)), None)
+        if bad is None:
+            return
+        fallback = next((v for v in range(state.model_version - 1, 0, -1)
+                         if checkpoint_ok(self.models_dir / f"model-{v:04d}.pt")), 0)
+        log.warning("resume: %s is an unreadable checkpoint; going on from %s", self.root / bad,
+                    f"model {fallback}" if fallback else "no model (the next round trains a fresh one)")
+        state.model_version = fallback
+        state.model_file = f"models/model-{fallback:04d}.pt" if fallback else None
+        state.member_files = [state.model_file] if state.model_file else []
+        state.untrained = list(state.data_files)
+        state.successes, state.failed_current = 0, False
 
     def _rows(self, rel: str, missing: str) -> int:
         try:

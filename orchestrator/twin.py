@@ -55,7 +55,7 @@ class TwinPorts(Protocol):
     async def generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None: ...
     async def evaluate(self, model: bytes, xs: list[list[float]]) -> list[list[float]]: ...
     async def train(self, model: bytes | None, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]: ...
-    async def register(self, model: bytes) -> str | None: ...
+    async def register(self, model: bytes, key: str) -> str | None: ...
     async def set_champion(self, registered: str) -> None: ...
     def model_bytes(self, version: int) -> bytes: ...
     def save_model(self, model: bytes, metrics: dict[str, float], files: list[str]) -> int: ...
@@ -105,12 +105,14 @@ class Twin:
         if self.s.champion_registered is not None:
             await self.ports.set_champion(self.s.champion_registered)
         while not ct.phase_over(self.s, self.ccfg, self.elapsed()):
-            saved = self.s.to_json()
+            saved, drawn = self.s.to_json(), dict(self.rng.bit_generator.state)
             try:
                 await self.round()
             except asyncio.CancelledError:
-                # A round counts only whole: a resume runs it again from its start.
+                # A round counts only whole: a resume runs it again from its start, drawing the same
+                # points and seeds (so its challenger is the one whose registration may have begun).
                 self.s.__dict__.update(ct.ContinualState.from_json(saved).__dict__)
+                self.rng.bit_generator.state = drawn
                 raise
             if self.ccfg.cadence_s > 0 and not ct.phase_over(self.s, self.ccfg, self.elapsed()):
                 await asyncio.sleep(self.ccfg.cadence_s)  # a timer, cancelled by a signal like the rest
@@ -204,7 +206,8 @@ class Twin:
         model, metrics = await self.ports.train(self.ports.model_bytes(s.champion_model), files,
                                                 int(self.rng.integers(2**31)))
         version = self.ports.save_model(model, metrics, files)
-        registered = await self.ports.register(model)
+        # keyed by the round: a resumed round finds the version its cut-short registration made
+        registered = await self.ports.register(model, f"challenger-c{clock}")
         s.challenger_model, s.challenger_registered = version, registered
         s.retrains += 1
         s.last_retrain = {"clock": clock, "model": version, "registered": registered, "files": files,
@@ -248,8 +251,8 @@ class CampaignPorts:
                                     self.c.backend.describe().get("workers")))
         return await self.c.trainer.train(model, [str(self.c.store.root / f) for f in files], seed)
 
-    async def register(self, model: bytes) -> str | None:
-        reg = await self.c.register_model(model)
+    async def register(self, model: bytes, key: str) -> str | None:
+        reg = await self.c.register_model(model, key)
         return None if reg is None else reg["version"]
 
     async def set_champion(self, registered: str) -> None:

@@ -58,6 +58,7 @@ class Figures:
     rows_lost: int = 0
     orphans: int = 0
     steps_left: int = 0
+    extra_versions: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -298,6 +299,7 @@ def audit(run_dir: Path, work: Path, name: str, figures: Figures) -> None:
     else:
         figures.problems.append(f"{figures.chain}: ended {state['status']}")
     reg = registry(work, f"{name}-surrogate")
+    figures.extra_versions += max(0, len(reg["versions"]) - 1)
     if len(reg["versions"]) != 1:
         figures.problems.append(f"{figures.chain}: {len(reg['versions'])} registered versions: {reg['versions']}")
     run_id = state.get("mlflow_run_id")
@@ -336,12 +338,13 @@ def record(figures: Figures) -> None:
 
 
 def totals(path: Path) -> dict[str, int]:
-    out = {"chains": 0, "faults": 0, "campaigns": 0, "rows_lost": 0, "orphans": 0, "steps_left": 0, "problems": 0}
+    out = {"chains": 0, "faults": 0, "campaigns": 0, "rows_lost": 0, "orphans": 0, "steps_left": 0,
+           "extra_versions": 0, "problems": 0}
     for line in path.read_text().splitlines():
         f = json.loads(line)
         out["chains"] += 1
-        for k in ("faults", "campaigns", "rows_lost", "orphans", "steps_left"):
-            out[k] += int(f[k])
+        for k in ("faults", "campaigns", "rows_lost", "orphans", "steps_left", "extra_versions"):
+            out[k] += int(f.get(k, 0))
         out["problems"] += len(f["problems"])
     return out
 

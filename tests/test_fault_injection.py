@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
@@ -36,6 +37,7 @@ from tests.fault_chain import (
     chain,
     left_running,
     read_events,
+    record,
     registry,
     run_dirs,
     start,
@@ -266,3 +268,174 @@ def test_sigkill_inside_salloc_with_spawn(slurm_env: dict[str, str], tmp_path: P
     figures = _in_salloc(slurm_env, tmp_path, "salloc-spawn-SIGKILL", "spawn", ["mid_generate:SIGKILL"])
     assert not figures["problems"], "\n".join(figures["problems"])  # type: ignore[arg-type]
     assert figures["campaigns"] == 1
+
+
+# ---------------------------------------------------------------- the allocation itself ends (scancel)
+
+GONE_BOUND_S = 30.0
+"""How long a coordinator may go on after its allocation was scancelled (a failed srun tells at
+once; the job watch polls every :data:`orchestrator.slurm.JOB_WATCH_S`)."""
+
+SCANCELLED = """
+echo "$SLURM_JOB_ID" > "$ORCH_PROBE/job"
+"$@"; echo $? > "$ORCH_PROBE/rc"
+"""
+
+
+def _coordinator_of(salloc: subprocess.Popen[str], timeout: float = 60) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in tree(salloc.pid):
+            try:
+                if "orchestrator" in p.cmdline() and "run" in p.cmdline():
+                    return p
+            except psutil.NoSuchProcess:
+                continue
+        assert salloc.poll() is None, salloc.stderr.read() if salloc.stderr else ""
+        time.sleep(0.05)
+    raise AssertionError("no coordinator under salloc")
+
+
+def _lock_free(run_dir: Path) -> bool:
+    import fcntl
+
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slurm
+def test_scancel_of_the_allocation_checkpoints_exits_75_and_resumes_elsewhere(
+    slurm_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.slurm_cluster import slurm_client_env
+    from tests.test_slurm import in_allocation
+
+    figures = Figures("salloc-scancel")
+    loop = campaign_loop(tmp_path, "fi", **{"tracking.enabled": False, "policy.max_inflight": 2})
+    work = tmp_path / "runs"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {**slurm_client_env(slurm_env), "ORCH_PROBE": str(probe), "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1", "MPIR_CVAR_CH4_NETMOD": "ofi"}
+    argv = [sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work), "--no-live"]
+    salloc = subprocess.Popen(["salloc", "-N", "2", "--ntasks-per-node=8", "-t", "10", "-J", "orch-test",
+                               "bash", "-c", SCANCELLED, "wrapper", *argv],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        coordinator = _coordinator_of(salloc)
+        # sims in flight: a generate's ranks are running (its srun step exists)
+        event = wait_for_event(work, "fi", BOUNDARIES["mid_generate"], salloc, 0)
+        deadline = time.monotonic() + 30
+        while not any(str(event["run_id"]) in " ".join(p.cmdline()) for p in tree(coordinator.pid)
+                      if p.is_running()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs = tree(coordinator.pid)
+        job = (probe / "job").read_text().strip()
+        subprocess.run(["scancel", job], env=env, check=True, timeout=30)
+        t0 = time.monotonic()
+        try:
+            coordinator.wait(timeout=GONE_BOUND_S)
+        except psutil.TimeoutExpired:
+            raise AssertionError(f"the coordinator still runs {GONE_BOUND_S:.0f} s after scancel") from None
+        took = time.monotonic() - t0
+        _, err = salloc.communicate(timeout=60)
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+            salloc.communicate()
+    figures.faults += 1
+    assert (probe / "rc").read_text().strip() == "75", err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    run_dir = run_dirs(work, "fi")[0]
+    assert _lock_free(run_dir), "the run dir's lock is still held"
+    left = left_running(procs)
+    figures.orphans += len(left)
+    assert left == [], left
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["stop_reason"] == "allocation_gone", state
+    accepted = {Path(e["path"]).name for e in read_events(run_dir) if e["event"] == "data_accepted"}
+    assert accepted <= {Path(p).name for p in state["data_files"]}
+    # resume in a new allocation: it continues the same run to its target
+    proc, probed = in_allocation(slurm_env, tmp_path / "probe2", [*argv[:4], "--resume", str(run_dir),
+                                                                 "--no-live"],
+                                 nodes=2, per_node=8, extra_env={"MPIR_CVAR_CH4_NETMOD": "ofi"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert probed["steps"] == [], probed
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "target_met", state
+    disk = sum(int(np.load(f).shape[0]) for f in (run_dir / "data").glob("*.npy"))
+    figures.rows_lost += abs(disk - state["data_points"])
+    figures.campaigns += 1
+    record(figures)
+    assert disk == state["data_points"]
+    assert len(run_dirs(work, "fi")) == 1
+    assert took < GONE_BOUND_S
+
+
+# ---------------------------------------------------------------- continual mode: a challenger's registration
+
+
+def _drift_run(work: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(REPO / "examples/drift/loop.yml"),
+                             "--workdir", str(work), "--no-live", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+CHALLENGER_REGISTERING: Callable[[dict[str, Any]], bool] = (
+    lambda e: e["event"] == "registering" and str(e.get("key", "")).startswith("challenger"))
+
+
+def _logged_models(work: Path) -> int:
+    """Models logged to MLflow so far: a registration's first write (the version follows within ~1 s)."""
+    try:
+        with sqlite3.connect(f"file:{work / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+            return int(con.execute("SELECT COUNT(*) FROM logged_models").fetchone()[0])
+    except sqlite3.OperationalError:  # locked by the writer this instant
+        return -1
+
+
+def test_sigterm_while_a_challenger_registers_then_resume_makes_no_extra_version(tmp_path: Path) -> None:
+    figures = Figures("continual-SIGTERM-at-challenger-registration")
+    clean = _drift_run(tmp_path / "clean")
+    _, err = clean.communicate(timeout=400)
+    assert clean.returncode == 0, err[-3000:]
+    clean_versions = len(registry(tmp_path / "clean", "drift-surrogate")["versions"])
+    work = tmp_path / "runs"
+    proc = _drift_run(work)
+    try:
+        wait_for_event(work, "drift", CHALLENGER_REGISTERING, proc, 0, 300)
+        before = _logged_models(work)
+        # the worker's registration is under way (its model logged): the signal lands before its version
+        # exists, and the worker, not told, would go on to make it while the coordinator shuts down
+        deadline = time.monotonic() + 120
+        while _logged_models(work) <= before and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        procs = tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    figures.faults += 1
+    assert proc.returncode == 75, err[-3000:]
+    figures.orphans += len(left_running(procs))
+    resumed = _drift_run(work)
+    _, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    versions = registry(work, "drift-surrogate")["versions"]
+    figures.extra_versions += len(versions) - clean_versions
+    figures.campaigns += 1
+    record(figures)
+    assert len(versions) == clean_versions, (versions, clean_versions)
+    # every version is one the run log knows
+    run_dir = run_dirs(work, "drift")[0]
+    known = {str(e.get("version")) for e in read_events(run_dir) if e["event"] == "model_registered"}
+    assert {str(v) for v, _ in versions} <= known, (versions, known)
+    assert figures.orphans == 0

@@ -18,7 +18,7 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.errors import StoreError, UsageError
 from orchestrator.procs import cap_log, tail
-from orchestrator.runlog import State
+from orchestrator.runlog import SimEnd, State
 from orchestrator.runner import resume_config
 from orchestrator.store import RunStore, atomic_write_bytes
 from tests.conftest import REPO, fast_loop, write_loop
@@ -81,6 +81,7 @@ def test_resume_checks_data_files_and_adopts_a_file_a_kill_left_unrecorded(tmp_p
     store = make_store(tmp_path)
     store.accept_data("generate-000001", np.zeros((64, 2)))
     store.accept_data("generate-000002", np.zeros((32, 2)))
+    store.log(SimEnd(run_id="generate-000002", role="generate", outcome="ok", rows=32))  # logged before accepted
     state = State(data_files=["data/generate-000001.npy"], untrained=[], data_points=64)
     (store.data_dir / ".generate-000003.npy.tmp").write_bytes(b"")
     adopted = store.reconcile(state)
@@ -162,6 +163,7 @@ def test_resume_adopts_a_check_row_a_kill_left_unrecorded_as_a_check_row(tmp_pat
     store.accept_data("generate-000001", np.zeros((64, 2)))
     store.accept_data("check-000002", np.zeros((1, 2)))
     store.accept_data("check-000003", np.zeros((1, 2)))
+    store.log(SimEnd(run_id="check-000003", role="check", outcome="ok", rows=1))  # the run log knows it ended ok
     state = State(data_files=["data/generate-000001.npy", "data/check-000002.npy"], data_points=64, check_rows=1)
     adopted = store.reconcile(state)
     # a check's row is data (it joins the next training) but not a generate run the policy waits for
@@ -172,6 +174,8 @@ def test_resume_adopts_a_check_row_a_kill_left_unrecorded_as_a_check_row(tmp_pat
         store.reconcile(State(data_files=["data/check-000002.npy"], check_rows=1))
     with pytest.raises(StoreError, match=r"0 check rows of the state's files but state\.json counts 1"):
         store.reconcile(State(data_files=["data/generate-000001.npy"], data_points=64, check_rows=1))
+
+
 # ---------------------------------------------------------------- issue 24: a dead coordinator, garbage run dirs
 
 

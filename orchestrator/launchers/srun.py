@@ -32,6 +32,7 @@ from orchestrator.slurm import (
     end_steps,
     parse_srun_log,
     placement_options,
+    says_allocation_gone,
     slurm_filename,
     srun_env,
     srun_errors,
@@ -117,6 +118,8 @@ class SrunLauncher(ProcessLauncher):
             errors = srun_errors(self._srun_log(req))
             if errors:
                 result.message += "; " + " | ".join(errors)
+            if says_allocation_gone(" ".join(errors)):
+                result.info["allocation_gone"] = True  # not the sim's fault: the campaign stops (75)
         return result
 
     def launch_info(self, req: LaunchRequest, outcome: ProcessOutcome) -> dict[str, Any]:

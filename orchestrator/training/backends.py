@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import dask
 from distributed import Client, LocalCluster
@@ -27,12 +27,14 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.security import Security
 
 from orchestrator.config import TrainingConfig
-from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
+from orchestrator.errors import OrchestratorError, ResourceError, TrainingDiverged, TrainingError
 from orchestrator.procs import guardian, kill_known, read_stat
 from orchestrator.training import ddp, remote
 from orchestrator.training.base import Backend
 from orchestrator.training.fastexit import FastExit
 from orchestrator.training.nohttp import ROUTES_OFF, NoHTTP, stop_http
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +242,10 @@ class Trainer:
             return await ddp.train(self.client, self.cfg.workers, args, self.cfg.device, self.cfg.task_retries)
         future = self.client.submit(remote.call, "train", *args, self.cfg.device, **self.train_options)
         try:
-            result: tuple[bytes, dict[str, float]] = await future
+            result: tuple[bytes, dict[str, float]] | remote.Diverged = await future
         except Exception as exc:
             raise training_error(exc, self.cfg.memory_limit) from exc
-        return result
+        return converged(result)
 
     async def evaluate(self, state: bytes, xs: list[list[float]]) -> list[list[float]]:
         """The surrogate's outputs at each input row."""
@@ -310,7 +312,9 @@ class Trainer:
             for k, state in enumerate(states)
         ]
         try:
-            results: list[tuple[bytes, dict[str, float]]] = list(await asyncio.gather(*futures))
+            results = [converged(r) for r in await asyncio.gather(*futures)]
+        except TrainingDiverged:
+            raise
         except Exception as exc:
             for f in futures:
                 f.cancel()
@@ -335,6 +339,14 @@ class Trainer:
 
 PASSING = ("KilledWorker", "FileNotFoundError", "CommClosedError", "TimeoutError")
 """Training failures a resume can get past (a worker death, a data file restored, a slow scheduler)."""
+
+
+def converged(result: _T | remote.Diverged) -> _T:
+    """A training task's result, or TrainingDiverged (one line) where its loss went non-finite."""
+    if isinstance(result, remote.Diverged):
+        raise TrainingDiverged(f"{result.message} (lower training.hparams.lr, or refuse wild rows with "
+                               "acceptance.ranges / acceptance.outlier_k)")
+    return result
 
 
 def training_error(exc: BaseException, memory_limit: str) -> TrainingError:

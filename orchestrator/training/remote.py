@@ -8,14 +8,27 @@ of MB) out of the coordinator: only workers import it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Diverged:
+    """What a task returns instead of raising when its training diverged (a non-finite loss):
+    a deterministic outcome of the data and the seed, not a worker's fault, so Dask neither
+    retries it nor logs its traceback."""
+
+    message: str
 
 
 def call(name: str, *args: Any) -> Any:
     """Run ``orchestrator.training.tasks.<name>(*args)`` on the worker."""
     from orchestrator.training import tasks
 
-    return getattr(tasks, name)(*args)
+    try:
+        return getattr(tasks, name)(*args)
+    except FloatingPointError as exc:
+        return Diverged(str(exc))
 
 
 def figure(*args: Any) -> bytes:
