@@ -170,11 +170,9 @@ def test_bad_strategy_output_stops_the_campaign_in_one_line(tmp_path: Path, bad:
 
 @pytest.mark.integration
 def test_resume_keeps_the_ensemble_and_the_strategy_rng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.allocation import Node, SlotPool
     from orchestrator.campaign import Campaign
     from orchestrator.progress import Progress
-    from orchestrator.runner import open_run
-    from orchestrator.training.backends import LocalBackend
+    from orchestrator.runner import build_campaign, open_run
 
     cfg = front_loop(sampling="ensemble", ensemble_size=2)
     cfg["target"]["tolerance"] = 1e-9
@@ -196,7 +194,7 @@ def test_resume_keeps_the_ensemble_and_the_strategy_rng(tmp_path: Path, monkeypa
 
     c2, store, state, _ = open_run(None, None, [], run_dir, False, Progress(enabled=False))
     assert state is not None
-    resumed = Campaign(c2, store, {}, {}, SlotPool([Node("l", 4)]), LocalBackend(c2.training), state=state)
+    resumed = build_campaign(c2, store, None, Progress(enabled=False), state=state, tracking=False)
     assert resumed.members == [(run_dir / f).read_bytes() for f in saved["member_files"]]
     fresh = np.random.default_rng()
     fresh.bit_generator.state = saved["sampling_rng"]
