@@ -227,7 +227,8 @@ def test_predict_prints_an_ensembles_mean_and_spread() -> None:
     import torch
 
     from models.ensemble import Ensemble
-    from orchestrator.predict import ModelRef, Prediction, evaluate, format_table, spread_of
+    from orchestrator.predict import ModelRef, Prediction, format_table
+    from orchestrator.training.serving import evaluate, spread_of
 
     members = [torch.nn.Linear(1, 1) for _ in range(2)]
     for k, m in enumerate(members):

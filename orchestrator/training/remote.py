@@ -29,7 +29,7 @@ def evaluate_registered(tracking_uri: str, name: str, version: str | None, xs: l
     """A registered model's outputs at ``xs``, loaded from the MLflow registry on the worker."""
     import torch
 
-    from orchestrator.tracking import load_registered_model
+    from orchestrator.training.serving import load_registered_model
 
     model = load_registered_model(tracking_uri, name, version)
     with torch.no_grad():

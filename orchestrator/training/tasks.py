@@ -600,6 +600,7 @@ def register_model(
     :class:`models.ensemble.Ensemble`) and register it under ``name`` in the campaign's MLflow run,
     with the campaign's column names (``inputs``, ``outputs`` tags) when given."""
     from orchestrator.tracking import Tracker, column_tags
+    from orchestrator.training.serving import register_model
 
     states = state if isinstance(state, list) else [state]
     module = load_model(states[0], model, model_kwargs)
@@ -608,7 +609,7 @@ def register_model(
 
         module = Ensemble([load_model(s, model, model_kwargs) for s in states])
     tags = column_tags(*columns) if columns else {}
-    registered = Tracker.attach(tracking_uri, run_id).register_model(module, name, tags=tags, key=key)
+    registered = register_model(Tracker.attach(tracking_uri, run_id), module, name, tags=tags, key=key)
     return registered.name, registered.version
 
 # --------------------------------------------------------------------------- #
