@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from orchestrator.config import PolicyConfig, TargetConfig
+from orchestrator.sampling import window_around
 
 
 class StopReason(enum.Enum):
@@ -179,6 +180,4 @@ def sampling_window(
     if sampling != "near-failures" or not failed_points:
         return lo, hi
     center = np.asarray(failed_points[int(rng.integers(len(failed_points)))], dtype=np.float64)
-    half = (hi - lo) * width / 2
-    wlo = np.clip(center - half, lo, hi - 2 * half)
-    return wlo, wlo + 2 * half
+    return window_around(center, lo, hi, width)

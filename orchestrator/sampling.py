@@ -22,9 +22,7 @@ state travels in state.json so a resumed campaign draws what it would have drawn
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from orchestrator.config import LoopConfig, PolicyConfig
 from orchestrator.errors import ConfigError, SamplingError
+from orchestrator.userref import import_module
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +102,16 @@ def near_failures(req: SampleRequest, width: float = 0.25) -> Points:
     if req.failed.shape[0] == 0:
         return uniform(req)
     centres = req.failed[req.rng.integers(req.failed.shape[0], size=req.count)]
-    half = (req.hi - req.lo) * width / 2
-    wlo = np.clip(centres - half, req.lo, req.hi - 2 * half)
-    return wlo + req.rng.uniform(size=centres.shape) * 2 * half
+    wlo, _ = window_around(centres, req.lo, req.hi, width)
+    return wlo + req.rng.uniform(size=centres.shape) * ((req.hi - req.lo) * width)
+
+
+def window_around(centre: Points, lo: Points, hi: Points, width: float) -> tuple[Points, Points]:
+    """The box ``width`` of each input's range wide around ``centre`` (one point, or one per row),
+    shifted to lie inside the domain [lo, hi]."""
+    half = (hi - lo) * width / 2
+    wlo = np.clip(centre - half, lo, hi - 2 * half)
+    return wlo, wlo + 2 * half
 
 
 def disagreement(req: SampleRequest) -> Points:
@@ -176,11 +182,8 @@ def builtin(name: str, policy: PolicyConfig) -> Strategy:
 def load_user_strategy(spec: str, search: Sequence[Path]) -> Strategy:
     """Import ``module:function``, looking next to loop.yml (``search``) first."""
     module_name, _, attr = spec.partition(":")
-    for folder in reversed([str(p) for p in search]):
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
     try:
-        module = importlib.import_module(module_name)
+        module = import_module(module_name, search)
     except ImportError as exc:
         where = ", ".join(str(p) for p in search) or "the Python path"
         raise ConfigError(f"policy.sampling {spec!r}: cannot import {module_name!r} (looked in {where}): "
@@ -307,22 +310,10 @@ class Sampler:
         if self.name == "space-filling" or version == 0:
             return self.lo, self.hi
         centre = self.choose(1, x, y, failed, version)[0]
-        half = (self.hi - self.lo) * self.cfg.policy.near_failures_width / 2
-        wlo = np.clip(centre - half, self.lo, self.hi - 2 * half)
-        return wlo, wlo + 2 * half
+        return window_around(centre, self.lo, self.hi, self.cfg.policy.near_failures_width)
 
 
 def chooses(cfg: LoopConfig) -> bool:
     """The strategy (not the legacy window draw) decides where a generate run evaluates:
     the sim takes a ``{points_file}``, or the strategy is neither uniform nor near-failures."""
     return cfg.chosen_points or cfg.policy.sampling not in ("uniform", "near-failures")
-
-
-def write_points(path: Path, points: Points) -> Path:
-    """The points file a generate sim reads (simkit_points): one point per line, full precision."""
-    lines = ["# points chosen by the orchestrator: one per line, one column per input"]
-    lines += [" ".join(repr(float(v)) for v in row) for row in points]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path

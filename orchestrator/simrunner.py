@@ -23,8 +23,8 @@ from orchestrator.diskfull import disk_full_error, full, says_full
 from orchestrator.errors import ResourceError, SimKindFailed
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
 from orchestrator.progress import Progress
+from orchestrator.rundeck import write_points
 from orchestrator.runlog import SimEnd, SimStart, State
-from orchestrator.sampling import write_points
 from orchestrator.store import RunStore
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator import sampling
+from orchestrator import rundeck, sampling
 from orchestrator.config import LoopConfig
 from orchestrator.errors import SamplingError
 from orchestrator.launchers.mpiexec import find_mpiexec
@@ -79,7 +79,7 @@ def test_bad_points_are_refused_naming_the_strategy(raw: Any, message: str) -> N
 @pytest.mark.integration
 def test_points_file_reaches_every_rank_exactly_once(tmp_path: Path) -> None:
     points = np.random.default_rng(5).uniform(size=(13, 2))
-    path = sampling.write_points(tmp_path / "points.txt", points)
+    path = rundeck.write_points(tmp_path / "points.txt", points)
     out = tmp_path / "out.npy"
     env = {**os.environ, "SIMKIT_VERBOSE": "1", "SIMKIT_EXPECT_RANKS": "4"}
     proc = subprocess.run([find_mpiexec(), "-n", "4", str(sim("sim-front-gen")), "--points", str(path),
