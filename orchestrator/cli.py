@@ -113,7 +113,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     sampling.resolve(cfg, [args.loop.resolve().parent])  # a user's strategy must import
     print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
     for role, setup in setups.items():
-        sim = getattr(cfg.sims, role)
+        sim = cfg.sims.of(role)
         print(f"  {role}: {setup.binary} on {sim.ranks} rank(s), launcher {sim.launcher}")
         print(f"    mpi: {setup.mpi.describe()}")
         if sim.templates or sim.files:

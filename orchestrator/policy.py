@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from orchestrator.config import PolicyConfig, TargetConfig
+from orchestrator.config import PolicyConfig, Sampling, TargetConfig
 from orchestrator.sampling import window_around
 
 
@@ -177,7 +177,7 @@ def sampling_window(
     rng: np.random.Generator,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The box a generate sim draws from: the domain, or a window around a failed point."""
-    if sampling != "near-failures" or not failed_points:
+    if sampling != Sampling.NEAR_FAILURES or not failed_points:
         return lo, hi
     center = np.asarray(failed_points[int(rng.integers(len(failed_points)))], dtype=np.float64)
     return window_around(center, lo, hi, width)

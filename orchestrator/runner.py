@@ -19,7 +19,9 @@ from orchestrator import sampling
 from orchestrator.allocation import Allocation, Node, SlotPool
 from orchestrator.campaign import Campaign, CampaignParts, CampaignResult
 from orchestrator.config import (
+    ROLES,
     LoopConfig,
+    Role,
     SimConfig,
     check_fields,
     flat_dict,
@@ -148,7 +150,7 @@ class SimSetup:
     io: SimIO
 
 
-def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
+def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[Role, SimSetup]:
     """Resolve binaries, detect their MPI, load templates and parsers: every mistake fails here, at start."""
     binaries = resolve_binaries(cfg, loop_file)
     base = loop_file.resolve().parent
@@ -158,7 +160,7 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
                "generate": (generate_fields(cfg.input_names) - {"points_file"}) | chosen}
     setups = {}
     for role, binary in binaries.items():
-        sim: SimConfig = getattr(cfg.sims, role)
+        sim = cfg.sims.of(role)
         key = f"{loop_file}: sims.{role}"
         setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
                                 sim_io(sim, base, allowed[role], key))
@@ -383,12 +385,12 @@ def build_campaign(
     return Campaign(cfg, store, parts, state, resumed=resumed, progress=progress)
 
 
-def make_launchers(cfg: LoopConfig, alloc: Allocation, setups: Mapping[str, SimSetup], run_dir: Path
+def make_launchers(cfg: LoopConfig, alloc: Allocation, setups: Mapping[Role, SimSetup], run_dir: Path
                    ) -> dict[str, Launcher]:
     """One launcher per sim role, sharing what the roles share (the node agents, the srun step rate)."""
     shared: dict[str, Any] = {}
-    return {role: make_launcher(getattr(cfg.sims, role), alloc, setups[role], shared=shared, run_dir=run_dir,
-                                steps_per_s=cfg.resources.srun_steps_per_s) for role in ("check", "generate")}
+    return {role: make_launcher(cfg.sims.of(role), alloc, setups[role], shared=shared, run_dir=run_dir,
+                                steps_per_s=cfg.resources.srun_steps_per_s) for role in ROLES}
 
 
 def saved_models(store: RunStore, state: State) -> tuple[bytes | None, list[bytes]]:

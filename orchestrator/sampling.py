@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from orchestrator.config import LoopConfig, PolicyConfig
+from orchestrator.config import BUILTIN_SAMPLING, LoopConfig, PolicyConfig, Sampling
 from orchestrator.errors import ConfigError, SamplingError
 from orchestrator.userref import import_module
 
@@ -170,13 +170,13 @@ def ensemble(req: SampleRequest, min_separation: float = 0.02) -> Points:
 
 def builtin(name: str, policy: PolicyConfig) -> Strategy:
     """The built-in strategy called ``name``."""
-    table: dict[str, Strategy] = {
-        "uniform": uniform,
-        "space-filling": space_filling,
-        "near-failures": partial(near_failures, width=policy.near_failures_width),
-        "ensemble": partial(ensemble, min_separation=policy.min_separation),
+    table: dict[Sampling, Strategy] = {
+        Sampling.UNIFORM: uniform,
+        Sampling.SPACE_FILLING: space_filling,
+        Sampling.NEAR_FAILURES: partial(near_failures, width=policy.near_failures_width),
+        Sampling.ENSEMBLE: partial(ensemble, min_separation=policy.min_separation),
     }
-    return table[name]
+    return table[Sampling(name)]
 
 
 def load_user_strategy(spec: str, search: Sequence[Path]) -> Strategy:
@@ -270,7 +270,7 @@ class Sampler:
     @property
     def wants_scores(self) -> bool:
         """The strategy uses the ensemble on the candidate pool (ensemble, or a user's own)."""
-        return self.name == "ensemble" or ":" in self.name
+        return self.name == Sampling.ENSEMBLE or ":" in self.name
 
     def rng_state(self) -> dict[str, Any]:
         return dict(self.rng.bit_generator.state)
@@ -294,8 +294,8 @@ class Sampler:
     def choose(self, count: int, x: Points, y: Points, failed: Sequence[Sequence[float]], version: int) -> Points:
         """``count`` points from the strategy (the first round's design before any model), checked."""
         req = self.request(count, x, y, failed, version)
-        if version == 0 and self.cfg.policy.first_round == "space-filling":
-            return validate_points(space_filling(req), req, "space-filling")
+        if version == 0 and self.cfg.policy.first_round == Sampling.SPACE_FILLING.value:
+            return validate_points(space_filling(req), req, Sampling.SPACE_FILLING)
         try:
             raw = self.strategy(req)
         except Exception as exc:  # a user's code: one line naming it, the campaign stops
@@ -307,7 +307,7 @@ class Sampler:
         """Window mode (the generate sim draws its own points) for strategies other than
         uniform and near-failures: a window of ``near_failures_width`` around the strategy's
         first point (the whole domain for ``space-filling`` and before any model)."""
-        if self.name == "space-filling" or version == 0:
+        if self.name == Sampling.SPACE_FILLING or version == 0:
             return self.lo, self.hi
         centre = self.choose(1, x, y, failed, version)[0]
         return window_around(centre, self.lo, self.hi, self.cfg.policy.near_failures_width)
@@ -316,4 +316,5 @@ class Sampler:
 def chooses(cfg: LoopConfig) -> bool:
     """The strategy (not the legacy window draw) decides where a generate run evaluates:
     the sim takes a ``{points_file}``, or the strategy is neither uniform nor near-failures."""
-    return cfg.chosen_points or cfg.policy.sampling not in ("uniform", "near-failures")
+    name = cfg.policy.sampling
+    return cfg.chosen_points or name not in BUILTIN_SAMPLING or not Sampling(name).windowed
