@@ -240,8 +240,7 @@ async def _evaluate(c: Campaign, result: StepsResult, state: bytes | None = None
     else:
         assert registered is not None
         name, version = registered
-        preds_job = c.trainer.client.submit(_remote_evaluate(), tracking_uri(c.cfg, c.store.root.parent), name,
-                                            version, xs, pure=False)
+        preds_job = c.trainer.evaluate_registered(tracking_uri(c.cfg, c.store.root.parent), name, version, xs)
         which = {"name": name, "version": version or "latest"}
     truths, preds = await asyncio.gather(truths_job, preds_job)
     errors: list[float] = []
@@ -260,12 +259,6 @@ async def _evaluate(c: Campaign, result: StepsResult, state: bytes | None = None
                          "mean_error": sum(errors) / len(errors), "within_tolerance": sum(e < tol for e in errors),
                          "tolerance": tol, "points": rows}
     c.store.log(Evaluate({k: v for k, v in result.evaluation.items() if k != "points"}))
-
-
-def _remote_evaluate() -> Any:
-    from orchestrator.training import remote
-
-    return remote.evaluate_registered
 
 
 def _default_model(cfg: LoopConfig) -> tuple[str, str | None]:

@@ -11,11 +11,39 @@ from __future__ import annotations
 from typing import Any
 
 
-def call(name: str, *args: Any) -> Any:
-    """Run ``orchestrator.training.tasks.<name>(*args)`` on the worker."""
+def warm_up(*args: Any) -> float:
+    """:func:`orchestrator.training.tasks.warm_up` on the worker."""
     from orchestrator.training import tasks
 
-    return getattr(tasks, name)(*args)
+    return tasks.warm_up(*args)
+
+
+def train(*args: Any) -> tuple[bytes, dict[str, float]]:
+    """:func:`orchestrator.training.tasks.train` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.train(*args)
+
+
+def evaluate(*args: Any) -> list[list[float]]:
+    """:func:`orchestrator.training.tasks.evaluate` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.evaluate(*args)
+
+
+def evaluate_ensemble(*args: Any) -> tuple[list[list[float]], list[list[float]]]:
+    """:func:`orchestrator.training.tasks.evaluate_ensemble` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.evaluate_ensemble(*args)
+
+
+def register_model(*args: Any) -> tuple[str, str]:
+    """:func:`orchestrator.training.tasks.register_model` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.register_model(*args)
 
 
 def figure(*args: Any) -> bytes:
