@@ -153,23 +153,23 @@ async def _throughput(n: int, concurrency: int) -> tuple[float, float]:
     """n one-rank sim-noop runs: through the campaign's SimRunner (slots, events, result checks) and raw."""
     import numpy as np
 
-    from orchestrator.allocation import Node, SlotPool
-    from orchestrator.campaign import Campaign
+    from orchestrator.allocation import Allocation, Node
     from orchestrator.config import load_config, resolve_binaries
-    from orchestrator.launchers.mpiexec import MpiexecLauncher, find_mpiexec
+    from orchestrator.launchers.mpiexec import find_mpiexec
+    from orchestrator.progress import Progress
+    from orchestrator.runner import build_campaign
     from orchestrator.store import RunStore
-    from orchestrator.training.backends import LocalBackend
 
     with tempfile.TemporaryDirectory() as tmp:
         loop = Path(tmp) / "noop.yml"
         loop.write_text(LOOP.read_text())
         cfg = load_config(loop, ["sims.generate.binary=sim-noop", "sims.generate.args=[]",
-                                 "sims.generate.ranks=1", "sims.generate.retries=0"])
+                                 "sims.generate.ranks=1", "sims.generate.retries=0",
+                                 f"resources.sim_slots={concurrency}", "tracking.enabled=false"])
         binaries = resolve_binaries(cfg, loop)
         store = RunStore.create(Path(tmp) / "runs", cfg.name, loop)
-        launcher = MpiexecLauncher()
-        camp = Campaign(cfg, store, binaries, {"check": launcher, "generate": launcher},
-                        SlotPool([Node("local", concurrency)]), LocalBackend(cfg.training))
+        local = Allocation(nodes=(Node("local", concurrency),), in_slurm=False, job_id=None)
+        camp = build_campaign(cfg, store, loop, Progress(enabled=False), alloc=local)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(camp.sims.run("generate", {"seed": i}) for i in range(n)))

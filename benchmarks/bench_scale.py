@@ -150,13 +150,15 @@ def config(slots: int, events: int) -> Any:
                  "generate": {**sim, "args": ["--lo", "{lo}", "--hi", "{hi}", "--seed", "{seed}"]}},
         "policy": {"max_inflight": slots, "generates_per_round": slots + events + 1},
         "tracking": {"enabled": False},
+        "training": {"backend": "local"},  # every slot to the sims: the idle backend keeps no cores
     })
 
 
 async def measure(slots: int, events: int, workdir: Path) -> dict[str, float]:
-    from orchestrator import campaign as camp
     from orchestrator import services
-    from orchestrator.allocation import Allocation, Node, SlotPool
+    from orchestrator.allocation import Allocation, Node
+    from orchestrator.progress import Progress
+    from orchestrator.runner import build_campaign
 
     services.BACKEND_HEAD_START_S = 0.0  # the idle backend never comes up; do not wait for it
     cfg = config(slots, events)
@@ -166,8 +168,8 @@ async def measure(slots: int, events: int, workdir: Path) -> dict[str, float]:
     store = CountingStore.make(workdir, launcher)
     binaries = {"check": Path("/bin/true"), "generate": Path("/bin/true")}
     rss0 = rss_bytes()
-    campaign = camp.Campaign(cfg, store, binaries, {"check": launcher, "generate": launcher}, SlotPool(alloc.nodes),
-                             IdleBackend())
+    campaign = build_campaign(cfg, store, None, Progress(enabled=False), alloc=alloc, binaries=binaries,
+                              launchers={"check": launcher, "generate": launcher}, backend=IdleBackend())
     result = await campaign.run()
     m = launcher.marks
     if "cpu_end" not in m:

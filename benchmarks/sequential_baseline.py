@@ -23,7 +23,7 @@ import numpy as np
 
 from orchestrator.config import LoopConfig, load_config, render_args, resolve_binaries
 from orchestrator.launchers.mpiexec import find_mpiexec
-from orchestrator.sampling import write_points
+from orchestrator.rundeck import write_points
 from orchestrator.training import tasks
 from orchestrator.training.ensemble import member_seed
 

@@ -40,6 +40,7 @@ from orchestrator.runlog import (
     CampaignStart,
     Check,
     DataAccepted,
+    Event,
     Registering,
     Scores,
     State,
@@ -56,7 +57,8 @@ from orchestrator.slurm import JobWatch
 from orchestrator.store import EVENTS, LOOP, RunStore
 from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink, evidence_metrics
 from orchestrator.training.backends import Backend, Trainer
-from orchestrator.walltime import Durations, WalltimeGuard
+from orchestrator.twin import Twin, TwinPorts
+from orchestrator.walltime import WalltimeGuard
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
@@ -72,7 +74,7 @@ ALLOCATION_GONE = "allocation_gone"
 SIGNALLED_CLOSE_S = 1.0
 """After a signal, how long MLflow may take to close the run (a busy database must not delay the exit)."""
 
-__all__ = ["Campaign", "CampaignResult", "State", "Status", "TaskKind"]
+__all__ = ["Campaign", "CampaignParts", "CampaignResult", "State", "Status", "TaskKind"]
 
 
 class TaskKind(enum.Enum):
@@ -139,59 +141,64 @@ class CampaignResult:
     summary: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CampaignParts:
+    """What a campaign is given, finished: :func:`orchestrator.runner.build_campaign` builds it,
+    for ``run``, ``--resume``, ``--steps``, continual mode and the benchmarks alike."""
+
+    binaries: Mapping[str, Path]
+    launchers: Mapping[str, Launcher]
+    pool: SlotPool
+    backend: Backend
+    trainer: Trainer
+    sampler: sampling.Sampler
+    tracker: Tracker | None = None
+    walltime: WalltimeGuard | None = None
+    """With its durations already restored from the run's state."""
+    model: bytes | None = None
+    """The current model of a resumed run."""
+    members: list[bytes] = dataclasses.field(default_factory=list)
+    """The current ensemble members of a resumed run (the model alone for one model)."""
+    job_watch: JobWatch | None = None
+    """Inside Slurm: tells when the allocation itself is gone (scancel), which no signal reports."""
+
+
 class Campaign:
     """One campaign, from a fresh or resumed run directory to its summary."""
 
     def __init__(
-        self,
-        cfg: LoopConfig,
-        store: RunStore,
-        binaries: Mapping[str, Path],
-        launchers: Mapping[str, Launcher],
-        pool: SlotPool,
-        backend: Backend,
-        tracker: Tracker | None = None,
+        self, cfg: LoopConfig, store: RunStore, parts: CampaignParts, state: State, *, resumed: bool,
         progress: Progress | None = None,
-        state: State | None = None,
-        strategy: sampling.Strategy | None = None,
-        walltime: WalltimeGuard | None = None,
-        job_watch: JobWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
-        self.launchers = launchers
-        self.pool = pool
-        self.backend = backend
-        self.trainer = Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs),
-                               columns=(cfg.input_names, list(cfg.outputs)))
+        self.launchers = parts.launchers
+        self.pool = parts.pool
+        self.backend = parts.backend
+        self.trainer = parts.trainer
         self.progress = progress or Progress(enabled=False)
-        self.resumed = state is not None
-        self.state = state or State()
+        self.resumed = resumed
+        self.state = state
         self.continual = ContinualState.from_json(self.state.continual)
         self.rng = np.random.default_rng(cfg.seed)
         if self.state.rng:
             self.rng.bit_generator.state = self.state.rng
-        self.model_state: bytes | None = None
-        if self.state.model_file:
-            self.model_state = (store.root / self.state.model_file).read_bytes()
-        self.members: list[bytes] = [(store.root / f).read_bytes() for f in self.state.member_files]
-        if not self.members and self.model_state is not None:
-            self.members = [self.model_state]
-        self.sampler = sampling.Sampler.create(cfg, strategy, self.state.sampling_rng)
+        self.model_state: bytes | None = parts.model
+        self.members: list[bytes] = list(parts.members)
+        self.sampler = parts.sampler
         self._scoring: asyncio.Task[TaskResult] | None = None
         self._data_cache: tuple[int, np.ndarray] | None = None
         self.lo = np.array([i.lo for i in cfg.inputs])
         self.hi = np.array([i.hi for i in cfg.inputs])
-        self.walltime = walltime
-        if walltime is not None:
-            walltime.durations = Durations.from_json(self.state.sim_durations)
+        self.walltime = parts.walltime
         self._out_of_time = False
         """A sim was not started because it would overrun the allocation."""
-        self.sims = SimRunner(cfg, store, binaries, launchers, pool, self.state, self.progress, self._show,
+        self.sims = SimRunner(cfg, store, parts.binaries, parts.launchers, parts.pool, self.state, self.progress,
+                              self._show,
                               fits=self._fits, on_end=self._sim_ended,
                               clock=lambda: self.continual.clock, reference=lambda: self._data_xy()[1])
-        self.sink = TrackingSink(tracker, store, self.state, self.checkpoint)
-        self.services = Services(backend, self.trainer, store, self.sink)
+        self.sink = TrackingSink(parts.tracker, store, self.state, self.checkpoint)
+        self.services = Services(parts.backend, self.trainer, store, self.sink)
         self.pictures = Pictures(cfg, store.root, self.trainer, self.sink.upload, self.services.trainer_ready)
         self._tasks: dict[asyncio.Task[TaskResult], TaskKind] = {}
         self._counts: Counter[TaskKind] = Counter()
@@ -207,14 +214,14 @@ class Campaign:
         """Query points whose check sim already ran (prechecks), with their truth and run id."""
         self._dropped: set[asyncio.Task[TaskResult]] = set()
         """Checks cancelled when their version was decided (awaited at the end)."""
-        self._check_slots = max(1, pool.capacity // max(1, cfg.sims.check.ranks))
+        self._check_slots = max(1, parts.pool.capacity // max(1, cfg.sims.check.ranks))
         if not self.state.evidence:
             self._update_evidence()
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
         self._diverged = 0
         """Training rounds that diverged in a row."""
-        self.job_watch = job_watch
+        self.job_watch = parts.job_watch
         """Inside Slurm: tells when the allocation itself is gone (scancel), which no signal reports."""
         self._t0 = time.monotonic()
 
@@ -360,13 +367,14 @@ class Campaign:
                            prechecked=known is not None, spread=spread if len(members) > 1 else None,
                            run_id=known_id if sim is None else sim.request.run_id)
 
-    async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> GenerateResult:
+    async def _generate(self, seed: int, lo: list[float], hi: list[float], points: np.ndarray | None = None
+                        ) -> GenerateResult:
         values: dict[str, float | int] = {"seed": seed}
         for spec, a, b in zip(self.cfg.inputs, lo, hi, strict=True):
             values[f"{spec.name}_lo"], values[f"{spec.name}_hi"] = a, b
         if len(self.cfg.inputs) == 1:
             values["lo"], values["hi"] = lo[0], hi[0]
-        sim = await self.sims.run("generate", values)
+        sim = await self.sims.run("generate", values, points=points)
         if sim is None or sim.table is None:
             return GenerateResult(None)
         path = self.store.accept_data(sim.request.run_id, sim.table)
@@ -385,19 +393,41 @@ class Campaign:
         points = self.sampler.choose(self.cfg.points_per_generate, x, y, s.failed_points, s.model_version)
         key = f"{seed}-{id(points)}"
         self.sampler.pending[key] = points
-        values: dict[str, float | int] = {"seed": seed}
-        for spec in self.cfg.inputs:
-            values[f"{spec.name}_lo"], values[f"{spec.name}_hi"] = spec.lo, spec.hi
-        if len(self.cfg.inputs) == 1:
-            values["lo"], values["hi"] = self.cfg.inputs[0].lo, self.cfg.inputs[0].hi
         try:
-            sim = await self.sims.run("generate", values, points=points)
+            return await self._generate(seed, [float(v) for v in self.lo], [float(v) for v in self.hi], points)
         finally:
             self.sampler.pending.pop(key, None)
-        if sim is None or sim.table is None:
-            return GenerateResult(None)
-        path = self.store.accept_data(sim.request.run_id, sim.table)
-        return GenerateResult(str(path.relative_to(self.store.root)), int(sim.table.shape[0]))
+
+    # -- the public port: what `--steps` and continual mode use ---------------
+    async def generate(self, seed: int, lo: list[float] | None = None, hi: list[float] | None = None
+                       ) -> GenerateResult:
+        """One generate sim (retries included), its rows accepted into ``data/`` (not yet counted in the
+        state). Over the window [lo, hi] (default: the domain); a sim that takes chosen points gets
+        ``policy.points_per_run`` points drawn uniformly from the window with ``seed``."""
+        lo = [float(v) for v in self.lo] if lo is None else lo
+        hi = [float(v) for v in self.hi] if hi is None else hi
+        if not self.cfg.chosen_points:
+            return await self._generate(seed, lo, hi)
+        rng = np.random.default_rng(seed)
+        points = rng.uniform(lo, hi, size=(self.cfg.points_per_generate, len(lo)))
+        return await self._generate(seed, [float(v) for v in self.lo], [float(v) for v in self.hi], points)
+
+    async def check_truth(self, x: list[float]) -> list[float] | None:
+        """The check sim's truth at ``x`` (None when every attempt failed)."""
+        return self._truth_of(await self.sims.run("check", self._values(x)), x)
+
+    async def close(self) -> None:
+        """End, outside :meth:`run` (``--steps``), what the campaign was given: its launchers, the Dask
+        backend and the MLflow run."""
+        for launcher in {id(x): x for x in self.launchers.values()}.values():
+            await launcher.close()
+        await self.backend.close()
+        if self.sink.tracker is not None:
+            await asyncio.to_thread(self.sink.tracker.finish, "FINISHED")
+
+    def ports(self) -> TwinPorts:
+        """The campaign as continual mode's driver sees it."""
+        return CampaignPorts(self)
 
     def _data_xy(self) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and outputs of every accepted row (for the sampling strategy)."""
@@ -873,9 +903,7 @@ class Campaign:
 
     async def _keep_current(self) -> pol.StopReason | None:
         """Continual mode (:mod:`orchestrator.twin`) until its end (TARGET_MET) or a signal (None)."""
-        from orchestrator.twin import CampaignPorts, Twin
-
-        twin = Twin(self.cfg, self.continual, CampaignPorts(self), self.rng, lambda: self.elapsed)
+        twin = Twin(self.cfg, self.continual, self.ports(), self.rng, lambda: self.elapsed)
         if not self.continual.active:
             assert self.model_state is not None
             reg = await self.register_model(self.model_state, final_key(self.state.model_version))
@@ -991,6 +1019,81 @@ def final_key(version: int) -> str:
     """The registration key of the model that met the target (the final one, or continual mode's
     first champion: the same model, so one version)."""
     return f"final-model-v{version}"
+
+
+class CampaignPorts:
+    """:class:`~orchestrator.twin.TwinPorts` on a :class:`Campaign`'s sims, workers, store and tracker."""
+
+    def __init__(self, campaign: Campaign) -> None:
+        self.c = campaign
+
+    async def check_truth(self, x: list[float]) -> list[float] | None:
+        return await self.c.check_truth(x)
+
+    async def generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
+        r = await self.c.generate(seed, lo, hi)
+        if r.path is None:
+            return None
+        s = self.c.state
+        s.data_files.append(r.path)
+        s.data_points += r.rows
+        self.c.store.log(DataAccepted(r.path, r.rows, s.data_points))
+        return r.path, r.rows
+
+    async def evaluate(self, model: bytes, xs: list[list[float]]) -> list[list[float]]:
+        await self.c.services.trainer_ready()
+        return await self.c.trainer.evaluate(model, xs)
+
+    async def train(self, model: bytes | None, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
+        await self.c.services.trainer_ready()
+        rows = sum(int(d["rows"]) for d in self.c.continual.data if d["path"] in files)
+        self.c.store.log(TrainStart(self.c.state.model_version + 1, len(files), rows,
+                                    self.c.backend.describe().get("workers")))
+        return await self.c.trainer.train(model, [str(self.c.store.root / f) for f in files], seed)
+
+    async def register(self, model: bytes, key: str) -> str | None:
+        reg = await self.c.register_model(model, key)
+        return None if reg is None else reg["version"]
+
+    async def set_champion(self, registered: str) -> None:
+        name = self.c.cfg.tracking.register_as
+        if name:
+            await self.c.sink.set_alias(name, self.c.cfg.continual.champion_alias, registered)
+
+    def model_bytes(self, version: int) -> bytes:
+        return (self.c.store.models_dir / f"model-{version:04d}.pt").read_bytes()
+
+    def save_model(self, model: bytes, metrics: dict[str, float], files: list[str]) -> int:
+        s = self.c.state
+        version = s.model_version + 1
+        self.c.store.save_model(version, model)
+        s.model_version = version
+        rows = sum(int(d["rows"]) for d in self.c.continual.data if d["path"] in files)
+        metrics = {**metrics, "data_points": float(rows)}
+        s.rounds.append({"round": version, **metrics})
+        self.c.store.log(TrainEnd(version, extra={**metrics, "challenger": True}))
+        self.c.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
+        self.c.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
+        clock = self.c.continual.clock
+        title = (f"{self.c.cfg.name}: challenger {version} at campaign time {clock}, "
+                 f"{rows} recent rows; the champion's checks then")
+        self.c.pictures.round(version, model, files, title, clock=clock)
+        return version
+
+    def log(self, event: Event) -> None:
+        self.c.store.log(event)
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.c.sink.metrics(metrics, step)
+
+    def note(self, text: str) -> None:
+        self.c.progress.note(text)
+
+    def checked(self, x: list[float], truth: list[float], ok: bool, clock: int) -> None:
+        self.c.pictures.add_check(x, truth, ok, clock)
+
+    def checkpoint(self) -> None:
+        self.c.checkpoint()
 
 
 def _fmt(v: list[float] | None) -> str:

@@ -124,7 +124,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     print(f"  target: {describe_target(cfg.target)}")
     for role, setup in setups.items():
-        sim = getattr(cfg.sims, role)
+        sim = cfg.sims.of(role)
         print(f"  {role}: {setup.binary} on {sim.ranks} rank(s), launcher {sim.launcher}")
         print(f"    mpi: {setup.mpi.describe()}")
         if sim.templates or sim.files:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import BUILTIN_SAMPLING, load_config
+from orchestrator.config import BUILTIN_SAMPLING, Sampling, load_config
 from orchestrator.errors import OrchestratorError, UsageError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def run_one(loop: Path, workdir: Path, strategy: str, seed: int, overrides: Sequ
 
     where = workdir / f"{strategy.replace(':', '.')}-seed{seed}"
     sets = [*overrides, f"seed={seed}", f"policy.sampling={strategy}", "tracking.enabled=false"]
-    if strategy == "ensemble" and load_config(loop, overrides).policy.ensemble_size < 2:
+    if strategy == Sampling.ENSEMBLE and load_config(loop, overrides).policy.ensemble_size < 2:
         sets.append(f"policy.ensemble_size={DEFAULT_ENSEMBLE}")  # loop.yml trains one model: ensemble needs more
     try:
         result = run_sync(loop, workdir=where, overrides=sets, new=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import os
 import re
 import shutil
@@ -25,8 +26,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
-BUILTIN_SAMPLING = ("uniform", "near-failures", "space-filling", "ensemble")
-SAMPLING_PATTERN = r"^(uniform|near-failures|space-filling|ensemble|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+
+
+class Sampling(enum.StrEnum):
+    """The built-in sampling strategies (``policy.sampling``; a user's own is a ``module:function``).
+    :func:`orchestrator.sampling.builtin` holds the function of each."""
+
+    UNIFORM = "uniform"
+    NEAR_FAILURES = "near-failures"
+    SPACE_FILLING = "space-filling"
+    ENSEMBLE = "ensemble"
+
+    @property
+    def windowed(self) -> bool:
+        """The generate sim draws its own points in a window the strategy gives (not chosen points)."""
+        return self in (Sampling.UNIFORM, Sampling.NEAR_FAILURES)
+
+
+BUILTIN_SAMPLING = tuple(s.value for s in Sampling)
+SAMPLING_PATTERN = rf"^({'|'.join(map(re.escape, BUILTIN_SAMPLING))}|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+Role = Literal["check", "generate"]
+"""A sim's role in the campaign."""
+ROLES: tuple[Role, ...] = ("check", "generate")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SRUN_DENIED = ("--jobid", "--overlap", "--overcommit", "--oversubscribe", "--ntasks", "--nodes", "--cpus-per-task",
@@ -199,6 +220,10 @@ class SimsConfig(_Strict):
     """Cheap: returns the true value at one query point, one row (inputs..., outputs...)."""
     generate: SimConfig
     """Expensive: returns many training rows (inputs..., outputs...)."""
+
+    def of(self, role: Role) -> SimConfig:
+        """The sim of ``role``."""
+        return self.check if role == "check" else self.generate
 
 
 class TargetConfig(_Strict):
@@ -639,7 +664,7 @@ class LoopConfig(_Strict):
             raise ValueError(f"acceptance.ranges: {unknown[0]!r} is not an output (outputs: {self.outputs})")
         check_placeholders(self.sims.check.args, check_fields(names), "sims.check.args")
         check_placeholders(self.sims.generate.args, generate_fields(names), "sims.generate.args")
-        if self.policy.sampling == "ensemble" and self.policy.ensemble_size < 2:
+        if self.policy.sampling == Sampling.ENSEMBLE and self.policy.ensemble_size < 2:
             raise ValueError("policy.sampling: ensemble needs policy.ensemble_size >= 2 (e.g. 4)")
         return self
 
@@ -984,12 +1009,12 @@ def tensorboard_dir(path: str, root: Path) -> Path:
     return logdir
 
 
-def resolve_binaries(cfg: LoopConfig, loop_file: Path) -> dict[str, Path]:
+def resolve_binaries(cfg: LoopConfig, loop_file: Path) -> dict[Role, Path]:
     """Resolve every sim binary, so a typo fails at start, not mid-campaign."""
     base = loop_file.resolve().parent
     return {
-        role: resolve_binary(getattr(cfg.sims, role).binary, base, f"{loop_file}: sims.{role}.binary")
-        for role in ("check", "generate")
+        role: resolve_binary(cfg.sims.of(role).binary, base, f"{loop_file}: sims.{role}.binary")
+        for role in ROLES
     }
 
 

@@ -11,13 +11,9 @@ with one line, and the run counts as failed (and is retried) as any other.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -25,6 +21,7 @@ import numpy as np
 from orchestrator.config import OutputFile
 from orchestrator.errors import ConfigError
 from orchestrator.results import MalformedResult, Table, check_table
+from orchestrator.userref import import_module
 
 Parser = Callable[[Path], Any]
 PARSER_LOG = "stderr.log"
@@ -97,40 +94,11 @@ def read_output(run_dir: Path, spec: OutputFile, *, ncols: int, nrows: int | Non
     return check_table(table, ncols=ncols, nrows=nrows, source=str(path))
 
 
-def _module_file(name: str, base: Path) -> Path | None:
-    parts = name.split(".")
-    for cand in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _import(name: str, base: Path) -> ModuleType:
-    """``name`` from a file next to loop.yml if there is one, else from sys.path."""
-    file = _module_file(name, base)
-    if file is None:
-        return importlib.import_module(name)
-    unique = f"orchestrator_user_{abs(hash(str(file)))}_{name.replace('.', '_')}"
-    if unique in sys.modules:
-        return sys.modules[unique]
-    spec = importlib.util.spec_from_file_location(unique, file)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {file}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[unique] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[unique]
-        raise
-    return module
-
-
 def load_parser(ref: str, base: Path, key: str) -> Parser:
     """The function ``module:function``; a missing module or name is one ConfigError line."""
     module_name, _, func_name = ref.partition(":")
     try:
-        module = _import(module_name, base)
+        module = import_module(module_name, [base])
     except Exception as exc:
         raise ConfigError(f"{key}: cannot import {module_name!r} (looked in {base} and on sys.path): "
                           f"{type(exc).__name__}: {exc}") from exc

@@ -6,7 +6,7 @@ against truth on a slice, the checked points, the data so far). It is drawn on a
 worker while the loop goes on, written to ``<run dir>/figures/round-NNNN.png``,
 uploaded to the campaign's MLflow run under ``figures/`` and, with
 ``tracking.tensorboard_dir``, written with the round's scalars to a TensorBoard
-event file (:mod:`orchestrator.tbevents`). A failed picture is a warning, never
+event file (written by ``tensorboardX``: :class:`TensorBoardFile`). A failed picture is a warning, never
 the campaign's end. The coordinator only moves bytes: no torch, no matplotlib here.
 """
 
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from orchestrator.config import LoopConfig, tensorboard_dir
 from orchestrator.errors import ConfigError
@@ -43,11 +46,9 @@ class Pictures:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tb = None
         if cfg.tracking.tensorboard_dir:
-            from orchestrator.tbevents import EventWriter
-
             logdir = tensorboard_dir(cfg.tracking.tensorboard_dir, root)
             try:
-                self._tb = EventWriter(logdir)
+                self._tb = TensorBoardFile(logdir)
             except (NotADirectoryError, FileExistsError, PermissionError) as exc:  # a file on the way, no access
                 raise ConfigError(f"tracking.tensorboard_dir: {cfg.tracking.tensorboard_dir!r}: cannot write "
                                   f"event files in {logdir}: {exc.strerror}") from exc
@@ -92,3 +93,37 @@ class Pictures:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._tb is not None:
             self._tb.close()
+
+
+class TensorBoardFile:
+    """One TensorBoard event file in ``logdir`` (created), written by tensorboardX's synchronous
+    ``EventsWriter`` (no writer thread) and flushed per call, so ``tensorboard --logdir DIR``
+    reads it while the campaign runs."""
+
+    def __init__(self, logdir: Path) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer: Any = EventsWriter(str(logdir / "events"))
+
+    def _write(self, summary: Any, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._writer.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self._writer.flush()
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self._write(Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()]), step)
+
+    def image(self, tag: str, png: bytes, step: int) -> None:
+        """An already encoded PNG, as it is (no decoding and re-encoding)."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+        image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
+        self._write(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def close(self) -> None:
+        self._writer.close()

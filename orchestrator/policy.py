@@ -21,7 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from orchestrator.certify import Plan, Verdict, checks_to_start, lower_bound, plan_bound, statement, verdict
-from orchestrator.config import PolicyConfig, TargetConfig
+from orchestrator.config import PolicyConfig, Sampling, TargetConfig
+from orchestrator.sampling import window_around
 
 
 class StopReason(enum.Enum):
@@ -214,12 +215,10 @@ def sampling_window(
     rng: np.random.Generator,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The box a generate sim draws from: the domain, or a window around a failed point."""
-    if sampling != "near-failures" or not failed_points:
+    if sampling != Sampling.NEAR_FAILURES or not failed_points:
         return lo, hi
     center = np.asarray(failed_points[int(rng.integers(len(failed_points)))], dtype=np.float64)
-    half = (hi - lo) * width / 2
-    wlo = np.clip(center - half, lo, hi - 2 * half)
-    return wlo, wlo + 2 * half
+    return window_around(center, lo, hi, width)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
     python -m orchestrator predict --model osc-surrogate/2 --x 2.5,0.1 --output y.npy
     python -m orchestrator predict --model osc-surrogate --input points.npy --workdir runs
 
-The model is loaded from the MLflow registry (:func:`orchestrator.tracking.load_registered_model`;
+The model is loaded from the MLflow registry (:func:`orchestrator.training.serving.load_registered_model`;
 default tracking URI ``sqlite:///<workdir>/mlflow.db``, workdir ``./runs``). Each
 ``--x`` is one query point, its inputs separated by commas (``--x=-1,0.2`` when
 the first is negative, or argparse takes it for a flag); ``--input`` is an
@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from orchestrator.config import CHAMPION_ALIAS as CHAMPION
 from orchestrator.errors import PredictError, UsageError
+from orchestrator.training.serving import evaluate, n_inputs_of, spread_of
 
 if TYPE_CHECKING:
     import torch
@@ -166,52 +167,13 @@ def _champion(uri: str, name: str, alias: str) -> str | None:
 
 
 def load(uri: str, ref: ModelRef) -> torch.nn.Module:
-    from orchestrator.tracking import TrackingError, load_registered_model
+    from orchestrator.errors import TrackingError
+    from orchestrator.training.serving import load_registered_model
 
     try:
         return load_registered_model(uri, ref.name, ref.version)
     except TrackingError as exc:
         raise PredictError(str(exc)) from exc
-
-
-def n_inputs_of(model: torch.nn.Module) -> int | None:
-    """The input width the model declares (MLP's ``n_inputs``), or its first Linear layer's."""
-    declared = getattr(model, "n_inputs", None)
-    if isinstance(declared, int):
-        return declared
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            return int(module.in_features)
-    return None
-
-
-def spread_of(model: torch.nn.Module, points: Array) -> Array | None:
-    """An ensemble's spread at ``points`` (models.ensemble.Ensemble), None for a single model."""
-    mean_and_spread = getattr(model, "mean_and_spread", None)
-    if not callable(mean_and_spread):
-        return None
-    import torch
-
-    params = list(model.parameters())
-    dtype = params[0].dtype if params else torch.float32
-    with torch.no_grad():
-        _, spread = mean_and_spread(torch.from_numpy(points).to(dtype))
-    result: Array = spread.double().reshape(points.shape[0], -1).numpy()
-    return result
-
-
-def evaluate(model: torch.nn.Module, points: Array) -> Array:
-    """The model's forward on ``points``, in the dtype of its weights, as float64."""
-    import torch
-
-    params = list(model.parameters())
-    dtype = params[0].dtype if params else torch.float32
-    with torch.no_grad():
-        out = model(torch.from_numpy(points).to(dtype))
-    result: Array = out.double().reshape(points.shape[0], -1).numpy()
-    return result
 
 
 # -- tracking ---------------------------------------------------------------------------

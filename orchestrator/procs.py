@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -141,11 +142,10 @@ send(signal.SIGKILL)
 
 
 def start_time(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot), which tells it from a later one with its pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None
+    """A process's start time (clock ticks since boot, as the guardian reads it), which tells it from a
+    later one with its pid."""
+    info = read_stat(pid)
+    return None if info is None else str(info.start)
 
 
 class Guardian:
@@ -372,17 +372,27 @@ class ProcInfo:
     comm: str
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def _boot_time() -> float:
+    return float(psutil.boot_time())
+
+
+def _info(proc: psutil.Process) -> ProcInfo:
+    """psutil's view of a process; its start back in clock ticks since boot (/proc/<pid>/stat's field)."""
+    with proc.oneshot():
+        start = round((proc.create_time() - _boot_time()) * CLOCK_TICKS)
+        return ProcInfo(proc.pid, proc.ppid(), start, proc.name())
+
+
 def read_stat(pid: int) -> ProcInfo | None:
-    """One process from /proc/<pid>/stat; None if it is gone."""
+    """One process; None if it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return _info(psutil.Process(pid))
+    except psutil.Error:
         return None
-    head, _, rest = text.rpartition(")")
-    fields = rest.split()
-    if len(fields) < 20:
-        return None
-    return ProcInfo(pid, int(fields[1]), int(fields[19]), head.partition("(")[2])
 
 
 def children_of(pid: int) -> list[int]:
@@ -399,24 +409,29 @@ def descendants(root: int) -> list[ProcInfo]:
         below = psutil.Process(root).children(recursive=True)
     except psutil.Error:
         return []
-    return [info for child in below if (info := read_stat(child.pid)) is not None]
+    return [info for child in below if (info := _info_or_none(child)) is not None]
+
+
+def _info_or_none(proc: psutil.Process) -> ProcInfo | None:
+    try:
+        return _info(proc)
+    except psutil.Error:
+        return None
 
 
 def all_processes() -> list[ProcInfo]:
     """Every process on this host."""
-    return [info for pid in psutil.pids() if (info := read_stat(pid)) is not None]
+    return [info for proc in psutil.process_iter() if (info := _info_or_none(proc)) is not None]
 
 
 def alive(pid: int, start: int) -> bool:
     """Is this very process (pid and start time) still there and not a zombie?"""
-    info = read_stat(pid)
-    if info is None or info.start != start:
-        return False
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            return _info(proc).start == start and proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    return state not in ("Z", "X")
 
 
 def signal_procs(procs: Iterable[tuple[int, int]], sig: int) -> None:

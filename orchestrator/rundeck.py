@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import numpy as np
 
 from orchestrator.config import OutputFile, SimConfig, resolve_path
 from orchestrator.errors import ConfigError
@@ -129,3 +130,13 @@ def sim_io(sim: SimConfig, base: Path, allowed: set[str], key: str) -> SimIO:
         files.append(path)
     parser = load_parser(sim.parser, base, f"{key}.parser") if sim.parser else None
     return SimIO(templates, tuple(files), sim.output, parser, sim.parser, uses)
+
+
+def write_points(path: Path, points: np.ndarray) -> Path:
+    """The points file a generate sim reads (simkit_points): one point per line, full precision."""
+    lines = ["# points chosen by the orchestrator: one per line, one column per input"]
+    lines += [" ".join(repr(float(v)) for v in row) for row in points]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

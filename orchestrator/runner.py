@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +20,11 @@ from pydantic import ValidationError
 
 from orchestrator import sampling
 from orchestrator.allocation import Allocation, Node, SlotPool
-from orchestrator.campaign import Campaign, CampaignResult
+from orchestrator.campaign import Campaign, CampaignParts, CampaignResult
 from orchestrator.config import (
+    ROLES,
     LoopConfig,
+    Role,
     SimConfig,
     check_fields,
     flat_dict,
@@ -39,15 +42,15 @@ from orchestrator.rundeck import SimIO, render_template, sim_io
 from orchestrator.runlog import State, status_of
 from orchestrator.slurm import JobWatch
 from orchestrator.store import LOOP, RunStore, find_unfinished
-from orchestrator.training.backends import make_backend
-from orchestrator.walltime import WalltimeGuard, allocation_end
+from orchestrator.training.backends import Backend, Trainer, make_backend
+from orchestrator.walltime import Durations, WalltimeGuard, allocation_end
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_unfinished", "open_run", "plan_slots", "run", "run_sync"]
+__all__ = ["build_campaign", "find_unfinished", "open_run", "plan_slots", "run", "run_sync"]
 
 @dataclass(frozen=True)
 class SlotPlan:
@@ -178,7 +181,7 @@ class SimSetup:
     io: SimIO
 
 
-def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
+def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[Role, SimSetup]:
     """Resolve binaries, detect their MPI, load templates and parsers: every mistake fails here, at start."""
     binaries = resolve_binaries(cfg, loop_file)
     base = loop_file.resolve().parent
@@ -188,7 +191,7 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
                "generate": (generate_fields(cfg.input_names) - {"points_file"}) | chosen}
     setups = {}
     for role, binary in binaries.items():
-        sim: SimConfig = getattr(cfg.sims, role)
+        sim = cfg.sims.of(role)
         key = f"{loop_file}: sims.{role}"
         setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
                                 sim_io(sim, base, allowed[role], key))
@@ -284,17 +287,21 @@ def make_launcher(
     return launcher
 
 
-def walltime_guard(cfg: LoopConfig, alloc: Allocation) -> WalltimeGuard | None:
-    """The guard for a Slurm allocation whose end Slurm tells; None otherwise."""
+def walltime_guard(cfg: LoopConfig, alloc: Allocation, state: State | None = None) -> WalltimeGuard | None:
+    """The guard for a Slurm allocation whose end Slurm tells (with the sim durations ``state``
+    has seen); None otherwise."""
     if not (cfg.walltime.enabled and alloc.in_slurm):
         return None
     end = allocation_end()
     if end is None:
         return None
-    return WalltimeGuard(end, cfg.walltime.signal_lead_s, cfg.walltime.safety_s)
+    guard = WalltimeGuard(end, cfg.walltime.signal_lead_s, cfg.walltime.safety_s)
+    if state is not None:
+        guard.durations = Durations.from_json(state.sim_durations)
+    return guard
 
 
-def _tracker(cfg: LoopConfig, workdir: Path, run_name: str) -> Tracker | None:
+def make_tracker(cfg: LoopConfig, workdir: Path, run_name: str) -> Tracker | None:
     if not cfg.tracking.enabled:
         return None
     from orchestrator.tracking import Tracker, default_tracking_uri
@@ -402,35 +409,74 @@ async def run(
     progress = progress or Progress(enabled=False)
     guardian.start()  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
-    setups = sim_setups(cfg, loop_file if loop_file is not None else store.root / LOOP)
-    binaries = {role: s.binary for role, s in setups.items()}
-    alloc = Allocation.detect()
+    progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
+    campaign = build_campaign(cfg, store, loop_file, progress, state=state, root=root)
+    with progress:
+        return await campaign.run()
+
+
+def build_campaign(
+    cfg: LoopConfig, store: RunStore, loop_file: Path | None, progress: Progress, *, state: State | None = None,
+    root: Path | None = None, tracking: bool = True, alloc: Allocation | None = None,
+    launchers: Mapping[str, Launcher] | None = None, binaries: Mapping[str, Path] | None = None,
+    backend: Backend | None = None,
+) -> Campaign:
+    """The one wiring of a campaign (``run``, ``--resume``, ``--steps``, continual mode, the benchmarks):
+    loop.yml and the allocation -> sim setups, launchers, slots, Dask backend, trainer, tracker, sampler,
+    walltime guard and the saved models of a resumed run. ``state`` is a resumed run's (None: a fresh one).
+    A benchmark may bring its own ``alloc``, ``launchers`` (with their ``binaries``) and ``backend``."""
+    setups = None if launchers else sim_setups(cfg, loop_file if loop_file is not None else store.root / LOOP)
+    alloc = alloc or Allocation.detect()
     cfg = resolve_auto(cfg, alloc)
     plan = plan_slots(alloc, cfg)
-    shared: dict[str, Any] = {}
-    launchers = {role: make_launcher(getattr(cfg.sims, role), alloc, setups[role], shared=shared, run_dir=store.root,
-                                     steps_per_s=cfg.resources.srun_steps_per_s) for role in ("check", "generate")}
-    backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
-    tracker = _tracker(cfg, root, store.root.name)
-    progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
+    if setups is not None:
+        binaries = {role: s.binary for role, s in setups.items()}
+        launchers = make_launchers(cfg, alloc, setups, store.root)
+    if launchers is None or binaries is None:
+        raise ValueError("build_campaign: launchers given without their binaries")
+    backend = backend or make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
     progress.note(f"allocation: {'Slurm job ' + str(alloc.job_id) if alloc.in_slurm else 'local'}; sim slots "
                   + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")
-    strategy = sampling.resolve(cfg, strategy_search(loop_file, state))
+    resumed, search = state is not None, strategy_search(loop_file, state)
+    state = state or State()
+    if loop_file is not None and state.loop_dir is None:
+        state.loop_dir = str(loop_file.resolve().parent)
+    tracker = make_tracker(cfg, root or store.root.parent, store.root.name) if tracking else None
     try:
-        campaign = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress,
-                            state, strategy, walltime=walltime_guard(cfg, alloc),
-                            job_watch=JobWatch(alloc.job_id) if alloc.in_slurm and alloc.job_id else None)
+        model, members = saved_models(store, state)
+        parts = CampaignParts(
+            binaries=binaries, launchers=launchers, pool=SlotPool(plan.sim_nodes), backend=backend,
+            trainer=Trainer(backend, cfg.training, len(cfg.inputs), len(cfg.outputs),
+                            columns=(cfg.input_names, list(cfg.outputs))),
+            sampler=sampling.Sampler.create(cfg, sampling.resolve(cfg, search), state.sampling_rng),
+            tracker=tracker, walltime=walltime_guard(cfg, alloc, state), model=model, members=members,
+            job_watch=JobWatch(alloc.job_id) if alloc.in_slurm and alloc.job_id else None,
+        )
+        return Campaign(cfg, store, parts, state, resumed=resumed, progress=progress)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        if state is None:
+        if not resumed:
             raise
         # the resumed state's generator states, durations, continual mode: state.json's contents, not ours
         raise StoreError(f"{store.root}/state.json: a field does not restore ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else exc!r}); the run cannot be resumed") from exc
-    if loop_file is not None and campaign.state.loop_dir is None:
-        campaign.state.loop_dir = str(loop_file.resolve().parent)
-    with progress:
-        return await campaign.run()
+
+
+def make_launchers(cfg: LoopConfig, alloc: Allocation, setups: Mapping[Role, SimSetup], run_dir: Path
+                   ) -> dict[str, Launcher]:
+    """One launcher per sim role, sharing what the roles share (the node agents, the srun step rate)."""
+    shared: dict[str, Any] = {}
+    return {role: make_launcher(cfg.sims.of(role), alloc, setups[role], shared=shared, run_dir=run_dir,
+                                steps_per_s=cfg.resources.srun_steps_per_s) for role in ROLES}
+
+
+def saved_models(store: RunStore, state: State) -> tuple[bytes | None, list[bytes]]:
+    """A resumed run's current model and ensemble members, read from its models/."""
+    model = (store.root / state.model_file).read_bytes() if state.model_file else None
+    members = [(store.root / f).read_bytes() for f in state.member_files]
+    if not members and model is not None:
+        members = [model]
+    return model, members
 
 
 def strategy_search(loop_file: Path | None, state: State | None) -> list[Path]:

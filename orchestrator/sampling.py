@@ -22,9 +22,7 @@ state travels in state.json so a resumed campaign draws what it would have drawn
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,8 +32,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from orchestrator.config import LoopConfig, PolicyConfig
+from orchestrator.config import BUILTIN_SAMPLING, LoopConfig, PolicyConfig, Sampling
 from orchestrator.errors import ConfigError, SamplingError
+from orchestrator.userref import import_module
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +102,16 @@ def near_failures(req: SampleRequest, width: float = 0.25) -> Points:
     if req.failed.shape[0] == 0:
         return uniform(req)
     centres = req.failed[req.rng.integers(req.failed.shape[0], size=req.count)]
-    half = (req.hi - req.lo) * width / 2
-    wlo = np.clip(centres - half, req.lo, req.hi - 2 * half)
-    return wlo + req.rng.uniform(size=centres.shape) * 2 * half
+    wlo, _ = window_around(centres, req.lo, req.hi, width)
+    return wlo + req.rng.uniform(size=centres.shape) * ((req.hi - req.lo) * width)
+
+
+def window_around(centre: Points, lo: Points, hi: Points, width: float) -> tuple[Points, Points]:
+    """The box ``width`` of each input's range wide around ``centre`` (one point, or one per row),
+    shifted to lie inside the domain [lo, hi]."""
+    half = (hi - lo) * width / 2
+    wlo = np.clip(centre - half, lo, hi - 2 * half)
+    return wlo, wlo + 2 * half
 
 
 def disagreement(req: SampleRequest) -> Points:
@@ -164,23 +170,20 @@ def ensemble(req: SampleRequest, min_separation: float = 0.02) -> Points:
 
 def builtin(name: str, policy: PolicyConfig) -> Strategy:
     """The built-in strategy called ``name``."""
-    table: dict[str, Strategy] = {
-        "uniform": uniform,
-        "space-filling": space_filling,
-        "near-failures": partial(near_failures, width=policy.near_failures_width),
-        "ensemble": partial(ensemble, min_separation=policy.min_separation),
+    table: dict[Sampling, Strategy] = {
+        Sampling.UNIFORM: uniform,
+        Sampling.SPACE_FILLING: space_filling,
+        Sampling.NEAR_FAILURES: partial(near_failures, width=policy.near_failures_width),
+        Sampling.ENSEMBLE: partial(ensemble, min_separation=policy.min_separation),
     }
-    return table[name]
+    return table[Sampling(name)]
 
 
 def load_user_strategy(spec: str, search: Sequence[Path]) -> Strategy:
     """Import ``module:function``, looking next to loop.yml (``search``) first."""
     module_name, _, attr = spec.partition(":")
-    for folder in reversed([str(p) for p in search]):
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
     try:
-        module = importlib.import_module(module_name)
+        module = import_module(module_name, search)
     except ImportError as exc:
         where = ", ".join(str(p) for p in search) or "the Python path"
         raise ConfigError(f"policy.sampling {spec!r}: cannot import {module_name!r} (looked in {where}): "
@@ -267,7 +270,7 @@ class Sampler:
     @property
     def wants_scores(self) -> bool:
         """The strategy uses the ensemble on the candidate pool (ensemble, or a user's own)."""
-        return self.name == "ensemble" or ":" in self.name
+        return self.name == Sampling.ENSEMBLE or ":" in self.name
 
     def rng_state(self) -> dict[str, Any]:
         return dict(self.rng.bit_generator.state)
@@ -291,8 +294,8 @@ class Sampler:
     def choose(self, count: int, x: Points, y: Points, failed: Sequence[Sequence[float]], version: int) -> Points:
         """``count`` points from the strategy (the first round's design before any model), checked."""
         req = self.request(count, x, y, failed, version)
-        if version == 0 and self.cfg.policy.first_round == "space-filling":
-            return validate_points(space_filling(req), req, "space-filling")
+        if version == 0 and self.cfg.policy.first_round == Sampling.SPACE_FILLING.value:
+            return validate_points(space_filling(req), req, Sampling.SPACE_FILLING)
         try:
             raw = self.strategy(req)
         except Exception as exc:  # a user's code: one line naming it, the campaign stops
@@ -304,25 +307,14 @@ class Sampler:
         """Window mode (the generate sim draws its own points) for strategies other than
         uniform and near-failures: a window of ``near_failures_width`` around the strategy's
         first point (the whole domain for ``space-filling`` and before any model)."""
-        if self.name == "space-filling" or version == 0:
+        if self.name == Sampling.SPACE_FILLING or version == 0:
             return self.lo, self.hi
         centre = self.choose(1, x, y, failed, version)[0]
-        half = (self.hi - self.lo) * self.cfg.policy.near_failures_width / 2
-        wlo = np.clip(centre - half, self.lo, self.hi - 2 * half)
-        return wlo, wlo + 2 * half
+        return window_around(centre, self.lo, self.hi, self.cfg.policy.near_failures_width)
 
 
 def chooses(cfg: LoopConfig) -> bool:
     """The strategy (not the legacy window draw) decides where a generate run evaluates:
     the sim takes a ``{points_file}``, or the strategy is neither uniform nor near-failures."""
-    return cfg.chosen_points or cfg.policy.sampling not in ("uniform", "near-failures")
-
-
-def write_points(path: Path, points: Points) -> Path:
-    """The points file a generate sim reads (simkit_points): one point per line, full precision."""
-    lines = ["# points chosen by the orchestrator: one per line, one column per input"]
-    lines += [" ".join(repr(float(v)) for v in row) for row in points]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    name = cfg.policy.sampling
+    return cfg.chosen_points or name not in BUILTIN_SAMPLING or not Sampling(name).windowed

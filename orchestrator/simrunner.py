@@ -19,13 +19,13 @@ import numpy as np
 
 from orchestrator.acceptance import refused_rows
 from orchestrator.allocation import SlotPool
-from orchestrator.config import LoopConfig, SimConfig, render_args
+from orchestrator.config import ROLES, LoopConfig, Role, SimConfig, render_args
 from orchestrator.diskfull import disk_full_error, full, says_full
 from orchestrator.errors import ResourceError, SimKindFailed
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
 from orchestrator.progress import Progress
+from orchestrator.rundeck import write_points
 from orchestrator.runlog import SimEnd, SimStart, State
-from orchestrator.sampling import write_points
 from orchestrator.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,15 @@ class SimRunner:
         """``{campaign_time}`` for the sims' args: continual mode's monitoring round (0 before it)."""
         self.reference = reference or (lambda: np.empty((0, len(cfg.outputs))))
         """The outputs of the data accepted so far, for the outlier rule (:mod:`orchestrator.acceptance`)."""
-        self._consecutive_failures = {"check": 0, "generate": 0}
-        self._ever_ok = {"check": False, "generate": False}
-        self._column_mismatches: dict[str, list[int]] = {"check": [], "generate": []}
+        self._consecutive_failures = dict.fromkeys(ROLES, 0)
+        self._ever_ok = dict.fromkeys(ROLES, False)
+        self._column_mismatches: dict[str, list[int]] = {role: [] for role in ROLES}
 
-    async def run(self, role: str, values: Mapping[str, float | int], points: np.ndarray | None = None
+    async def run(self, role: Role, values: Mapping[str, float | int], points: np.ndarray | None = None
                   ) -> SimResult | None:
         """Run one sim with retries; None when every attempt failed. ``points``: the points a
         generate run must evaluate (written to its ``{points_file}``); it returns one row each."""
-        sim: SimConfig = getattr(self.cfg.sims, role)
+        sim = self.cfg.sims.of(role)
         last: SimResult | None = None
         for attempt in range(sim.retries + 1):
             if attempt:
@@ -88,7 +88,7 @@ class SimRunner:
         if full(self.store.root) or says_full(said):
             raise disk_full_error(self.store.root, f"sim {last.request.run_id} failed on it: {last.message}")
 
-    def _failed(self, role: str, sim: SimConfig, last: SimResult) -> None:
+    def _failed(self, role: Role, sim: SimConfig, last: SimResult) -> None:
         self._consecutive_failures[role] += 1
         self._stop_if_columns_never_fit(role, sim, last)
         if self._consecutive_failures[role] >= sim.max_consecutive_failures:
@@ -97,7 +97,7 @@ class SimRunner:
                 f"last failure ({last.request.run_id}): {last.message}"
             )
 
-    def _stop_if_columns_never_fit(self, role: str, sim: SimConfig, last: SimResult) -> None:
+    def _stop_if_columns_never_fit(self, role: Role, sim: SimConfig, last: SimResult) -> None:
         """A sim that has never returned the declared columns, and twice in a row returned the same
         other count, disagrees with loop.yml: retrying cannot help (a sim that worked before may
         have a passing fault, and is retried as usual)."""
@@ -134,7 +134,7 @@ class SimRunner:
         else:
             result.table = result.table[~refusal.rows]
 
-    def _request(self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
+    def _request(self, role: Role, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
                  points: np.ndarray | None = None) -> LaunchRequest:
         self.state.launch_counter += 1
         run_id = f"{role}-{self.state.launch_counter:06d}"
@@ -155,7 +155,7 @@ class SimRunner:
         )
 
     async def _attempt(
-        self, role: str, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
+        self, role: Role, sim: SimConfig, values: Mapping[str, float | int], attempt: int,
         points: np.ndarray | None = None,
     ) -> SimResult | None:
         """One attempt; None when, once its slots are free, it no longer fits in the allocation's time."""

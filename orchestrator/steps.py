@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from orchestrator.config import LoopConfig, flat_dict, load_config, resolve_binaries
+from orchestrator.config import LoopConfig, flat_dict, load_config
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.progress import Progress
 from orchestrator.runlog import Check, DataAccepted, Evaluate, Status, StepsEnd, StepsStart, TrainEnd, TrainStart
@@ -122,10 +122,7 @@ def parse_model(text: str | None) -> tuple[str, str | None] | None:
 
 async def run_steps(args: argparse.Namespace, progress: Progress) -> StepsResult:
     """Run the chosen steps of loop.yml in one fresh run directory."""
-    from orchestrator import runner
-    from orchestrator.allocation import Allocation, SlotPool
-    from orchestrator.campaign import Campaign
-    from orchestrator.training.backends import make_backend
+    from orchestrator.runner import build_campaign
 
     steps = parse_steps(args.steps)
     if args.loop is None:
@@ -138,27 +135,16 @@ async def run_steps(args: argparse.Namespace, progress: Progress) -> StepsResult
     if "evaluate" in steps and "train" not in steps:
         wanted = wanted or _default_model(cfg)
         wanted = _check_registered(cfg, args.workdir, wanted)
-    binaries = resolve_binaries(cfg, args.loop)
-    alloc = Allocation.detect()
-    cfg = runner.resolve_auto(cfg, alloc)
-    plan = runner.plan_slots(alloc, cfg)
     root = args.workdir or Path(cfg.workdir)
     store = RunStore.create(root, cfg.name, args.loop)
-    launchers = {role: runner.make_launcher(getattr(cfg.sims, role), alloc) for role in ("check", "generate")}
-    backend = make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
-    tracker = runner._tracker(cfg, root, store.root.name) if "train" in steps else None
-    c = Campaign(cfg, store, binaries, launchers, SlotPool(plan.sim_nodes), backend, tracker, progress)
+    c = build_campaign(cfg, store, args.loop, progress, root=root, tracking="train" in steps)
     result = StepsResult(steps, str(store.root))
     store.log(StepsStart(steps))
     try:
         with progress:
             await _run(c, steps, cli_data, args.loop, wanted, result)
     finally:
-        for launcher in {id(x): x for x in launchers.values()}.values():
-            await launcher.close()
-        await backend.close()
-        if tracker is not None:
-            await asyncio.to_thread(tracker.finish, "FINISHED")
+        await c.close()
         # Not resumable, and `status` reads it: a campaign that stopped, the reason being its steps.
         state = {"status": Status.STOPPED.value, "stop_reason": f"steps {','.join(steps)}", "steps": steps,
                  "config": flat_dict(cfg), "data_files": result.data_files, "data_points": result.data_points,
@@ -178,7 +164,7 @@ async def _run(c: Campaign, steps: list[str], cli_data: list[Path], loop_file: P
     model: bytes | None = None
     services = None
     if "train" in steps or "evaluate" in steps:  # Dask and MLflow start while the sims run
-        services = asyncio.ensure_future(_start_services(c, need_tracking="train" in steps))
+        services = asyncio.ensure_future(_start_services(c))
     try:
         if "generate" in steps:
             generated = await _generate(c, result)
@@ -201,10 +187,8 @@ async def _run(c: Campaign, steps: list[str], cli_data: list[Path], loop_file: P
             await _evaluate(c, result, registered=wanted)
 
 
-async def _start_services(c: Campaign, need_tracking: bool) -> None:
+async def _start_services(c: Campaign) -> None:
     """Dask (and MLflow, for a training to register) as a campaign starts them."""
-    if not need_tracking:
-        c.sink.tracker = None
     await c.services.start(flat_dict(c.cfg))
     await c.services.trainer_ready()
     if c.sink.ready is not None:
@@ -214,8 +198,7 @@ async def _start_services(c: Campaign, need_tracking: bool) -> None:
 async def _generate(c: Campaign, result: StepsResult) -> list[Path]:
     rng = step_seed(c.cfg.seed, "generate")
     seeds = [int(rng.integers(2**31)) for _ in range(c.cfg.steps.generate_runs)]
-    lo, hi = [i.lo for i in c.cfg.inputs], [i.hi for i in c.cfg.inputs]
-    made = await asyncio.gather(*(c._generate(seed, lo, hi) for seed in seeds))
+    made = await asyncio.gather(*(c.generate(seed) for seed in seeds))
     kept = [(m.path, m.rows) for m in made if m.path is not None]
     if not kept:
         raise OrchestratorError("--steps generate: every generate sim failed; see the sims/ logs in "
@@ -253,23 +236,21 @@ async def _evaluate(c: Campaign, result: StepsResult, state: bytes | None = None
     rng = step_seed(c.cfg.seed, "evaluate")
     lo, hi = np.array([i.lo for i in c.cfg.inputs]), np.array([i.hi for i in c.cfg.inputs])
     xs = [[float(v) for v in rng.uniform(lo, hi)] for _ in range(c.cfg.steps.evaluate_checks)]
-    truths_job = asyncio.gather(*(c.sims.run("check", c._values(x)) for x in xs))
+    truths_job = asyncio.gather(*(c.check_truth(x) for x in xs))
     if state is not None:
         preds_job: Any = c.trainer.evaluate(state, xs)
         which: dict[str, Any] = {"model_file": result.model_file}
     else:
         assert registered is not None
         name, version = registered
-        preds_job = c.trainer.client.submit(_remote_evaluate(), tracking_uri(c.cfg, c.store.root.parent), name,
-                                            version, xs, pure=False)
+        preds_job = c.trainer.evaluate_registered(tracking_uri(c.cfg, c.store.root.parent), name, version, xs)
         which = {"name": name, "version": version or "latest"}
-    sims, preds = await asyncio.gather(truths_job, preds_job)
+    truths, preds = await asyncio.gather(truths_job, preds_job)
     errors: list[float] = []
     rows: list[dict[str, Any]] = []
-    for x, sim, pred in zip(xs, sims, preds, strict=True):
-        if sim is None or sim.table is None:
+    for x, truth, pred in zip(xs, truths, preds, strict=True):
+        if truth is None:
             continue
-        truth = [float(v) for v in sim.table[0, len(x):]]
         err = max(abs(p - t) for p, t in zip(pred, truth, strict=True))
         errors.append(err)
         rows.append({"x": x, "truth": truth, "predicted": pred, "error": err})
@@ -281,12 +262,6 @@ async def _evaluate(c: Campaign, result: StepsResult, state: bytes | None = None
                          "mean_error": sum(errors) / len(errors), "within_tolerance": sum(e < tol for e in errors),
                          "tolerance": tol, "points": rows}
     c.store.log(Evaluate({k: v for k, v in result.evaluation.items() if k != "points"}))
-
-
-def _remote_evaluate() -> Any:
-    from orchestrator.training import remote
-
-    return remote.evaluate_registered
 
 
 def _default_model(cfg: LoopConfig) -> tuple[str, str | None]:

@@ -149,7 +149,7 @@ def snapshot_loop(loop_file: Path, overrides: Sequence[str], *, job_sets_up: boo
 
     Returns (campaign name, default workdir, YAML text).
     """
-    from orchestrator.config import LoopConfig, apply_overrides, load_config, read_yaml, resolve_binaries
+    from orchestrator.config import ROLES, LoopConfig, apply_overrides, load_config, read_yaml, resolve_binaries
 
     cfg: LoopConfig = load_config(loop_file, overrides)
     try:
@@ -161,7 +161,7 @@ def snapshot_loop(loop_file: Path, overrides: Sequence[str], *, job_sets_up: boo
         log.warning("%s (the job's --setup may provide it; submitting anyway)", exc)
     raw = apply_overrides(read_yaml(loop_file), overrides)
     base = loop_file.resolve().parent
-    for role in ("check", "generate"):
+    for role in ROLES:
         sim = raw["sims"][role]
         if "/" in str(sim["binary"]):
             sim["binary"] = os.path.normpath(base / str(sim["binary"]))  # a symlink stays one

@@ -9,7 +9,7 @@ One MLflow run is opened per campaign, in the experiment named in the configurat
   ``summary.json``;
 * **model** -- on success the final surrogate is logged (pickle format) and
   registered under a given name, so it can be loaded back with
-  :func:`load_registered_model`.
+  :func:`orchestrator.training.serving.load_registered_model` (torch lives under ``training/``).
 
 Design notes:
 
@@ -19,7 +19,7 @@ Design notes:
   paths that silently use the global URI (and create ``./mlflow.db`` in the current
   directory) are avoided: registering with a ``models:/<model_id>`` source and
   downloading a ``models:/<name>/<version>`` URI.
-* ``mlflow`` and ``torch`` are imported lazily (importing MLflow costs 1-1.5 s), so
+* ``mlflow`` is imported lazily (importing MLflow costs 1-1.5 s), so
   importing this module is cheap and :class:`Tracker` does no I/O until
   :meth:`Tracker.start`.
 * MLflow is kept quiet: its loggers are set to ``WARNING`` (unless the user set
@@ -44,7 +44,6 @@ take a few milliseconds.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import re
@@ -61,18 +60,20 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from orchestrator.errors import TrackingError
 
 if TYPE_CHECKING:
-    import torch
     from mlflow.tracking import MlflowClient
+
+ModelSave = Callable[[str, Any], None]
+"""Writes a model's MLflow directory at a path, given the ``mlflow.models.Model`` metadata to save with it."""
 
 __all__ = [
     "MAX_PARAM_KEY_LENGTH",
     "MAX_PARAM_VALUE_LENGTH",
+    "ModelSave",
     "RegisteredModel",
     "Tracker",
     "TrackingError",
     "default_tracking_uri",
     "flatten_params",
-    "load_registered_model",
     "model_alias",
     "registered_versions",
     "sqlite_path",
@@ -453,7 +454,7 @@ class Tracker:
         for round_ in ...:
             tracker.log_metrics({"val_rmse": rmse}, step=round_)
         tracker.log_artifact(run_root / "events.jsonl")
-        tracker.register_model(model, "heat-surrogate")
+        register_model(tracker, model, "heat-surrogate")  # orchestrator.training.serving
         tracker.finish("FINISHED")
 
     Args:
@@ -685,18 +686,18 @@ class Tracker:
             else:
                 client.log_artifact(run_id, str(local), artifact_path)
 
-    def register_model(
-        self, module: torch.nn.Module, name: str, artifact_path: str = "model", tags: Mapping[str, str] | None = None,
+    def register_saved(
+        self, save: ModelSave, name: str, artifact_path: str = "model", tags: Mapping[str, str] | None = None,
         key: str | None = None,
     ) -> RegisteredModel:
-        """Log ``module`` as an MLflow model of this run and register a new version.
+        """Log a model as an MLflow model of this run and register a new version.
 
-        The module is saved with ``mlflow.pytorch`` in pickle format (its class must be
-        importable where it is loaded). A module with tensors off the CPU is copied to
-        the CPU first; ``module`` itself is never modified.
+        ``save(path, mlflow_model)`` writes the MLflow model directory (the flavour's part:
+        :func:`orchestrator.training.serving.register_model` saves a torch module with
+        ``mlflow.pytorch``, so torch stays under ``training/``).
 
         Args:
-            module: The trained model.
+            save: Writes the model's MLflow directory at the path it is given.
             name: Registered model name; created on first use.
             artifact_path: Name of the logged model inside the run.
 
@@ -717,14 +718,9 @@ class Tracker:
         experiment_id = self._experiment_id
         assert experiment_id is not None
         uri = self.tracking_uri
-        import mlflow.pytorch
         from mlflow.entities import LoggedModelOutput
         from mlflow.exceptions import MlflowException
         from mlflow.models import Model
-
-        to_save = module
-        if any(t.device.type != "cpu" for t in [*module.parameters(), *module.buffers()]):
-            to_save = copy.deepcopy(module).cpu()
 
         with _wrap(f"create a logged model {artifact_path!r} for run {run_id}", uri):
             logged = client.create_logged_model(
@@ -735,20 +731,13 @@ class Tracker:
             with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
                 local = os.path.join(tmp, "model")
                 with _wrap("save the model", uri), _quiet("mlflow"):
-                    requirements = mlflow.pytorch.get_default_pip_requirements()
                     mlflow_model = Model(
                         artifact_path=logged.artifact_location,
                         run_id=run_id,
                         model_uuid=model_id,
                         model_id=model_id,
                     )
-                    mlflow.pytorch.save_model(
-                        to_save,
-                        local,
-                        mlflow_model=mlflow_model,
-                        serialization_format="pickle",
-                        pip_requirements=requirements,
-                    )
+                    save(local, mlflow_model)
                 with _wrap(f"upload the model of run {run_id}", uri):
                     client.log_model_artifacts(model_id, local)
             with _wrap(f"link the model to run {run_id}", uri):
@@ -895,54 +884,6 @@ def model_alias(tracking_uri: str, name: str, alias: str) -> str | None:
             raise
 
 
-def load_registered_model(tracking_uri: str, name: str, version: str | int | None = None) -> torch.nn.Module:
-    """Load a registered PyTorch model version (on the CPU, in eval mode).
-
-    Args:
-        tracking_uri: The MLflow tracking/registry URI the model was registered in.
-        name: Registered model name.
-        version: Version to load; the latest version if None.
-
-    Returns:
-        The module. Its class must be importable in this process. Only a version that is its
-        campaign's own artifact is followed (:func:`own_artifact`), and it is unpickled with
-        torch's weights-only loader admitting only torch module classes (:func:`load_weights_only`).
-
-    Raises:
-        TrackingError: The name or version is unknown (the message lists the registered
-            names or that model's versions), or loading failed.
-    """
-    versions, names = registered_versions(tracking_uri, name)
-    client = _make_client(tracking_uri)
-    if not versions:
-        if name in names:
-            raise TrackingError(f"registered model {name!r} in {tracking_uri} has no versions")
-        listing = ", ".join(repr(n) for n in names) if names else "(none)"
-        raise TrackingError(
-            f"no registered model named {name!r} in {tracking_uri}; registered models: {listing}"
-        )
-    chosen = versions[-1] if version is None else str(version).strip()
-    if chosen not in versions:
-        raise TrackingError(
-            f"registered model {name!r} in {tracking_uri} has no version {chosen}; "
-            f"available versions: {', '.join(versions)}"
-        )
-    import mlflow.artifacts
-
-    model_uri = f"models:/{name}/{chosen}"
-    with tempfile.TemporaryDirectory(prefix="mlflow-load-") as tmp:
-        with _wrap(f"download {model_uri}", tracking_uri):
-            # Resolve the storage location with our client: downloading "models:/..."
-            # directly makes MLflow use the *global* registry URI (./mlflow.db).
-            location = own_artifact(client, tracking_uri, name, chosen)
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri
-            )
-        module = load_weights_only(Path(local) / "data" / "model.pth", model_uri)
-    module.eval()
-    return module
-
-
 def own_artifact(client: MlflowClient, tracking_uri: str, name: str, version: str) -> str:
     """Where version ``version`` of ``name`` is stored, once shown to be its campaign's own artifact.
 
@@ -1020,42 +961,3 @@ def _others_may_write(st: os.stat_result) -> bool:
     except KeyError:
         return True
     return bool(members) or st.st_gid != pwd.getpwuid(os.getuid()).pw_gid
-
-
-def load_weights_only(path: Path, model_uri: str) -> torch.nn.Module:
-    """The module pickled at ``path`` (an MLflow pytorch model's ``data/model.pth``), unpickled by torch's
-    weights-only loader with no class admitted but ``torch.nn.Module`` subclasses: a pickle that names a
-    function or any other class (code to run) is refused before any of it executes."""
-    import importlib
-
-    import torch
-
-    def module_class(qualified: str) -> type:
-        parts = qualified.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            try:
-                obj: Any = importlib.import_module(".".join(parts[:cut]))
-                for attr in parts[cut:]:
-                    obj = getattr(obj, attr)
-            except (ImportError, AttributeError):
-                continue
-            if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
-                return obj
-            break
-        raise TrackingError(f"{model_uri} names {qualified}, which is not an importable torch module class; "
-                            "refusing to unpickle it (it could run code)")
-
-    if not path.is_file():
-        raise TrackingError(f"{model_uri} holds no data/model.pth (not a pickled torch module); refusing to load it")
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [module_class(q) for q in unsafe]
-        with torch.serialization.safe_globals(allowed):
-            module = torch.load(path, map_location="cpu", weights_only=True)
-    except TrackingError:
-        raise
-    except Exception as exc:  # torch raises many kinds on a garbage or hostile file
-        raise TrackingError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(module, torch.nn.Module):
-        raise TrackingError(f"{model_uri} is not a torch.nn.Module (got {type(module).__name__})")
-    return module

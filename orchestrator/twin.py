@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,17 +33,11 @@ from orchestrator.config import LoopConfig
 from orchestrator.runlog import (
     Challenger,
     Champion,
-    DataAccepted,
     Drift,
     Event,
     MonitorCheck,
     Retrain,
-    TrainEnd,
-    TrainStart,
 )
-
-if TYPE_CHECKING:
-    from orchestrator.campaign import Campaign
 
 log = logging.getLogger(__name__)
 
@@ -218,79 +212,3 @@ class Twin:
 def _error(predicted: list[float], truth: list[float] | None) -> float:
     assert truth is not None
     return max(abs(p - t) for p, t in zip(predicted, truth, strict=True))
-
-
-class CampaignPorts:
-    """:class:`TwinPorts` on a :class:`~orchestrator.campaign.Campaign`'s sims, workers, store and tracker."""
-
-    def __init__(self, campaign: Campaign) -> None:
-        self.c = campaign
-
-    async def check_truth(self, x: list[float]) -> list[float] | None:
-        sim = await self.c.sims.run("check", self.c._values(x))
-        return None if sim is None or sim.table is None else [float(v) for v in sim.table[0, len(x):]]
-
-    async def generate(self, seed: int, lo: list[float], hi: list[float]) -> tuple[str, int] | None:
-        r = await self.c._generate(seed, lo, hi)
-        if r.path is None:
-            return None
-        s = self.c.state
-        s.data_files.append(r.path)
-        s.data_points += r.rows
-        self.c.store.log(DataAccepted(r.path, r.rows, s.data_points))
-        return r.path, r.rows
-
-    async def evaluate(self, model: bytes, xs: list[list[float]]) -> list[list[float]]:
-        await self.c.services.trainer_ready()
-        return await self.c.trainer.evaluate(model, xs)
-
-    async def train(self, model: bytes | None, files: list[str], seed: int) -> tuple[bytes, dict[str, float]]:
-        await self.c.services.trainer_ready()
-        rows = sum(int(d["rows"]) for d in self.c.continual.data if d["path"] in files)
-        self.c.store.log(TrainStart(self.c.state.model_version + 1, len(files), rows,
-                                    self.c.backend.describe().get("workers")))
-        return await self.c.trainer.train(model, [str(self.c.store.root / f) for f in files], seed)
-
-    async def register(self, model: bytes, key: str) -> str | None:
-        reg = await self.c.register_model(model, key)
-        return None if reg is None else reg["version"]
-
-    async def set_champion(self, registered: str) -> None:
-        name = self.c.cfg.tracking.register_as
-        if name:
-            await self.c.sink.set_alias(name, self.c.cfg.continual.champion_alias, registered)
-
-    def model_bytes(self, version: int) -> bytes:
-        return (self.c.store.models_dir / f"model-{version:04d}.pt").read_bytes()
-
-    def save_model(self, model: bytes, metrics: dict[str, float], files: list[str]) -> int:
-        s = self.c.state
-        version = s.model_version + 1
-        self.c.store.save_model(version, model)
-        s.model_version = version
-        rows = sum(int(d["rows"]) for d in self.c.continual.data if d["path"] in files)
-        metrics = {**metrics, "data_points": float(rows)}
-        s.rounds.append({"round": version, **metrics})
-        self.c.store.log(TrainEnd(version, extra={**metrics, "challenger": True}))
-        self.c.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
-        self.c.pictures.scalars({f"round/{k}": float(v) for k, v in metrics.items()}, version)
-        clock = self.c.continual.clock
-        title = (f"{self.c.cfg.name}: challenger {version} at campaign time {clock}, "
-                 f"{rows} recent rows; the champion's checks then")
-        self.c.pictures.round(version, model, files, title, clock=clock)
-        return version
-
-    def log(self, event: Event) -> None:
-        self.c.store.log(event)
-
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.c.sink.metrics(metrics, step)
-
-    def note(self, text: str) -> None:
-        self.c.progress.note(text)
-
-    def checked(self, x: list[float], truth: list[float], ok: bool, clock: int) -> None:
-        self.c.pictures.add_check(x, truth, ok, clock)
-
-    def checkpoint(self) -> None:
-        self.c.checkpoint()

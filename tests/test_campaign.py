@@ -115,7 +115,7 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
 
     import torch
 
-    from orchestrator.tracking import load_registered_model
+    from orchestrator.training.serving import load_registered_model
 
     model = load_registered_model(f"sqlite:///{work}/mlflow.db", "sine-test")
     xs = torch.linspace(-3.1, 3.1, 50, dtype=torch.float32).reshape(-1, 1)

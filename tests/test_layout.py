@@ -76,3 +76,41 @@ def test_no_import_cycle() -> None:
 
 def test_the_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+TORCH = ("torch", "mlflow.pytorch")
+"""Imports that load torch (``mlflow.pytorch`` imports it)."""
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports at run time (functions too; not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if _type_checking_only(node, parents):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.update([node.module, *(f"{node.module}.{a.name}" for a in node.names)])
+    return found
+
+
+def loads_torch(path: Path) -> list[str]:
+    return sorted(n for n in runtime_imports(path) if any(n == t or n.startswith(t + ".") for t in TORCH))
+
+
+def test_torch_is_imported_only_under_training() -> None:
+    """The coordinator never imports torch: only orchestrator/training/ (and the models/ package) do."""
+    outside = {str(p.relative_to(PACKAGE.parent)): loads_torch(p) for p in PACKAGE.rglob("*.py")
+               if "training" not in p.relative_to(PACKAGE).parts}
+    assert {k: v for k, v in outside.items() if v} == {}
+    assert loads_torch(PACKAGE / "training" / "serving.py"), "the finder sees torch where it is imported"
+
+
+def test_the_torch_finder_sees_a_lazy_import(tmp_path: Path) -> None:
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n\n"
+                    "def f():\n    import mlflow.pytorch\n    from torch import nn\n")
+    assert loads_torch(lazy) == ["mlflow.pytorch", "torch", "torch.nn"]

@@ -14,6 +14,7 @@ from models.mlp import MLP
 from orchestrator import cli
 from orchestrator.predict import ModelRef, predict
 from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.training.serving import register_model
 
 NAME = "pred-test"
 
@@ -35,7 +36,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[MLP]]
     tracker = Tracker(default_tracking_uri(root), "test-predict", "register")
     tracker.start({"purpose": "test"})
     for model in models:
-        tracker.register_model(model, NAME)
+        register_model(tracker, model, NAME)
     tracker.set_alias(NAME, "in-service", "1")
     tracker.finish("FINISHED")
     return root, models

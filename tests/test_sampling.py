@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator import sampling
+from orchestrator import rundeck, sampling
 from orchestrator.config import LoopConfig
 from orchestrator.errors import SamplingError
 from orchestrator.launchers.mpiexec import find_mpiexec
@@ -80,7 +80,7 @@ def test_bad_points_are_refused_naming_the_strategy(raw: Any, message: str) -> N
 @pytest.mark.integration
 def test_points_file_reaches_every_rank_exactly_once(tmp_path: Path) -> None:
     points = np.random.default_rng(5).uniform(size=(13, 2))
-    path = sampling.write_points(tmp_path / "points.txt", points)
+    path = rundeck.write_points(tmp_path / "points.txt", points)
     out = tmp_path / "out.npy"
     env = {**os.environ, "SIMKIT_VERBOSE": "1", "SIMKIT_EXPECT_RANKS": "4"}
     proc = subprocess.run([find_mpiexec(), "-n", "4", str(sim("sim-front-gen")), "--points", str(path),
@@ -171,11 +171,9 @@ def test_bad_strategy_output_stops_the_campaign_in_one_line(tmp_path: Path, bad:
 
 @pytest.mark.integration
 def test_resume_keeps_the_ensemble_and_the_strategy_rng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.allocation import Node, SlotPool
     from orchestrator.campaign import Campaign
     from orchestrator.progress import Progress
-    from orchestrator.runner import open_run
-    from orchestrator.training.backends import LocalBackend
+    from orchestrator.runner import build_campaign, open_run
 
     cfg = front_loop(sampling="ensemble", ensemble_size=2)
     cfg["target"]["tolerance"] = 1e-9
@@ -197,7 +195,7 @@ def test_resume_keeps_the_ensemble_and_the_strategy_rng(tmp_path: Path, monkeypa
 
     c2, store, state, _ = open_run(None, None, [], run_dir, False, Progress(enabled=False))
     assert state is not None
-    resumed = Campaign(c2, store, {}, {}, SlotPool([Node("l", 4)]), LocalBackend(c2.training), state=state)
+    resumed = build_campaign(c2, store, None, Progress(enabled=False), state=state, tracking=False)
     assert resumed.members == [(run_dir / f).read_bytes() for f in saved["member_files"]]
     fresh = np.random.default_rng()
     fresh.bit_generator.state = saved["sampling_rng"]
@@ -230,7 +228,8 @@ def test_predict_prints_an_ensembles_mean_and_spread() -> None:
     import torch
 
     from models.ensemble import Ensemble
-    from orchestrator.predict import ModelRef, Prediction, evaluate, format_table, spread_of
+    from orchestrator.predict import ModelRef, Prediction, format_table
+    from orchestrator.training.serving import evaluate, spread_of
 
     members = [torch.nn.Linear(1, 1) for _ in range(2)]
     for k, m in enumerate(members):

@@ -27,8 +27,8 @@ from orchestrator.tracking import (
     TrackingError,
     default_tracking_uri,
     flatten_params,
-    load_registered_model,
 )
+from orchestrator.training.serving import load_registered_model, register_model
 from tests.conftest import REPO
 
 CONFIG = {
@@ -143,9 +143,9 @@ def test_register_twice_and_load(store: str, client: MlflowClient) -> None:
     run_id = tracker.start({})
     first, second = _net(0), _net(1)
     t0 = time.perf_counter()
-    v1 = tracker.register_model(first, "surrogate")
+    v1 = register_model(tracker, first, "surrogate")
     elapsed = time.perf_counter() - t0
-    v2 = tracker.register_model(second, "surrogate")
+    v2 = register_model(tracker, second, "surrogate")
     tracker.finish("FINISHED")
     assert v1 == RegisteredModel("surrogate", "1")
     assert v2 == RegisteredModel("surrogate", "2")
@@ -199,7 +199,7 @@ def test_resume_unknown_or_foreign_run(store: str) -> None:
 def test_unknown_model_lists_what_exists(store: str) -> None:
     tracker = Tracker(store, "exp-unknown", "u")
     tracker.start({})
-    tracker.register_model(_net(2), "known-model")
+    register_model(tracker, _net(2), "known-model")
     tracker.finish("FINISHED")
     with pytest.raises(TrackingError, match="no registered model named 'nope'") as info:
         load_registered_model(store, "nope")
@@ -212,7 +212,7 @@ def test_quiet_on_stderr_and_stdout(store: str, capfd: pytest.CaptureFixture[str
     tracker = Tracker(store, "exp-quiet", "q")
     tracker.start(CONFIG)
     tracker.log_metrics({"x": 1.0}, step=0)
-    tracker.register_model(_net(3), "quiet-model")
+    register_model(tracker, _net(3), "quiet-model")
     tracker.finish("FINISHED")
     load_registered_model(store, "quiet-model")
     out, err = capfd.readouterr()

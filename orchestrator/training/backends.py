@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -214,19 +214,38 @@ class Trainer:
             raise RuntimeError("the training backend is not started")
         return self.backend.client
 
+    async def _run(self, futures: list[Any], fail: Callable[[Exception], OrchestratorError]) -> list[Any]:
+        """The results of the submitted ``futures``; on a failure the others are cancelled and
+        ``fail(exc)`` is raised (an OrchestratorError a task raised itself passes through when
+        ``fail`` returns it)."""
+        try:
+            return list(await asyncio.gather(*futures))
+        except Exception as exc:
+            for f in futures:
+                f.cancel()
+            err = fail(exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+    @staticmethod
+    def _failed(what: str, where: str = "the Dask workers") -> Callable[[Exception], OrchestratorError]:
+        return lambda exc: TrainingError(f"{what} failed on {where}: {type(exc).__name__}: {exc}")
+
     async def warm_up(self) -> float:
         """Import torch and take one optimizer step on a worker before the first training."""
         futures = [
-            self.client.submit(remote.call, "warm_up", self.cfg.model, self.model_kwargs, self.n_inputs,
+            self.client.submit(remote.warm_up, self.cfg.model, self.model_kwargs, self.n_inputs,
                                self.n_outputs, self.cfg.device, pure=False, workers=[addr])
             for addr in await self._training_workers()
         ]
-        try:
-            seconds: list[float] = list(await asyncio.gather(*futures))
-        except Exception as exc:
+
+        def fail(exc: Exception) -> OrchestratorError:
             if type(exc).__name__ == "NoGpuError":  # raised by orchestrator.training.devices on the worker
-                raise ResourceError(str(exc)) from exc
-            raise TrainingError(f"the model {self.cfg.model} cannot be built on a worker: {exc}") from exc
+                return ResourceError(str(exc))
+            return TrainingError(f"the model {self.cfg.model} cannot be built on a worker: {exc}")
+
+        seconds: list[float] = await self._run(futures, fail)
         return max(seconds)
 
     async def _training_workers(self) -> list[str]:
@@ -240,24 +259,16 @@ class Trainer:
         args = (state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed)
         if self.cfg.strategy == "ddp":
             return await ddp.train(self.client, self.cfg.workers, args, self.cfg.device, self.cfg.task_retries)
-        future = self.client.submit(remote.call, "train", *args, self.cfg.device, **self.train_options)
-        try:
-            result: tuple[bytes, dict[str, float]] | remote.Diverged = await future
-        except Exception as exc:
-            raise training_error(exc, self.cfg.memory_limit) from exc
-        return converged(result)
+        future = self.client.submit(remote.train, *args, self.cfg.device, **self.train_options)
+        (result,) = await self._run([future], lambda exc: training_error(exc, self.cfg.memory_limit))
+        return converged(cast(tuple[bytes, dict[str, float]] | remote.Diverged, result))
 
     async def evaluate(self, state: bytes, xs: list[list[float]]) -> list[list[float]]:
         """The surrogate's outputs at each input row."""
-        future = self.client.submit(
-            remote.call, "evaluate", state, self.cfg.model, self.model_kwargs, xs, pure=False,
-            retries=self.cfg.task_retries,
-        )
-        try:
-            result: list[list[float]] = await future
-        except Exception as exc:
-            raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
-        return result
+        future = self.client.submit(remote.evaluate, state, self.cfg.model, self.model_kwargs, xs, pure=False,
+                                    retries=self.cfg.task_retries)
+        (result,) = await self._run([future], self._failed("evaluation"))
+        return cast(list[list[float]], result)
 
     async def register(
         self, state: bytes | list[bytes], tracking_uri: str, run_id: str, name: str, key: str | None = None,
@@ -268,20 +279,20 @@ class Trainer:
         Loading the model needs torch, which only workers import; the worker logs and
         registers through :mod:`orchestrator.tracking` with the campaign's URI and run.
         """
-        future = self.client.submit(
-            remote.call_quietly, "register_model", state, self.cfg.model, self.model_kwargs, tracking_uri, run_id,
-            name, self.columns, key, pure=False,
-        )
-        try:
-            result: tuple[str, str] | remote.Refused = await future
-        except OrchestratorError:
-            raise
-        except Exception as exc:
-            raise TrainingError(f"registering the model as {name!r} failed on a Dask worker: "
-                                f"{type(exc).__name__}: {exc}") from exc
+        future = self.client.submit(remote.register_model, state, self.cfg.model, self.model_kwargs, tracking_uri,
+                                    run_id, name, self.columns, key, pure=False)
+        failed = self._failed(f"registering the model as {name!r}", "a Dask worker")
+        (result,) = await self._run([future], lambda exc: exc if isinstance(exc, OrchestratorError) else failed(exc))
         if isinstance(result, remote.Refused):  # a locked or unreachable store: its one line
             raise result.error
-        return result
+        return cast(tuple[str, str], result)
+
+    async def evaluate_registered(self, tracking_uri: str, name: str, version: str | None, xs: list[list[float]]
+                                  ) -> list[list[float]]:
+        """A registered model's outputs at ``xs``, loaded from the MLflow registry on a worker."""
+        future = self.client.submit(remote.evaluate_registered, tracking_uri, name, version, xs, pure=False)
+        (result,) = await self._run([future], self._failed(f"evaluating the registered model {name!r}"))
+        return cast(list[list[float]], result)
 
     async def figure(self, state: bytes, data_paths: list[str], checks: list[tuple[list[float], list[float], bool]],
                      lo: list[float], hi: list[float], names: tuple[list[str], list[str]], title: str) -> bytes:
@@ -289,12 +300,8 @@ class Trainer:
         # Below every training and evaluation in the workers' queues: a picture never delays a check.
         future = self.client.submit(remote.figure, state, self.cfg.model, self.model_kwargs, data_paths, checks,
                                     lo, hi, names, title, pure=False, priority=-10)
-        try:
-            png: bytes = await future
-        except Exception as exc:
-            raise TrainingError(f"drawing the round's figure failed on a Dask worker: {type(exc).__name__}: {exc}") \
-                from exc
-        return png
+        (png,) = await self._run([future], self._failed("drawing the round's figure", "a Dask worker"))
+        return cast(bytes, png)
 
     async def train_ensemble(
         self, states: list[bytes | None], data_paths: list[str], seed: int
@@ -306,35 +313,22 @@ class Trainer:
 
         futures = [
             self.client.submit(
-                remote.call, "train", state, data_paths, self.cfg.model, self.model_kwargs, self.hparams,
+                remote.train, state, data_paths, self.cfg.model, self.model_kwargs, self.hparams,
                 self.n_inputs, member_seed(seed, k), self.cfg.device, **self.train_options,
             )
             for k, state in enumerate(states)
         ]
-        try:
-            results = [converged(r) for r in await asyncio.gather(*futures)]
-        except TrainingDiverged:
-            raise
-        except Exception as exc:
-            for f in futures:
-                f.cancel()
-            raise TrainingError(f"training of the ensemble failed on the Dask workers: {type(exc).__name__}: "
-                                f"{exc}") from exc
+        results = [converged(r) for r in await self._run(futures, self._failed("training of the ensemble"))]
         return [r[0] for r in results], merge_metrics([r[1] for r in results])
 
     async def evaluate_ensemble(
         self, states: list[bytes], xs: list[list[float]]
     ) -> tuple[list[list[float]], list[list[float]]]:
         """The members' mean and spread at each input row (spread 0 for one member)."""
-        future = self.client.submit(
-            remote.call, "evaluate_ensemble", states, self.cfg.model, self.model_kwargs, xs, pure=False,
-            retries=self.cfg.task_retries,
-        )
-        try:
-            result: tuple[list[list[float]], list[list[float]]] = await future
-        except Exception as exc:
-            raise TrainingError(f"evaluation failed on the Dask workers: {type(exc).__name__}: {exc}") from exc
-        return result
+        future = self.client.submit(remote.evaluate_ensemble, states, self.cfg.model, self.model_kwargs, xs,
+                                    pure=False, retries=self.cfg.task_retries)
+        (result,) = await self._run([future], self._failed("evaluation"))
+        return cast(tuple[list[list[float]], list[list[float]]], result)
 
 
 PASSING = ("KilledWorker", "FileNotFoundError", "CommClosedError", "TimeoutError")

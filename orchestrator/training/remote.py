@@ -21,14 +21,47 @@ class Diverged:
     message: str
 
 
-def call(name: str, *args: Any) -> Any:
-    """Run ``orchestrator.training.tasks.<name>(*args)`` on the worker."""
+def warm_up(*args: Any) -> float:
+    """:func:`orchestrator.training.tasks.warm_up` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.warm_up(*args)
+
+
+def train(*args: Any) -> tuple[bytes, dict[str, float]] | Diverged:
+    """:func:`orchestrator.training.tasks.train` on the worker; a diverged training as :class:`Diverged`."""
     from orchestrator.training import tasks
 
     try:
-        return getattr(tasks, name)(*args)
+        return tasks.train(*args)
     except FloatingPointError as exc:
         return Diverged(str(exc))
+
+
+def evaluate(*args: Any) -> list[list[float]]:
+    """:func:`orchestrator.training.tasks.evaluate` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.evaluate(*args)
+
+
+def evaluate_ensemble(*args: Any) -> tuple[list[list[float]], list[list[float]]]:
+    """:func:`orchestrator.training.tasks.evaluate_ensemble` on the worker."""
+    from orchestrator.training import tasks
+
+    return tasks.evaluate_ensemble(*args)
+
+
+def register_model(*args: Any) -> tuple[str, str] | Refused:
+    """:func:`orchestrator.training.tasks.register_model` on the worker; an OrchestratorError it raises
+    (a locked or unreachable store) comes back as :class:`Refused`."""
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.training import tasks
+
+    try:
+        return tasks.register_model(*args)
+    except OrchestratorError as exc:
+        return Refused(exc)
 
 
 def figure(*args: Any) -> bytes:
@@ -42,7 +75,7 @@ def evaluate_registered(tracking_uri: str, name: str, version: str | None, xs: l
     """A registered model's outputs at ``xs``, loaded from the MLflow registry on the worker."""
     import torch
 
-    from orchestrator.tracking import load_registered_model
+    from orchestrator.training.serving import load_registered_model
 
     model = load_registered_model(tracking_uri, name, version)
     with torch.no_grad():
@@ -58,19 +91,10 @@ def call_ddp(name: str, *args: Any) -> Any:
 
 
 class Refused:
-    """What :func:`call_quietly` returns in place of an OrchestratorError the task raised (a locked or
+    """What :func:`register_model` returns in place of an OrchestratorError the task raised (a locked or
     unreachable MLflow store): the user's one line, as data, so the worker logs no "Compute Failed"
     traceback and Dask does not retry it; the coordinator raises it."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
-
-def call_quietly(name: str, *args: Any) -> Any:
-    """:func:`call`, with an OrchestratorError returned as :class:`Refused` instead of raised."""
-    from orchestrator.errors import OrchestratorError
-
-    try:
-        return call(name, *args)
-    except OrchestratorError as exc:
-        return Refused(exc)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import io
 import json
 import logging
@@ -45,6 +44,7 @@ from torch import nn
 
 from orchestrator.config import HparamsConfig
 from orchestrator.training import devices
+from orchestrator.userref import load_ref, split_ref
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +74,20 @@ def resolve_model_class(spec: str) -> type[nn.Module]:
         ValueError: if the spec is malformed, not importable, or not an
             ``nn.Module`` subclass.
     """
-    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if not sep or not module_name or not attr or ":" in attr:
-        raise ValueError(f"invalid model spec {spec!r}: expected 'package.module:ClassName'")
     try:
-        module = importlib.import_module(module_name)
+        module_name, attr = split_ref(spec)
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"invalid model spec {spec!r}: expected 'package.module:ClassName'") from exc
+    try:
+        cls = load_ref(spec)
     except ImportError as exc:
         raise ValueError(
             f"invalid model spec {spec!r}: cannot import module {module_name!r} ({exc})"
         ) from exc
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ValueError(f"invalid model spec {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    except AttributeError:
+        raise ValueError(
+            f"invalid model spec {spec!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"invalid model spec {spec!r}: {attr!r} is not a torch.nn.Module subclass")
     return cls
@@ -600,6 +602,7 @@ def register_model(
     :class:`models.ensemble.Ensemble`) and register it under ``name`` in the campaign's MLflow run,
     with the campaign's column names (``inputs``, ``outputs`` tags) when given."""
     from orchestrator.tracking import Tracker, column_tags
+    from orchestrator.training.serving import register_model
 
     states = state if isinstance(state, list) else [state]
     module = load_model(states[0], model, model_kwargs)
@@ -608,7 +611,7 @@ def register_model(
 
         module = Ensemble([load_model(s, model, model_kwargs) for s in states])
     tags = column_tags(*columns) if columns else {}
-    registered = Tracker.attach(tracking_uri, run_id).register_model(module, name, tags=tags, key=key)
+    registered = register_model(Tracker.attach(tracking_uri, run_id), module, name, tags=tags, key=key)
     return registered.name, registered.version
 
 # --------------------------------------------------------------------------- #
