@@ -672,7 +672,12 @@ class LoopConfig(_Strict):
     def chosen_points(self) -> bool:
         """The coordinator chooses each generate run's points (``policy.points_per_run`` set, or
         the generate args take a ``{points_file}``); otherwise the sim draws them in a window."""
-        return self.policy.points_per_run is not None or any("{points_file" in a for a in self.sims.generate.args)
+        return self.policy.points_per_run is not None or self.points_file_in_args
+
+    @property
+    def points_file_in_args(self) -> bool:
+        """The generate args take a ``{points_file}``."""
+        return any("{points_file" in a for a in self.sims.generate.args)
 
     @property
     def points_per_generate(self) -> int:

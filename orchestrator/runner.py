@@ -220,7 +220,7 @@ def sample_fields(cfg: LoopConfig, role: str, sim: SimConfig) -> dict[str, Any]:
 
 def check_points_reach(cfg: LoopConfig, setup: SimSetup, key: str) -> None:
     """Refuse, in one line, points chosen for a generate sim that is told them nowhere."""
-    told = any("{points_file" in a for a in cfg.sims.generate.args) or {"points", "points_file"} & setup.io.uses
+    told = cfg.points_file_in_args or bool({"points", "points_file"} & setup.io.uses)
     if cfg.chosen_points and not told:
         raise ConfigError(f"{key}: policy.points_per_run={cfg.policy.points_per_run} makes the coordinator choose "
                           "each run's points, but the sim is not told them: name {points_file} in its args or "
