@@ -24,7 +24,6 @@ import logging
 import socket
 import threading
 from collections.abc import Mapping
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,7 +119,7 @@ class Front:
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        from aiohttp import web
+        from aiohttp import ClientError, web
 
         how = self.admitted_by(request)
         if how is None:
@@ -130,7 +129,11 @@ class Front:
             found = web.HTTPFound(request.rel_url.without_query_params(TOKEN_PARAM))
             self._set_cookie(found)
             return found
-        return await self._forward(request, set_cookie=how == "url")
+        try:
+            return await self._forward(request, set_cookie=how == "url")
+        except ClientError as exc:  # the server is gone or broke the exchange: one line, no traceback
+            log.warning("ui: %s %s: mlflow server: %s", request.method, request.path, exc)
+            return web.Response(status=502, text=f"502: the mlflow server did not answer ({exc})\n")
 
     def _set_cookie(self, response: web.StreamResponse) -> None:
         response.set_cookie(self.cookie, self.token, httponly=True, samesite="Strict", path="/")
@@ -157,11 +160,11 @@ class Front:
         """The request's end-to-end headers, without our cookie and our token."""
         headers = _end_to_end(request.headers)
         headers.popall("Authorization", None)
-        headers.popall("Cookie", None)
-        others = SimpleCookie()
-        others.load({k: v for k, v in request.cookies.items() if k != self.cookie})
-        if others:
-            headers["Cookie"] = "; ".join(f"{k}={m.coded_value}" for k, m in others.items())
+        cookies = headers.popall("Cookie", [])
+        kept = [c.strip() for line in cookies for c in line.split(";")
+                if c.strip() and c.strip().partition("=")[0] != self.cookie]
+        if kept:
+            headers["Cookie"] = "; ".join(kept)
         return headers
 
 

@@ -208,12 +208,13 @@ def test_another_account_gets_no_answer_from_any_dask_port(other_user: str) -> N
     from orchestrator.training.backends import LocalBackend
 
     async def probe() -> tuple[set[int], list[dict[str, Any]], list[str]]:
+        me = psutil.Process()
+        others = {p.pid for p in me.children(recursive=True)}  # not the backend's (another test's ui, say)
         backend = LocalBackend(TrainingConfig(workers=2))
         client = await backend.start()
         try:
             assert await client.submit(sum, [1, 2]) == 3  # the campaign itself gets through
-            me = psutil.Process()
-            ports, _ = listening({me.pid, *(p.pid for p in me.children(recursive=True))})
+            ports, _ = listening({me.pid, *(p.pid for p in me.children(recursive=True))} - others)
             paths = ("/health", "/info/main/workers.html", "/json/identity.json")
             probes = [{"method": "GET", "path": path, "port": port, "tls": tls}
                       for port in sorted(ports) for path in paths for tls in (False, True)]
