@@ -18,7 +18,7 @@ import pytest
 from orchestrator.config import load_config
 from orchestrator.errors import StoreError, UsageError
 from orchestrator.procs import cap_log, tail
-from orchestrator.runlog import State
+from orchestrator.runlog import SimEnd, State
 from orchestrator.runner import resume_config
 from orchestrator.store import RunStore, atomic_write_bytes
 from tests.conftest import REPO, fast_loop, write_loop
@@ -81,6 +81,7 @@ def test_resume_checks_data_files_and_adopts_a_file_a_kill_left_unrecorded(tmp_p
     store = make_store(tmp_path)
     store.accept_data("generate-000001", np.zeros((64, 2)))
     store.accept_data("generate-000002", np.zeros((32, 2)))
+    store.log(SimEnd("generate-000002", "generate", "ok", rows=32))  # a campaign logs the run before accepting it
     state = State(data_files=["data/generate-000001.npy"], untrained=[], data_points=64)
     (store.data_dir / ".generate-000003.npy.tmp").write_bytes(b"")
     adopted = store.reconcile(state)
