@@ -83,6 +83,7 @@ class Cgroup:
         base = cgroup2_base()
         if base is None:
             return None
+        sweep_stale(base)
         path = base / name
         try:
             path.mkdir(mode=0o700)
@@ -111,6 +112,16 @@ class Cgroup:
         """Kill what is left in ``p<pid>`` (a daemon the process left), reap it, remove the cgroup.
         Returns how many processes were left."""
         return kill_cgroup(self.path / f"p{pid}", timeout)
+
+
+def sweep_stale(base: Path) -> None:
+    """Remove the empty subtrees of coordinators that died with their guardian (``orchestrator-<pid>-…``,
+    that pid gone); a populated one is left alone."""
+    for old in base.glob("orchestrator-*-*"):
+        pid = old.name.split("-")[1]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or _pids(old):
+            continue
+        kill_cgroup(old, timeout=0)
 
 
 def _pids(path: Path) -> list[int]:
