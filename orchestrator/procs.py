@@ -195,6 +195,8 @@ class Guardian:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._token: str | None = None
+        self.holding = False
+        """Descendants are held by the kernel's means too (:meth:`start` with ``hold``)."""
         self.cgroup: Cgroup | None = None
         """The campaign's cgroup v2 subtree (None where none is writable): see :mod:`orchestrator.holding`."""
         self._groups: set[int] = set()
@@ -205,9 +207,16 @@ class Guardian:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> None:
-        """Start the guardian (idempotent); call it before anything else is started."""
+    def start(self, *, hold: bool = False) -> None:
+        """Start the guardian (idempotent); call it before anything else is started.
+
+        ``hold`` (the coordinator's first call): also hold descendants with the kernel's means
+        (:mod:`orchestrator.holding`: child subreaper, a cgroup per started process, a parent-death
+        signal). It costs about 10 ms per process started, so a node agent's many small sims go
+        without it (their agent is held instead)."""
         with self._lock:
+            if hold and self._token is None:
+                self.holding = True
             self._start()
 
     def _start(self) -> None:
@@ -217,8 +226,9 @@ class Guardian:
         if self._token is None:  # this coordinator's own (a parent's token is never reused)
             self._token = f"{os.getpid()}-{secrets.token_hex(8)}"
             os.environ[GUARD_ENV] = self._token
-            become_subreaper()
-            self.cgroup = Cgroup.create(f"orchestrator-{self._token}")
+            if self.holding:
+                become_subreaper()
+                self.cgroup = Cgroup.create(f"orchestrator-{self._token}")
         token = self._token
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _GUARD, str(GUARD_GRACE_S), GUARD_ENV, token,
@@ -318,7 +328,7 @@ async def start(
     guardian.start()  # before the fork: the child enters the campaign's cgroup
     proc = await asyncio.create_subprocess_exec(
         *argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True, limit=limit,
-        preexec_fn=functools.partial(child_setup, guardian.cgroup),
+        preexec_fn=functools.partial(child_setup, guardian.cgroup) if guardian.holding else None,
     )
     guardian.watch_group(proc.pid)  # a SIGKILLed coordinator leaves nothing of it behind
     return proc

@@ -331,7 +331,7 @@ async def run(
 ) -> CampaignResult:
     """Run (or resume) one campaign to its end."""
     progress = progress or Progress(enabled=False)
-    guardian.start()  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
+    guardian.start(hold=True)  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
     setups = sim_setups(cfg, loop_file if loop_file is not None else store.root / LOOP)
     binaries = {role: s.binary for role, s in setups.items()}
