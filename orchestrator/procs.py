@@ -31,6 +31,7 @@ from typing import IO
 import psutil
 
 from orchestrator.errors import CommandError
+from orchestrator.holding import Cgroup, become_subreaper, child_setup
 from orchestrator.logcap import LOG_CAP_BYTES, LogPump
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,35 @@ while (groups or pids) and time.monotonic() < deadline:
     send(0)
 marked()
 send(signal.SIGKILL)
+def cgroup_pids(top):
+    out = []
+    for d, _, files in os.walk(top):
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                out += [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+def end_cgroup(top):  # what left every group and the token (setsid, a cleared environment)
+    try:
+        with open(os.path.join(top, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except OSError:
+        for p in cgroup_pids(top):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+    deadline = time.monotonic() + 5
+    while cgroup_pids(top) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+if len(sys.argv) > 4 and sys.argv[4] and os.path.isdir(sys.argv[4]):
+    end_cgroup(sys.argv[4])
 """
 
 
@@ -164,44 +194,94 @@ class Guardian:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._token: str | None = None
+        self.holding = False
+        """Descendants are held by the kernel's means too (:meth:`start` with ``hold``)."""
+        self.cgroup: Cgroup | None = None
+        """The campaign's cgroup v2 subtree (None where none is writable): see :mod:`orchestrator.holding`."""
+        self._groups: set[int] = set()
+        self._pids: dict[int, str] = {}
+        """What the guardian was told, to tell a new one if it dies (:meth:`_watch`)."""
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> None:
-        """Start the guardian (idempotent); call it before anything else is started."""
+    def start(self, *, hold: bool = False) -> None:
+        """Start the guardian (idempotent); call it before anything else is started.
+
+        ``hold`` (the coordinator's first call): also hold descendants with the kernel's means
+        (:mod:`orchestrator.holding`: child subreaper, a cgroup per started process, a parent-death
+        signal). It costs about 10 ms per process started, so a node agent's many small sims go
+        without it (their agent is held instead)."""
         with self._lock:
+            if hold and self._token is None:
+                self.holding = True
             self._start()
 
     def _start(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
+        first = self._token is None
         if self._token is None:  # this coordinator's own (a parent's token is never reused)
             self._token = f"{os.getpid()}-{secrets.token_hex(8)}"
             os.environ[GUARD_ENV] = self._token
+            if self.holding:
+                become_subreaper()
+                self.cgroup = Cgroup.create(f"orchestrator-{self._token}")
         token = self._token
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _GUARD, str(GUARD_GRACE_S), GUARD_ENV, token],
+            [sys.executable, "-I", "-S", "-c", _GUARD, str(GUARD_GRACE_S), GUARD_ENV, token,
+             str(self.cgroup.path) if self.cgroup else ""],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         log.debug("guardian %d started", self._proc.pid)
+        if not first:  # a new guardian learns what the lost one watched
+            lines = [f"+g{g}\n" for g in self._groups] + [f"+p{p} {t}\n" for p, t in self._pids.items()]
+            self._write("".join(lines))
+        threading.Thread(target=self._watch, args=(self._proc,), name="guardian-watch", daemon=True).start()
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        """The guardian's loss is noticed: if it dies while the coordinator lives, a new one is started
+        at once and told everything the lost one watched."""
+        proc.wait()
+        with self._lock:
+            if self._proc is not proc:
+                return
+            log.warning("the process guardian (pid %d) died (%s); starting a new one", proc.pid, proc.returncode)
+            self._start()
+
+    def _write(self, text: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(text.encode())
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            log.warning("the process guardian is gone; %s is not watched", text.strip())
 
     def _send(self, line: str) -> None:
         with self._lock:
             self._start()
-            assert self._proc is not None and self._proc.stdin is not None
-            try:
-                self._proc.stdin.write(line.encode())
-                self._proc.stdin.flush()
-            except BrokenPipeError:
-                log.warning("the process guardian is gone; %s is not watched", line.strip())
+            op, kind, rest = line[0], line[1], line[2:].split()
+            if kind == "g":
+                (self._groups.add if op == "+" else self._groups.discard)(int(rest[0]))
+            elif op == "+":
+                self._pids[int(rest[0])] = rest[1]
+            else:
+                self._pids.pop(int(rest[0]), None)
+            self._write(line)
 
     def watch_group(self, pgid: int) -> None:
         self._send(f"+g{pgid}\n")
 
     def unwatch_group(self, pgid: int) -> None:
         self._send(f"-g{pgid}\n")
+
+    def end_cgroup(self, pid: int) -> None:
+        """After a started process ended: kill what it left in its cgroup (a daemon that setsid)."""
+        if self.cgroup is not None:
+            left = self.cgroup.end(pid)
+            if left:
+                log.info("process %d left %d process(es) in its cgroup: killed", pid, left)
 
     def watch_pid(self, pid: int) -> None:
         """Watch one process (not a group), known by its pid and start time."""
@@ -244,8 +324,10 @@ async def start(
     argv[0] does not exist.
     """
     log.debug("exec: %s", list(argv))
+    guardian.start()  # before the fork: the child enters the campaign's cgroup
     proc = await asyncio.create_subprocess_exec(
         *argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True, limit=limit,
+        preexec_fn=functools.partial(child_setup, guardian.cgroup) if guardian.holding else None,
     )
     guardian.watch_group(proc.pid)  # a SIGKILLed coordinator leaves nothing of it behind
     return proc
@@ -305,6 +387,7 @@ async def supervise(
             # Ranks may linger after the launcher exits (a crashed mpiexec): end the group.
             kill_group(proc.pid, signal.SIGKILL)
             guardian.unwatch_group(proc.pid)
+            guardian.end_cgroup(proc.pid)
         log_error = await asyncio.shield(_drained(pump, drained))
     return ProcessOutcome(None if timed_out else rc, timed_out, proc.pid, time.monotonic() - t0, log_error)
 

@@ -407,7 +407,7 @@ async def run(
 ) -> CampaignResult:
     """Run (or resume) one campaign to its end."""
     progress = progress or Progress(enabled=False)
-    guardian.start()  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
+    guardian.start(hold=True)  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
     progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
     campaign = build_campaign(cfg, store, loop_file, progress, state=state, root=root)

@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+import yaml
 
 from tests.conftest import REPO
 from tests.fault_chain import (
     BOUNDARIES,
+    ORPHAN_WAIT_S,
     Figures,
     campaign_loop,
     chain,
@@ -43,6 +45,7 @@ from tests.fault_chain import (
     start,
     tree,
     wait_for_event,
+    wait_for_process,
 )
 
 pytestmark = pytest.mark.integration
@@ -387,8 +390,8 @@ def _drift_run(work: Path, *extra: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-CHALLENGER_REGISTERING: Callable[[dict[str, Any]], bool] = (
-    lambda e: e["event"] == "registering" and str(e.get("key", "")).startswith("challenger"))
+def challenger_registering(e: dict[str, Any]) -> bool:
+    return e["event"] == "registering" and str(e.get("key", "")).startswith("challenger")
 
 
 def _logged_models(work: Path) -> int:
@@ -409,7 +412,7 @@ def test_sigterm_while_a_challenger_registers_then_resume_makes_no_extra_version
     work = tmp_path / "runs"
     proc = _drift_run(work)
     try:
-        wait_for_event(work, "drift", CHALLENGER_REGISTERING, proc, 0, 300)
+        wait_for_event(work, "drift", challenger_registering, proc, 0, 300)
         before = _logged_models(work)
         # the worker's registration is under way (its model logged): the signal lands before its version
         # exists, and the worker, not told, would go on to make it while the coordinator shuts down
@@ -439,3 +442,113 @@ def test_sigterm_while_a_challenger_registers_then_resume_makes_no_extra_version
     known = {str(e.get("version")) for e in read_events(run_dir) if e["event"] == "model_registered"}
     assert {str(v) for v, _ in versions} <= known, (versions, known)
     assert figures.orphans == 0
+
+
+# ---------------------------------------------------------------- descendants held (guardian lost, setsid daemons)
+
+
+def _guardians(coordinator: int) -> list[psutil.Process]:
+    out = []
+    for p in tree(coordinator):
+        try:
+            if "ORCHESTRATOR_GUARD" in p.cmdline():
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def test_guardian_killed_first_then_the_coordinator_leaves_nothing(tmp_path: Path) -> None:
+    figures = Figures("local-guardian-then-coordinator-SIGKILL")
+    # generates of 30 s: a sim left running is caught, not ended by itself within ORPHAN_WAIT_S
+    loop = campaign_loop(tmp_path, "fi", **{"tracking.enabled": False, "sims.generate.args": [
+        "--points-per-rank", "16", "--lo", "{lo}", "--hi", "{hi}", "--seed", "{seed}", "--work-ms", "30000"]})
+    work = tmp_path / "runs"
+    proc = start(loop, work)
+    try:
+        event = wait_for_event(work, "fi", BOUNDARIES["mid_generate"], proc, 0)
+        assert wait_for_process(proc, str(event["run_id"]))
+        (first,) = _guardians(proc.pid)
+        first.kill()
+        # the loss is noticed: a new guardian, told what the lost one watched
+        deadline = time.monotonic() + 10
+        while not [g for g in _guardians(proc.pid) if g.pid != first.pid] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (second,) = [g for g in _guardians(proc.pid) if g.pid != first.pid]
+        # now both at once: the new guardian, then the coordinator, with no time between
+        procs = [p for p in tree(proc.pid) if p.pid != second.pid]
+        second.kill()
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    figures.faults += 2
+    left = left_running(procs)
+    figures.orphans += len(left)
+    record(figures)
+    assert left == [], left
+
+
+DAEMONIZER = f"""#!{sys.executable}
+# sin on [lo, hi], and a daemon left behind: double fork, setsid, /dev/null for stdio, an empty environment
+import math, os, sys
+lo, hi, marker = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 4096)
+        os.execve("/bin/sleep", ["sleep", marker], {{}})
+    os._exit(0)
+os.wait()
+with open("out.txt", "w") as f:
+    for i in range(32):
+        x = lo + (hi - lo) * i / 31
+        f.write(f"{{x!r}} {{math.sin(x)!r}}\\n")
+"""
+
+
+def test_a_sims_setsid_daemon_does_not_outlive_it(tmp_path: Path) -> None:
+    from tests.conftest import pids_of
+
+    figures = Figures("local-setsid-daemon")
+    code = tmp_path / "daemonizer"
+    code.write_text(DAEMONIZER)
+    code.chmod(0o755)
+    marker = f"{3000 + os.getpid() % 1000}.{int(time.time() * 1000) % 100000:05d}"
+    loop = campaign_loop(tmp_path, "fi", **{"tracking.enabled": False})
+    cfg: dict[str, Any] = yaml.safe_load(loop.read_text())
+    cfg["sims"]["generate"] = {"binary": str(code), "args": ["{lo}", "{hi}", marker], "ranks": 1,
+                               "output": {"path": "out.txt"}}
+    loop.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    work = tmp_path / "runs"
+    proc = start(loop, work)
+    try:
+        # a generate ended: its daemon must be gone with it, while the campaign goes on
+        wait_for_event(work, "fi", lambda e: e["event"] == "data_accepted", proc, 0)
+        deadline = time.monotonic() + 5
+        while pids_of(f"sleep {marker}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        during = pids_of(f"sleep {marker}")
+        # a SIGKILLed coordinator: the guardian ends what any sim left
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while pids_of(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = pids_of(f"sleep {marker}")
+    figures.faults += 1
+    figures.orphans += len(set(during) | set(after))
+    record(figures)
+    for pid in set(during) | set(after):
+        os.kill(pid, signal.SIGKILL)  # ours: started by this test's sim
+    assert during == [], "a finished sim's setsid daemon is still running during the campaign"
+    assert after == [], "a sim's daemon outlived the SIGKILLed coordinator"
