@@ -15,13 +15,14 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import jinja2
-import jinja2.meta
+from typing import TYPE_CHECKING
 
 from orchestrator.config import OutputFile, SimConfig
 from orchestrator.errors import ConfigError
 from orchestrator.outputs import Parser, load_parser, read_output, run_parser
+
+if TYPE_CHECKING:  # jinja2 is imported for sims with templates only: a simkit sim's start does not pay for it
+    import jinja2
 from orchestrator.results import Table, read_table
 
 POINTS_HINT = ("; a generate run's templates get `points` and `points_file` when the coordinator chooses its "
@@ -29,12 +30,16 @@ POINTS_HINT = ("; a generate run's templates get `points` and `points_file` when
 
 
 def _environment(base: Path) -> jinja2.Environment:
+    import jinja2
+
     # Input decks are not HTML: no autoescape; keep the file's last newline.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(base)), undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True, autoescape=False)
 
 
 def _check_template(env: jinja2.Environment, src: Path, allowed: set[str], key: str) -> jinja2.Template:
+    import jinja2.meta
+
     try:
         text = src.read_text()
     except OSError as exc:
@@ -76,6 +81,8 @@ class SimIO:
         for src in self.files:
             shutil.copy2(src, run_dir / src.name)
         for name, template in self.templates.items():
+            import jinja2
+
             try:
                 text = template.render(**fields)
             except jinja2.UndefinedError as exc:  # a name only the runtime lacks
@@ -98,9 +105,11 @@ SIMKIT = SimIO()
 
 def sim_io(sim: SimConfig, base: Path, allowed: set[str], key: str) -> SimIO:
     """Check and load what ``sim`` declares (templates, files, parser), paths relative to ``base``."""
-    env = _environment(base)
-    templates = {name: _check_template(env, (base / src).resolve(), allowed, f"{key}.templates.{name}")
-                 for name, src in sim.templates.items()}
+    templates: dict[str, jinja2.Template] = {}
+    if sim.templates:
+        env = _environment(base)
+        templates = {name: _check_template(env, (base / src).resolve(), allowed, f"{key}.templates.{name}")
+                     for name, src in sim.templates.items()}
     files = []
     for item in sim.files:
         path = (base / item).resolve()

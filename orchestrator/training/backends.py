@@ -19,19 +19,17 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, cast
-
-import dask
-from distributed import Client, LocalCluster
-from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.security import Security
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, TrainingError
 from orchestrator.procs import guardian, kill_known, read_stat
-from orchestrator.training import ddp, remote
+from orchestrator.training import remote
 from orchestrator.training.base import Backend
-from orchestrator.training.fastexit import FastExit
+
+if TYPE_CHECKING:  # Dask is imported when a backend starts, beside the first sims (not before them)
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +61,15 @@ def worker_processes(cluster: LocalCluster) -> list[tuple[int, int]]:
     return found
 
 
-class _OneLine(logging.Filter):
-    """Dask's own passing faults in one line: a heartbeat that could not reach the scheduler (a busy
-    box, or the scheduler closing first) is logged by ``distributed`` with a whole traceback."""
+def dask_security() -> Security:
+    """Dask imported and quietened, and TLS with a certificate made for this campaign: another user
+    (or process) on the node cannot connect, even on loopback, and so cannot run code in the workers."""
+    import dask
+    from distributed.security import Security
 
-    PASSING = ("Failed to communicate with scheduler during heartbeat",)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.getMessage().startswith(self.PASSING):
-            exc = record.exc_info[1]
-            record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__}: {exc})", None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-class OneLineDaskFaults(WorkerPlugin):
-    """On every worker of a local cluster (their stderr is the user's terminal): :class:`_OneLine`."""
-
-    name = "orchestrator-one-line-faults"
-
-    def setup(self, worker: Any) -> None:
-        target = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _OneLine) for f in target.filters):
-            target.addFilter(_OneLine())
+    dask.config.set(QUIET_DASK)
+    security: Security = Security.temporary()
+    return security
 
 
 class LocalBackend(Backend):
@@ -105,10 +89,13 @@ class LocalBackend(Backend):
         return await asyncio.shield(self._starting)
 
     async def _start(self) -> Client:
-        dask.config.set(QUIET_DASK)
-        # TLS with a certificate made for this campaign: another user (or process) on the node cannot
-        # connect, even on loopback, and so cannot run code in the workers. No dashboard.
-        security = Security.temporary()
+        # Dask's imports and the certificate take a second on a busy box: off the event loop, which
+        # meanwhile serves the first sims.
+        security = await asyncio.to_thread(dask_security)
+        from distributed import Client, LocalCluster
+
+        from orchestrator.training.fastexit import FastExit, OneLineDaskFaults
+
         self.cluster = await cast(Awaitable[LocalCluster], LocalCluster(
             n_workers=self.cfg.workers,
             threads_per_worker=self.cfg.threads_per_worker,
@@ -234,6 +221,8 @@ class Trainer:
         """One training round (warm start from ``state``) on every path given."""
         args = (state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed)
         if self.cfg.strategy == "ddp":
+            from orchestrator.training import ddp
+
             return await ddp.train(self.client, self.cfg.workers, args, self.cfg.device, self.cfg.task_retries)
         future = self.client.submit(remote.call, "train", *args, self.cfg.device, **self.train_options)
         try:

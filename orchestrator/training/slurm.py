@@ -31,10 +31,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
-
-from distributed import Client, Scheduler
-from distributed.security import Security
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator import procs, slurm
 from orchestrator.allocation import Allocation, Node, Placement
@@ -50,11 +47,28 @@ from orchestrator.slurm import (
 )
 from orchestrator.training.base import Backend
 
+if TYPE_CHECKING:  # Dask is imported when the backend starts, beside the first sims (not before them)
+    from distributed import Client, Scheduler
+    from distributed.security import Security
+
 log = logging.getLogger(__name__)
 
-# distributed is untyped for mypy --strict: call it through Any.
-_Client: Any = Client
-_Security: Any = Security
+
+
+def _dask_and_security(tls: bool) -> Any:
+    """Dask imported, and with ``tls`` a certificate made for this campaign (None without); run in a
+    thread: both take a second on a busy box, and the event loop meanwhile serves the first sims."""
+    from distributed.security import Security
+
+    security: Any = Security
+    return security.temporary() if tls else None
+
+
+def _client_class() -> Any:
+    """distributed's Client (untyped for mypy --strict: called through Any)."""
+    from distributed import Client
+
+    return Client
 
 WORKER_START_TIMEOUT_S = 180.0
 """Workers of the allocation backend must connect within this (srun + Python + imports)."""
@@ -242,7 +256,9 @@ class AllocationBackend(Backend):
         placement = worker_placement(self.nodes, self.cfg.workers, self.cfg.threads_per_worker)
         addrs = await asyncio.to_thread(node_addresses, list(placement.nodes))
         self.listen = plan_listen([addrs.get(n, n) for n in placement.nodes])
-        security = _Security.temporary() if self.listen.tls else None
+        security = await asyncio.to_thread(_dask_and_security, self.listen.tls)
+        from distributed import Scheduler
+
         self.dask_dir.mkdir(parents=True, exist_ok=True)
         tls_flags = write_worker_tls(security, self.dask_dir / "tls") if security is not None else []
         self.scheduler = await Scheduler(host=self.listen.host, port=0, protocol=self.listen.protocol,
@@ -257,7 +273,7 @@ class AllocationBackend(Backend):
         with self.log_path.open("wb") as out:
             self.proc = await procs.start(argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1"}), stdout=out,
                                           stderr=subprocess.STDOUT)
-        self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)
+        self.client = await _client_class()(self.scheduler.address, security=security, asynchronous=True)
         await self._wait_for_workers(self.client, self.proc)
         from orchestrator.training.fastexit import FastExit
 
@@ -392,7 +408,7 @@ class JobqueueBackend(Backend):
         from dask_jobqueue.slurm import SLURMCluster
 
         self.listen = await asyncio.to_thread(_listen_for_jobqueue, self.cfg.jobqueue)
-        security = _Security.temporary() if self.listen is not None and self.listen.tls else None
+        security = await asyncio.to_thread(_dask_and_security, self.listen is not None and self.listen.tls)
         if security is not None:
             (self.run_dir / "dask" / "tls").mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.run_dir / "dask-jobs").mkdir(parents=True, exist_ok=True)
@@ -404,7 +420,7 @@ class JobqueueBackend(Backend):
         log.info("SLURMCluster scheduler at %s; job script:\n%s", self.cluster.scheduler_address,
                  self.cluster.job_script())
         self.cluster.scale(self.cfg.workers)
-        self.client = await _Client(self.cluster, asynchronous=True)
+        self.client = await _client_class()(self.cluster, asynchronous=True)
         try:
             await cast(Any, self.client).wait_for_workers(self.cfg.workers, timeout=JOBQUEUE_START_TIMEOUT_S)
         except TimeoutError as exc:
