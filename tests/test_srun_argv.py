@@ -369,3 +369,21 @@ def test_a_sims_own_mpi_mpiexec_and_srun_args_reach_every_launcher(tmp_path: Pat
     assert env["SIMKIT_EXPECT_RANKS"] == "8"
     if os.geteuid() == 0:  # Open MPI as root is told it is fine, as the mpiexec launcher does
         assert ROOT_ENV.items() <= env.items()
+
+
+def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherwise(tmp_path: Path) -> None:
+    """Issue 25: a one-rank MPICH run on one node is the program itself (singleton init, no hydra);
+    more ranks, Open MPI, or an MPI not known keep the node-local mpiexec."""
+    from orchestrator.launchers.agent import NodeAgentLauncher
+    from orchestrator.mpi import Flavour, MpiInfo
+
+    local = Allocation(nodes=(Node("box", 8),), in_slurm=False, job_id=None)
+    mpich = MpiInfo(Flavour.MPICH, "test", None, "/opt/mpich/bin/mpiexec")
+    ompi = MpiInfo(Flavour.OPENMPI, "test", None, "/opt/ompi/bin/mpiexec")
+    one, two = req(tmp_path, 1, (("box", 1),)), req(tmp_path, 2, (("box", 2),))
+    program = [str(BIN.absolute()), "--seed", "5", "--out", str(one.out_path.absolute())]
+    assert NodeAgentLauncher(local, mpi=mpich).command(one) == program
+    assert NodeAgentLauncher(local, mpi=mpich).command(two)[:3] == ["/opt/mpich/bin/mpiexec", "-n", "2"]
+    assert NodeAgentLauncher(local, mpi=ompi).command(one)[:4] == ["/opt/ompi/bin/mpiexec", "-n", "1",
+                                                                   "--oversubscribe"]
+    assert NodeAgentLauncher(local, mpiexec="/opt/x/mpiexec").command(one)[:3] == ["/opt/x/mpiexec", "-n", "1"]
