@@ -6,6 +6,7 @@ and the scheduler's listen/TLS decision is checked with stand-in resolvers.
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -387,3 +388,8 @@ def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherw
     assert NodeAgentLauncher(local, mpi=ompi).command(one)[:4] == ["/opt/ompi/bin/mpiexec", "-n", "1",
                                                                    "--oversubscribe"]
     assert NodeAgentLauncher(local, mpiexec="/opt/x/mpiexec").command(one)[:3] == ["/opt/x/mpiexec", "-n", "1"]
+    if "UCX_TLS" not in os.environ:  # a singleton's UCX probes no network; the sim's own env wins
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(one)["UCX_TLS"] == "self,sm"
+        own = req(tmp_path, 1, (("box", 1),), env={"UCX_TLS": "tcp"})
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(own)["UCX_TLS"] == "tcp"
+    assert "UCX_TLS" not in NodeAgentLauncher(local, mpi=mpich).sim_env(two)
