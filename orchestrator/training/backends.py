@@ -15,7 +15,6 @@ Backends:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
@@ -79,6 +78,8 @@ class LocalBackend(Backend):
         self.cfg = cfg
         self.cluster: LocalCluster | None = None
         self._starting: asyncio.Future[Client] | None = None
+        self._preparing = False
+        """Dask's imports and the certificate are under way in a thread: no process is started yet."""
 
     async def start(self) -> Client:
         """Up and connected; a start cut short (the time budget, a signal) goes on in the background
@@ -91,7 +92,11 @@ class LocalBackend(Backend):
     async def _start(self) -> Client:
         # Dask's imports and the certificate take a second on a busy box: off the event loop, which
         # meanwhile serves the first sims.
-        security = await asyncio.to_thread(dask_security)
+        self._preparing = True
+        try:
+            security = await asyncio.to_thread(dask_security)
+        finally:
+            self._preparing = False
         from distributed import Client, LocalCluster
 
         from orchestrator.training.fastexit import FastExit, OneLineDaskFaults
@@ -123,9 +128,12 @@ class LocalBackend(Backend):
         waits for, or in torch's slow teardown) are killed: a worker holds nothing the campaign
         has not collected."""
         if self._starting is not None:
-            with contextlib.suppress(Exception):  # a failed start was reported where it was awaited
-                await self._starting
-            self._starting = None
+            if self._preparing:  # nothing started yet: the cluster is not started at all (the thread ends alone)
+                self._starting.cancel()
+            starting, self._starting = self._starting, None
+            await asyncio.wait([starting])
+            if not starting.cancelled():
+                starting.exception()  # a failed start was reported where it was awaited
         if self.client is not None:
             await cast(Awaitable[None], self.client.close())
             self.client = None
