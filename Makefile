@@ -45,6 +45,7 @@ test-fast: setup
 
 bench: setup
 	-scripts/slurm-test-cluster.sh start
+	$(BIN)/python -m pip install -q -c constraints.txt libensemble  # the bench-only peer (extra "bench"), pinned there
 	$(BIN)/python benchmarks/run.py
 
 lint: setup

@@ -2,11 +2,14 @@
 
 One allocation on the test cluster (``salloc -N3 --ntasks-per-node=8``); inside it,
 ``COUNT`` one-rank ``sim-noop`` runs are placed by the real ``SlotPool`` over the 3 fake
-nodes (every slot kept busy) and run, first through
-:class:`~orchestrator.launchers.agent.NodeAgentLauncher`, then through
-:class:`~orchestrator.launchers.srun.SrunLauncher`. Figures: the throughput ratio
-(agent sims/s over srun sims/s; goal >= 3) and the srun steps the agent path created,
-counted by Slurm itself: the job's step ids before and after (goal: the node count).
+nodes (every slot kept busy) and run through
+:class:`~orchestrator.launchers.agent.NodeAgentLauncher` (with the sim's MPI, detected as
+a campaign does: a one-rank MPICH run is a singleton, no mpiexec) and through
+:class:`~orchestrator.launchers.srun.SrunLauncher`, in ``CHUNKS`` alternating chunks
+(agent, srun, agent, ...) so that a busy machine slows both alike. Figures: the
+throughput ratio (agent sims/s over srun sims/s; goal >= 3) and the srun steps the
+agent path created, counted by Slurm itself: the job's step ids before and after each
+agent chunk (goal: the node count).
 
     python benchmarks/run.py agent
     python benchmarks/bench_agent.py --count 300      # a smaller count, same method
@@ -32,6 +35,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.cluster import cluster_env, noop_sim  # noqa: E402
 
 COUNT = 2000
+CHUNKS = 4
 NODES = 3
 PER_NODE = 8
 
@@ -43,7 +47,7 @@ def last_step_id() -> int:
     return int(out.stdout.split()[-1])
 
 
-async def _through(launcher: object, count: int, work: Path, tag: str) -> float:
+async def _through(launcher: object, count: int, work: Path, tag: str, first: int = 0) -> float:
     from orchestrator.allocation import Allocation, SlotPool
     from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome
 
@@ -65,7 +69,7 @@ async def _through(launcher: object, count: int, work: Path, tag: str) -> float:
             raise RuntimeError(f"{tag} run {i}: {result.outcome.value}: {result.message}")
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
+    await asyncio.gather(*(one(i) for i in range(first, first + count)))
     return time.perf_counter() - t0
 
 
@@ -73,17 +77,25 @@ async def _measure(count: int, work: Path) -> dict[str, float]:
     from orchestrator.allocation import Allocation
     from orchestrator.launchers.agent import NodeAgentLauncher
     from orchestrator.launchers.srun import SrunLauncher
+    from orchestrator.mpi import mpi_for
 
     alloc = Allocation.detect()
-    before = last_step_id()
-    agent = NodeAgentLauncher(alloc, log_dir=work / "agents")
+    agent = NodeAgentLauncher(alloc, mpi=mpi_for(noop_sim()), log_dir=work / "agents")
+    srun = SrunLauncher(alloc)
+    agent_s = srun_s = 0.0
+    agent_steps = 0
+    per_chunk = count // CHUNKS
     try:
-        agent_s = await _through(agent, count, work, "agent")
+        for chunk in range(CHUNKS):
+            first = chunk * per_chunk
+            before = last_step_id()
+            agent_s += await _through(agent, per_chunk, work, "agent", first)
+            agent_steps += last_step_id() - before - 1  # the probe counts itself
+            srun_s += await _through(srun, per_chunk, work, "srun", first)
     finally:
         await agent.close()
-    after = last_step_id()
-    srun_s = await _through(SrunLauncher(alloc), count, work, "srun")
-    return {"agent_s": agent_s, "srun_s": srun_s, "agent_steps": after - before - 1,
+    count = per_chunk * CHUNKS
+    return {"agent_s": agent_s, "srun_s": srun_s, "agent_steps": agent_steps,
             "agent_started": agent.steps_started, "count": count, "nodes": len(alloc.nodes),
             "job": float(alloc.job_id or 0)}
 
@@ -105,7 +117,8 @@ def run(record: Callable[[str, float, str], None], count: int = COUNT) -> None:
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         d = json.loads(out.read_text())
-    how = f"{d['count']} one-rank sim-noop over {d['nodes']} fake nodes x {PER_NODE} slots (job {int(d['job'])})"
+    how = (f"{d['count']} one-rank sim-noop (MPICH singletons via the agent) over {d['nodes']} fake nodes x "
+           f"{PER_NODE} slots, {CHUNKS} alternating chunks per path (job {int(d['job'])})")
     record(f"agent_sims_per_s_{count}", d["count"] / d["agent_s"], f"through the node agent; {how}")
     record(f"srun_sims_per_s_{count}", d["count"] / d["srun_s"], f"one srun step each; {how}")
     record("agent_throughput_ratio", d["srun_s"] / d["agent_s"], f"agent sims/s over srun sims/s; goal >= 3; {how}")

@@ -7,12 +7,14 @@ printed as they come and written to ``benchmarks/results.json``.
 
     python benchmarks/run.py              # all
     python benchmarks/run.py launch spawn # only bench_launch.py, bench_spawn.py
+    BENCH_NOTE="box shared with other jobs" python benchmarks/run.py peer   # a note on every figure
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -40,7 +42,11 @@ def main(argv: list[str]) -> int:
     figures = results.setdefault("figures", {})
     failed = []
 
+    context = os.environ.get("BENCH_NOTE")  # e.g. "the box was shared with other jobs": said with every figure
+
     def record(key: str, value: float, note: str = "") -> None:
+        if context:
+            note = f"{note} [{context}]" if note else f"[{context}]"
         figures[key] = {"value": value, "note": note, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
         print(f"{key:32s} {value:12.4g}   {note}", flush=True)
 

@@ -748,6 +748,8 @@ class Campaign:
         try:
             while not self._interrupt.is_set():
                 reason = self._apply(pol.decide(self.view(), self.cfg.target, self.cfg.policy))
+                if not self.services.begun:  # once, after the first sims began their start
+                    self.services.begin(flat_dict(self.cfg))
                 self._show()
                 if reason is not None:
                     return reason
@@ -803,7 +805,8 @@ class Campaign:
                                      None if self.walltime is None else self.walltime.exit_at))
         try:
             try:
-                await self._start_services()
+                if registering:
+                    self.services.begin(flat_dict(self.cfg))  # no sims come first: the model is registered
                 if self.resumed:
                     self._start_scoring()  # scores are not saved: recompute the current model's
                 reason = pol.StopReason.TARGET_MET if registering else await self.loop()
@@ -866,15 +869,6 @@ class Campaign:
         if error is not None:
             raise error
         return CampaignResult(status, summary)
-
-    async def _start_services(self) -> None:
-        """Dask and MLflow start while the first sims run; their head start ends early when the
-        time budget or the walltime is up, or at a signal (the loop then stops at once)."""
-        interrupt = asyncio.ensure_future(self._interrupt.wait())
-        try:
-            await self.services.start(flat_dict(self.cfg), within=self._time_left(), until=interrupt)
-        finally:
-            interrupt.cancel()
 
     def _stopped_by(self, exc: OrchestratorError | OSError) -> OrchestratorError:
         """What ended the loop, as the error the user sees: a full disk under the run dir is named

@@ -9,14 +9,17 @@ the ending) shows how long it has taken so far.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported only for a live panel: a batch job's start does not pay for it
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,24 @@ class Phase:
     """``time.monotonic()`` when it began."""
 
 
+def may_be_terminal() -> bool:
+    """Whether rich could take stderr for a terminal (a TTY, or one forced by rich's environment)."""
+    return sys.stderr.isatty() or any(os.environ.get(k) for k in ("FORCE_COLOR", "TTY_INTERACTIVE"))
+
+
 class Progress:
     """Shows a Snapshot; ``note`` prints one line above the live panel; ``phase`` names a long step."""
 
     def __init__(self, enabled: bool | None = None) -> None:
-        self.console = Console(stderr=True)
-        self.live_enabled = self.console.is_terminal if enabled is None else enabled
+        self.console: Console | None = None
+        if enabled is None and not may_be_terminal():
+            enabled = False
+        if enabled is not False:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+        self.live_enabled = bool(self.console is not None and (self.console.is_terminal if enabled is None
+                                                                else enabled))
         self._live: Live | None = None
         self._snapshot: Snapshot | None = None
         self._taken = time.monotonic()
@@ -66,6 +81,8 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.live_enabled:
+            from rich.live import Live
+
             self._live = Live(console=self.console, refresh_per_second=4, transient=False,
                               get_renderable=self._current)
             self._live.__enter__()
@@ -107,6 +124,8 @@ class Progress:
 
     def _current(self) -> Table:
         """What rich's refresh thread draws now."""
+        from rich.table import Table
+
         if self._snapshot is None:
             return Table(show_header=False, box=None)
         return self._render(self._snapshot, time.monotonic())
@@ -119,6 +138,8 @@ class Progress:
         return "starting the Dask workers (sims run meanwhile)" if s.starting else "sims and training"
 
     def _render(self, s: Snapshot, now: float) -> Table:
+        from rich.table import Table
+
         t = Table(title=f"campaign {s.name}", show_header=False, box=None)
         err = "-" if s.last_error is None else f"{s.last_error:.4f}"
         elapsed = s.elapsed_s if self._ended is not None else s.elapsed_s + now - self._taken

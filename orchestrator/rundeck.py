@@ -15,15 +15,16 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.meta
 import numpy as np
 
 from orchestrator.config import OutputFile, SimConfig, resolve_path
 from orchestrator.errors import ConfigError
 from orchestrator.outputs import Parser, load_parser, read_output, run_parser
+
+if TYPE_CHECKING:  # jinja2 is imported for sims with templates only: a simkit sim's start does not pay for it
+    import jinja2
 from orchestrator.results import Table, read_table
 
 POINTS_HINT = ("; a generate run's templates get `points` and `points_file` when the coordinator chooses its "
@@ -31,6 +32,8 @@ POINTS_HINT = ("; a generate run's templates get `points` and `points_file` when
 
 
 def _environment(base: Path) -> jinja2.Environment:
+    import jinja2
+
     # Input decks are not HTML: no autoescape; keep the file's last newline.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(base)), undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True, autoescape=False)
@@ -39,6 +42,8 @@ def _environment(base: Path) -> jinja2.Environment:
 def _check_template(env: jinja2.Environment, src: Path, allowed: set[str], key: str
                     ) -> tuple[jinja2.Template, set[str]]:
     """The compiled template and the names it uses; an unknown name or bad syntax is a ConfigError."""
+    import jinja2.meta
+
     try:
         text = src.read_text()
     except OSError as exc:
@@ -114,12 +119,15 @@ SIMKIT = SimIO()
 
 def sim_io(sim: SimConfig, base: Path, allowed: set[str], key: str) -> SimIO:
     """Check and load what ``sim`` declares (templates, files, parser), paths relative to ``base``."""
-    env = _environment(base)
-    checked = {name: _check_template(env, resolve_path(base / src, f"{key}.templates.{name}"), allowed,
-                                     f"{key}.templates.{name}")
-               for name, src in sim.templates.items()}
-    templates = {name: template for name, (template, _) in checked.items()}
-    uses = frozenset().union(*(used for _, used in checked.values()))
+    templates: dict[str, jinja2.Template] = {}
+    uses: frozenset[str] = frozenset()
+    if sim.templates:
+        env = _environment(base)
+        checked = {name: _check_template(env, resolve_path(base / src, f"{key}.templates.{name}"), allowed,
+                                         f"{key}.templates.{name}")
+                   for name, src in sim.templates.items()}
+        templates = {name: template for name, (template, _) in checked.items()}
+        uses = frozenset().union(*(used for _, used in checked.values()))
     files = []
     for item in sim.files:
         path = resolve_path(base / item, f"{key}.files: {item!r}")

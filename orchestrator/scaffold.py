@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UsageError
-from orchestrator.templating import render
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "new-sim.c.in"
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -106,6 +105,8 @@ def scaffold(name: str, root: Path) -> Scaffolded:
     if source.exists():
         raise UsageError(f"new-sim: {source} already exists; not overwriting it "
                          "(delete it or choose another name)")
+    from orchestrator.templating import render  # jinja2: not on every command's start
+
     text = render(TEMPLATE.read_text(), {"name": name}, name=TEMPLATE.name)
     source.parent.mkdir(parents=True, exist_ok=True)
     with source.open("x") as f:  # "x": never overwrite, even if it appeared just now

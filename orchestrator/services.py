@@ -1,8 +1,11 @@
 """Starting the campaign's services while its first sims already run: Dask and MLflow.
 
-The Dask workers get a short head start: on a small box, starting many MPI ranks
-at the same moment slows the worker processes' start far more than the head
-start delays the sims. MLflow starts after Dask (its imports hold the GIL).
+A campaign starts its first sims, then :meth:`Services.begin`: no sim waits for
+Dask's imports, its TLS certificate, its worker processes or MLflow (measured
+for issue 25: the 2 s head start the workers had cost the first sim up to 1.8 s
+on a loaded 2-core box, while the first training waits for a sim's data anyway).
+:meth:`Services.start` (``--steps``, which has no sims to start first) still
+gives the workers a head start. MLflow starts after Dask (its imports hold the GIL).
 A failed start stops the campaign: the loop awaits :attr:`Services.pending`.
 """
 
@@ -32,14 +35,14 @@ class Services:
         self.sink = sink
         self.backend_ready: asyncio.Future[None] | None = None
         self._up = asyncio.Event()
+        self._begun = asyncio.Event()
 
     async def start(self, params: Mapping[str, Any], *, within: float | None = None,
                     until: asyncio.Future[Any] | None = None) -> None:
         """Start both; return once the Dask processes are up or the head start is over, and
         sooner when the campaign's time is up (``within`` s: the time budget, the walltime)
         or ``until`` is done (a signal): start-up never outlasts the campaign's time."""
-        self.backend_ready = asyncio.ensure_future(self._start_backend())
-        self.sink.start(params, after=self.backend_ready)
+        self.begin(params)
         head_start = BACKEND_HEAD_START_S if within is None else max(0.0, min(within, BACKEND_HEAD_START_S))
         up = asyncio.ensure_future(self._up.wait())
         try:
@@ -47,6 +50,15 @@ class Services:
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             up.cancel()
+
+    def begin(self, params: Mapping[str, Any]) -> None:
+        """Start both in the background (once): Dask's imports and TLS certificate run in the
+        event loop at its next turn, after whatever the caller started before."""
+        if self.backend_ready is not None:
+            return
+        self.backend_ready = asyncio.ensure_future(self._start_backend())
+        self.sink.start(params, after=self.backend_ready)
+        self._begun.set()
 
     async def _start_backend(self) -> None:
         try:
@@ -57,12 +69,19 @@ class Services:
         self.store.log(TrainingBackend(round(seconds, 3), extra=self.backend.describe()))
 
     @property
+    def begun(self) -> bool:
+        """Whether :meth:`begin` ran."""
+        return self._begun.is_set()
+
+    @property
     def trainer_up(self) -> bool:
         """Whether the workers are up and warm (the policy may count on training)."""
         return self.backend_ready is not None and self.backend_ready.done()
 
     async def trainer_ready(self) -> None:
-        """Wait until the Dask workers are up and warm; raises what their start raised."""
+        """Wait until the Dask workers are up and warm (their start begun first); raises what
+        their start raised."""
+        await self._begun.wait()
         assert self.backend_ready is not None
         await asyncio.shield(self.backend_ready)
 

@@ -32,7 +32,6 @@ from typing import Any, Literal
 import yaml
 
 from orchestrator.errors import ConfigError, ExitCode, SubmitError, UsageError
-from orchestrator.templating import one_line, render
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,8 @@ def _no_breaks(value: str | None, flag: str) -> None:
     if value is None:
         return
     try:
+        from orchestrator.templating import one_line  # jinja2: not on every command's start
+
         one_line(value, flag)
     except ValueError as exc:
         raise UsageError(f"{exc} (give one line per flag; repeat the flag for more)") from exc
@@ -220,6 +221,8 @@ def prepare(
         "exit_checkpointed": int(ExitCode.INTERRUPTED),
     }
     try:
+        from orchestrator.templating import render
+
         script = render(text, context, name=template_path.name)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

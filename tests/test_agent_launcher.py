@@ -70,6 +70,28 @@ def test_results_come_back_and_one_agent_serves_every_sim(tmp_path: Path) -> Non
     assert not Path(f"/proc/{results[0].info['agent_pid']}").exists(), "the agent outlived close()"
 
 
+def test_one_rank_mpich_sims_run_as_singletons_and_a_hung_one_is_ended(tmp_path: Path) -> None:
+    """Issue 25: no mpiexec for a one-rank MPICH run; MPICH starts as a singleton of world size 1
+    (sim-noop reports it), and a hung singleton is still ended at its timeout with nothing left."""
+    from orchestrator.mpi import mpi_for
+
+    hang = ["--points-per-rank", "4", "--hang-prob", "1", "--fault-seed", "3"]
+
+    async def go() -> list[SimResult]:
+        la = NodeAgentLauncher(LOCAL, mpi=mpi_for(sim("sim-noop")), log_dir=tmp_path / "agents")
+        try:
+            runs = [request(tmp_path, "sim-noop", [], 1, nrows=1, run_id=f"n-{i}") for i in range(3)]
+            runs.append(request(tmp_path, "sim-faulty", hang, 1, timeout=2.0, run_id="hang"))
+            assert all(la.command(r)[0] == str(r.binary.absolute()) for r in runs), "mpiexec in a singleton run"
+            return list(await asyncio.gather(*(la.run(r) for r in runs)))
+        finally:
+            await la.close()
+
+    *noop, hung = asyncio.run(go())
+    assert all(r.outcome is Outcome.OK and r.table is not None and r.table.tolist() == [[1.0, 0.0]] for r in noop)
+    assert hung.outcome is Outcome.TIMEOUT and pids_of(str(tmp_path / "hang")) == []
+
+
 def test_crash_is_a_failed_run_with_its_stderr(tmp_path: Path) -> None:
     before = shm.snapshot()
     r = faulty(tmp_path, "crash", ranks=3)

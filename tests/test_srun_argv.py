@@ -6,6 +6,7 @@ and the scheduler's listen/TLS decision is checked with stand-in resolvers.
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -397,3 +398,26 @@ def test_the_allocation_a_too_small_one_suggests_fits_every_sim(shape: dict[str,
     plan = plan_slots(suggested, cfg)
     for sim in (cfg.sims.check, cfg.sims.generate):
         assert sum(min(node.cpus, sim.ranks_per_node or node.cpus) for node in plan.sim_nodes) >= sim.ranks
+
+
+def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherwise(tmp_path: Path) -> None:
+    """Issue 25: a one-rank MPICH run on one node is the program itself (singleton init, no hydra);
+    more ranks, Open MPI, or an MPI not known keep the node-local mpiexec."""
+    from orchestrator.launchers.agent import NodeAgentLauncher
+    from orchestrator.mpi import Flavour, MpiInfo
+
+    local = Allocation(nodes=(Node("box", 8),), in_slurm=False, job_id=None)
+    mpich = MpiInfo(Flavour.MPICH, "test", None, "/opt/mpich/bin/mpiexec")
+    ompi = MpiInfo(Flavour.OPENMPI, "test", None, "/opt/ompi/bin/mpiexec")
+    one, two = req(tmp_path, 1, (("box", 1),)), req(tmp_path, 2, (("box", 2),))
+    program = [str(BIN.absolute()), "--seed", "5", "--out", str(one.out_path.absolute())]
+    assert NodeAgentLauncher(local, mpi=mpich).command(one) == program
+    assert NodeAgentLauncher(local, mpi=mpich).command(two)[:3] == ["/opt/mpich/bin/mpiexec", "-n", "2"]
+    assert NodeAgentLauncher(local, mpi=ompi).command(one)[:4] == ["/opt/ompi/bin/mpiexec", "-n", "1",
+                                                                   "--oversubscribe"]
+    assert NodeAgentLauncher(local, mpiexec="/opt/x/mpiexec").command(one)[:3] == ["/opt/x/mpiexec", "-n", "1"]
+    if "UCX_TLS" not in os.environ:  # a singleton's UCX probes no network; the sim's own env wins
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(one)["UCX_TLS"] == "self,sm"
+        own = req(tmp_path, 1, (("box", 1),), env={"UCX_TLS": "tcp"})
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(own)["UCX_TLS"] == "tcp"
+    assert "UCX_TLS" not in NodeAgentLauncher(local, mpi=mpich).sim_env(two)

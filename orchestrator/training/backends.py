@@ -15,24 +15,20 @@ Backends:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
-
-import dask
-from distributed import Client, LocalCluster
-from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.security import Security
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import OrchestratorError, ResourceError, TrainingDiverged, TrainingError
 from orchestrator.procs import guardian, kill_known, read_stat
-from orchestrator.training import ddp, remote
+from orchestrator.training import remote
 from orchestrator.training.base import Backend
-from orchestrator.training.fastexit import FastExit
-from orchestrator.training.nohttp import ROUTES_OFF, NoHTTP, stop_http
+
+if TYPE_CHECKING:  # Dask is imported when a backend starts, beside the first sims (not before them)
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
 
 _T = TypeVar("_T")
 
@@ -66,29 +62,17 @@ def worker_processes(cluster: LocalCluster) -> list[tuple[int, int]]:
     return found
 
 
-class _OneLine(logging.Filter):
-    """Dask's own passing faults in one line: a heartbeat that could not reach the scheduler (a busy
-    box, or the scheduler closing first) is logged by ``distributed`` with a whole traceback."""
+def dask_security() -> Security:
+    """Dask imported and quietened, and TLS with a certificate made for this campaign: another user
+    (or process) on the node cannot connect, even on loopback, and so cannot run code in the workers."""
+    import dask
+    from distributed.security import Security
 
-    PASSING = ("Failed to communicate with scheduler during heartbeat",)
+    from orchestrator.training.nohttp import ROUTES_OFF
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.getMessage().startswith(self.PASSING):
-            exc = record.exc_info[1]
-            record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__}: {exc})", None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-class OneLineDaskFaults(WorkerPlugin):
-    """On every worker of a local cluster (their stderr is the user's terminal): :class:`_OneLine`."""
-
-    name = "orchestrator-one-line-faults"
-
-    def setup(self, worker: Any) -> None:
-        target = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _OneLine) for f in target.filters):
-            target.addFilter(_OneLine())
+    dask.config.set({**QUIET_DASK, **ROUTES_OFF})
+    security: Security = Security.temporary()
+    return security
 
 
 class LocalBackend(Backend):
@@ -98,6 +82,8 @@ class LocalBackend(Backend):
         self.cfg = cfg
         self.cluster: LocalCluster | None = None
         self._starting: asyncio.Future[Client] | None = None
+        self._preparing = False
+        """Dask's imports and the certificate are under way in a thread: no process is started yet."""
 
     async def start(self) -> Client:
         """Up and connected; a start cut short (the time budget, a signal) goes on in the background
@@ -108,10 +94,18 @@ class LocalBackend(Backend):
         return await asyncio.shield(self._starting)
 
     async def _start(self) -> Client:
-        dask.config.set({**QUIET_DASK, **ROUTES_OFF})
-        # TLS with a certificate made for this campaign: another user (or process) on the node cannot
-        # connect, even on loopback, and so cannot run code in the workers. No dashboard.
-        security = Security.temporary()
+        # Dask's imports and the certificate take a second on a busy box: off the event loop, which
+        # meanwhile serves the first sims.
+        self._preparing = True
+        try:
+            security = await asyncio.to_thread(dask_security)
+        finally:
+            self._preparing = False
+        from distributed import Client, LocalCluster
+
+        from orchestrator.training.fastexit import FastExit, OneLineDaskFaults
+        from orchestrator.training.nohttp import NoHTTP, stop_http
+
         self.cluster = await cast(Awaitable[LocalCluster], LocalCluster(
             n_workers=self.cfg.workers,
             threads_per_worker=self.cfg.threads_per_worker,
@@ -141,9 +135,12 @@ class LocalBackend(Backend):
         waits for, or in torch's slow teardown) are killed: a worker holds nothing the campaign
         has not collected."""
         if self._starting is not None:
-            with contextlib.suppress(Exception):  # a failed start was reported where it was awaited
-                await self._starting
-            self._starting = None
+            if self._preparing:  # nothing started yet: the cluster is not started at all (the thread ends alone)
+                self._starting.cancel()
+            starting, self._starting = self._starting, None
+            await asyncio.wait([starting])
+            if not starting.cancelled():
+                starting.exception()  # a failed start was reported where it was awaited
         if self.client is not None:
             await cast(Awaitable[None], self.client.close())
             self.client = None
@@ -258,6 +255,8 @@ class Trainer:
         """One training round (warm start from ``state``) on every path given."""
         args = (state, data_paths, self.cfg.model, self.model_kwargs, self.hparams, self.n_inputs, seed)
         if self.cfg.strategy == "ddp":
+            from orchestrator.training import ddp
+
             return await ddp.train(self.client, self.cfg.workers, args, self.cfg.device, self.cfg.task_retries)
         future = self.client.submit(remote.train, *args, self.cfg.device, **self.train_options)
         (result,) = await self._run([future], lambda exc: training_error(exc, self.cfg.memory_limit))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distributed import Client
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 class Backend(ABC):

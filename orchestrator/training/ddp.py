@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
-from typing import Any, cast
-
-from distributed import Client
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator.errors import TrainingError
 from orchestrator.training import remote
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ other way (an exception, a signal) exits as it would have, with its own code.
 Only the campaign's own worker processes get it (registered by the backend).
 A heartbeat in flight when the close began fails on the closed connection pool;
 that traceback (the worker's, on the user's terminal) says nothing and is dropped.
+:class:`OneLineDaskFaults`, the other worker plugin, puts Dask's passing faults in one line.
 """
 
 from __future__ import annotations
@@ -68,3 +69,28 @@ class FastExit(WorkerPlugin):
     def teardown(self, worker: Any) -> None:  # early in Worker.close, before its connections close
         _state["closed"] = True
         logging.getLogger("distributed.worker").addFilter(_ClosingHeartbeat())
+
+
+class _OneLine(logging.Filter):
+    """Dask's own passing faults in one line: a heartbeat that could not reach the scheduler (a busy
+    box, or the scheduler closing first) is logged by ``distributed`` with a whole traceback."""
+
+    PASSING = ("Failed to communicate with scheduler during heartbeat",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith(self.PASSING):
+            exc = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__}: {exc})", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class OneLineDaskFaults(WorkerPlugin):
+    """On every worker of a local cluster (their stderr is the user's terminal): :class:`_OneLine`."""
+
+    name = "orchestrator-one-line-faults"
+
+    def setup(self, worker: Any) -> None:
+        target = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _OneLine) for f in target.filters):
+            target.addFilter(_OneLine())

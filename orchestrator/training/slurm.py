@@ -32,11 +32,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
-
-import dask
-from distributed import Client, Scheduler
-from distributed.security import Security
+from typing import TYPE_CHECKING, Any, cast
 
 from orchestrator import procs, slurm
 from orchestrator.allocation import Allocation, Node, Placement
@@ -51,13 +47,33 @@ from orchestrator.slurm import (
     step_argv,
 )
 from orchestrator.training.base import Backend
-from orchestrator.training.nohttp import ROUTES_OFF, WORKER_ENV, NoHTTP, stop_http
+
+if TYPE_CHECKING:  # Dask is imported when the backend starts, beside the first sims (not before them)
+    from distributed import Client, Scheduler
+    from distributed.security import Security
 
 log = logging.getLogger(__name__)
 
-# distributed is untyped for mypy --strict: call it through Any.
-_Client: Any = Client
-_Security: Any = Security
+
+
+def _dask_and_security(tls: bool) -> Any:
+    """Dask imported, and with ``tls`` a certificate made for this campaign (None without); run in a
+    thread: both take a second on a busy box, and the event loop meanwhile serves the first sims."""
+    import dask
+    from distributed.security import Security
+
+    from orchestrator.training.nohttp import ROUTES_OFF
+
+    dask.config.set(ROUTES_OFF)  # no HTTP route answers in the moment before a server's HTTP is stopped
+    security: Any = Security
+    return security.temporary() if tls else None
+
+
+def _client_class() -> Any:
+    """distributed's Client (untyped for mypy --strict: called through Any)."""
+    from distributed import Client
+
+    return Client
 
 WORKER_START_TIMEOUT_S = 180.0
 """Workers of the allocation backend must connect within this (srun + Python + imports)."""
@@ -245,10 +261,13 @@ class AllocationBackend(Backend):
         placement = worker_placement(self.nodes, self.cfg.workers, self.cfg.threads_per_worker)
         addrs = await asyncio.to_thread(node_addresses, list(placement.nodes))
         self.listen = plan_listen([addrs.get(n, n) for n in placement.nodes])
-        security = _Security.temporary() if self.listen.tls else None
+        security = await asyncio.to_thread(_dask_and_security, self.listen.tls)
+        from distributed import Scheduler
+
+        from orchestrator.training.nohttp import WORKER_ENV, NoHTTP, stop_http
+
         self.dask_dir.mkdir(parents=True, exist_ok=True)
         tls_flags = write_worker_tls(security, self.dask_dir / "tls") if security is not None else []
-        dask.config.set(ROUTES_OFF)
         self.scheduler = await Scheduler(host=self.listen.host, port=0, protocol=self.listen.protocol,
                                          security=security, dashboard=False, dashboard_address=HTTP_ADDRESS)
         stop_http(self.scheduler)
@@ -262,7 +281,7 @@ class AllocationBackend(Backend):
         with self.log_path.open("wb") as out:
             self.proc = await procs.start(argv, env=srun_env({**os.environ, "PYTHONUNBUFFERED": "1", **WORKER_ENV}),
                                           stdout=out, stderr=subprocess.STDOUT)
-        self.client = await _Client(self.scheduler.address, security=security, asynchronous=True)
+        self.client = await _client_class()(self.scheduler.address, security=security, asynchronous=True)
         await self._wait_for_workers(self.client, self.proc)
         from orchestrator.training.fastexit import FastExit
 
@@ -362,6 +381,8 @@ def jobqueue_options(
                                                                       for d in user_directives) else [gres])
     if security is not None:
         opts.update(security=security, shared_temp_directory=str(run_dir / "dask" / "tls"))
+    from orchestrator.training.nohttp import WORKER_ENV
+
     prologue = list(user.pop("job_script_prologue", None) or [])
     opts["job_script_prologue"] = [*prologue, *(f"export {k}={shlex.quote(v)}" for k, v in WORKER_ENV.items())]
     opts.update(user)
@@ -399,13 +420,14 @@ class JobqueueBackend(Backend):
     async def start(self) -> Client:
         from dask_jobqueue.slurm import SLURMCluster
 
+        from orchestrator.training.nohttp import NoHTTP, stop_http
+
         self.listen = await asyncio.to_thread(_listen_for_jobqueue, self.cfg.jobqueue)
-        security = _Security.temporary() if self.listen is not None and self.listen.tls else None
+        security = await asyncio.to_thread(_dask_and_security, self.listen is not None and self.listen.tls)
         if security is not None:
             (self.run_dir / "dask" / "tls").mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.run_dir / "dask-jobs").mkdir(parents=True, exist_ok=True)
         opts = jobqueue_options(self.cfg, self.run_dir, self.listen, security)
-        dask.config.set(ROUTES_OFF)
         try:
             self.cluster = await SLURMCluster(asynchronous=True, **opts)
         except (TypeError, ValueError) as exc:
@@ -414,7 +436,7 @@ class JobqueueBackend(Backend):
         log.info("SLURMCluster scheduler at %s; job script:\n%s", self.cluster.scheduler_address,
                  self.cluster.job_script())
         self.cluster.scale(self.cfg.workers)
-        self.client = await _Client(self.cluster, asynchronous=True)
+        self.client = await _client_class()(self.cluster, asynchronous=True)
         await cast(Any, self.client).register_plugin(NoHTTP())
         try:
             await cast(Any, self.client).wait_for_workers(self.cfg.workers, timeout=JOBQUEUE_START_TIMEOUT_S)
