@@ -134,6 +134,35 @@ def test_cancel_ends_the_tree_and_the_agent_stays_usable(tmp_path: Path) -> None
     assert after.outcome is Outcome.OK
 
 
+def test_the_node_local_mpiexec_listens_on_no_port_of_the_node(tmp_path: Path) -> None:
+    """Issue 24: hydra's control port listens on every interface; through the agent, as through the
+    mpiexec launcher, it lives in a private network namespace that no other account can reach."""
+    import psutil
+
+    from orchestrator.launchers.mpiexec import can_isolate
+
+    if not can_isolate():
+        pytest.skip("this box does not let an unprivileged process unshare a network namespace")
+    args = ["--points-per-rank", "4", "--hang-prob", "1", "--fault-seed", "3"]
+
+    async def body(la: NodeAgentLauncher) -> list[Any]:
+        task = asyncio.ensure_future(la.run(request(tmp_path, "sim-faulty", args, 2, run_id="net")))
+        deadline = time.monotonic() + 30
+        while len(pids_of(str(tmp_path / "net" / "result.npy"))) < 3:  # mpiexec and 2 ranks
+            assert time.monotonic() < deadline and not task.done(), "the sim never ran"
+            await asyncio.sleep(0.05)
+        tree = {p.pid for pid in pids_of(str(tmp_path / "net" / "result.npy")) for p in
+                [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+        listening = [c for c in psutil.net_connections(kind="inet")
+                     if c.pid in tree and c.status == psutil.CONN_LISTEN]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return listening
+
+    assert with_launcher(tmp_path, body) == []
+
+
 def test_a_dead_agent_is_a_failed_run_not_a_hang(tmp_path: Path) -> None:
     args = ["--points-per-rank", "4", "--hang-prob", "1", "--fault-seed", "3"]
 

@@ -39,7 +39,7 @@ from orchestrator import shm
 from orchestrator.allocation import Allocation
 from orchestrator.errors import LaunchError
 from orchestrator.launchers.base import LaunchRequest, Outcome, ProcessLauncher, SimResult
-from orchestrator.launchers.mpiexec import find_mpiexec
+from orchestrator.launchers.mpiexec import ISOLATE, can_isolate, find_mpiexec
 from orchestrator.launchers.srun import SrunLauncher
 from orchestrator.mpi import Flavour, MpiInfo, local_command
 from orchestrator.procs import KILL_GRACE_S, ProcessOutcome, kill_group, start
@@ -214,11 +214,17 @@ class NodeAgentLauncher(ProcessLauncher):
         self, alloc: Allocation, *, mpi: MpiInfo | None = None, mpiexec: str | None = None,
         srun: SrunLauncher | None = None, pool: AgentPool | None = None,
         agent_argv: Callable[[str], list[str]] | None = None, log_dir: Path | None = None,
+        isolate: bool | None = None,
     ) -> None:
         self.alloc = alloc
         self._io = SIMKIT
         self.mpi = mpi
         self.mpiexec = mpiexec or (mpi.mpiexec if mpi is not None else None) or find_mpiexec()
+        wheel = mpi.is_wheel_mpich if mpi is not None else mpiexec is None
+        self.isolate = (wheel and can_isolate()) if isolate is None else isolate
+        """The node-local mpiexec in a private network namespace, as the mpiexec launcher runs it: the
+        wheel's hydra listens on every interface, where any account on the node could reach it (checked
+        on the coordinator's node, which inside an allocation is one of the sims' nodes)."""
         self.srun = srun if srun is not None else (SrunLauncher(alloc, mpi=mpi.srun_plugin if mpi else "pmi2")
                                                    if alloc.in_slurm else None)
         self.pool = pool or AgentPool(alloc, agent_argv=agent_argv, log_dir=log_dir)
@@ -245,7 +251,8 @@ class NodeAgentLauncher(ProcessLauncher):
         if self.singleton(req):
             return self.program(req, absolute=True)
         head = local_command(self.mpi, req.ranks)[1:] if self.mpi is not None else ["-n", str(req.ranks)]
-        return [self.mpiexec, *head, *self.program(req, absolute=True)]  # the agent runs it in the run dir
+        isolate = ISOLATE if self.isolate else []
+        return [*isolate, self.mpiexec, *head, *self.program(req, absolute=True)]  # the agent runs it in the run dir
 
     def singleton(self, req: LaunchRequest) -> bool:
         """Whether this run is one rank of an MPI that starts it without mpiexec."""
