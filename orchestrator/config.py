@@ -566,11 +566,13 @@ class AcceptanceConfig(_Strict):
     max_abs: float = Field(default=3.4e38, gt=0)
     """A row with an output of larger magnitude is refused (the default: the largest float32, which
     the training computes in)."""
-    outlier_k: float | None = Field(default=1000.0, gt=0)
-    """Robust outlier rule: a row is refused when an output lies more than ``outlier_k`` robust
-    scales (1.4826 x the median absolute deviation) from the median of that output over the data
-    accepted so far and the run's own rows (a median is not moved by a few wild values). It judges
-    from 8 values on, and not where half of them are equal. None: off."""
+    outlier_k: float | None = Field(default=None, gt=0)
+    """Robust outlier rule, off by default (None): a row is refused when an output lies more than
+    ``outlier_k`` robust scales (1.4826 x the median absolute deviation) from the median of that
+    output over the data accepted so far and the run's own rows (a median is not moved by a few wild
+    values). It judges from 8 values on, and not where half of them are equal. Use it only for an
+    output that varies smoothly: where most values sit on a plateau (a front, a narrow peak) the
+    median absolute deviation is tiny and the rows that matter most would be refused."""
 
     @field_validator("ranges")
     @classmethod

@@ -54,10 +54,10 @@ def test_every_example_runs_its_steps(example: str, tmp_path: Path) -> None:
         assert ((t[:, :len(lo)] >= lo) & (t[:, :len(lo)] <= hi)).all()
     assert s["data_points"] == sum(t.shape[0] for t in tables)
     if cfg.chosen_points:  # one row per chosen point, and the points file the sim read is in its run dir
-        assert all(t.shape[0] == cfg.policy.points_per_run for t in tables)
+        assert all(t.shape[0] == cfg.points_per_generate for t in tables)
         files = sorted((run_dir / "sims").rglob("points.txt"))
         chosen = np.concatenate([np.loadtxt(f, ndmin=2) for f in files])
-        assert len(files) == 2 and chosen.shape == (2 * cfg.policy.points_per_run, len(lo))
+        assert len(files) == 2 and chosen.shape == (2 * cfg.points_per_generate, len(lo))
         given = np.concatenate(tables)[:, :len(lo)]
         assert np.allclose(np.sort(chosen, axis=0), np.sort(given, axis=0))
     ev = s["evaluation"]
