@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,13 +156,15 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[str, SimSetup]:
     chosen = {"points", "points_file"} if cfg.chosen_points else set()
     allowed = {"check": check_fields(cfg.input_names),
                "generate": (generate_fields(cfg.input_names) - {"points_file"}) | chosen}
+    sims: dict[str, SimConfig] = {role: getattr(cfg.sims, role) for role in binaries}
+    keys = {role: f"{loop_file}: sims.{role}" for role in binaries}
+    with ThreadPoolExecutor(len(binaries) or 1) as pool:  # ldd and `mpiexec --version` of both roles at once
+        mpis = dict(zip(binaries, pool.map(lambda r: mpi_for(binaries[r], sims[r].mpi, sims[r].mpiexec, key=keys[r]),
+                                           binaries), strict=True))
     setups = {}
     for role, binary in binaries.items():
-        sim: SimConfig = getattr(cfg.sims, role)
-        key = f"{loop_file}: sims.{role}"
-        setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
-                                sim_io(sim, base, allowed[role], key))
-        check_launcher(sim, setups[role], key)
+        setups[role] = SimSetup(binary, mpis[role], sim_io(sims[role], base, allowed[role], keys[role]))
+        check_launcher(sims[role], setups[role], keys[role])
     return setups
 
 
