@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,12 +190,15 @@ def sim_setups(cfg: LoopConfig, loop_file: Path) -> dict[Role, SimSetup]:
     chosen = {"points", "points_file"} if cfg.chosen_points else set()
     allowed = {"check": check_fields(cfg.input_names),
                "generate": (generate_fields(cfg.input_names) - {"points_file"}) | chosen}
+    sims = {role: cfg.sims.of(role) for role in binaries}
+    keys = {role: f"{loop_file}: sims.{role}" for role in binaries}
+    with ThreadPoolExecutor(len(binaries) or 1) as pool:  # ldd and `mpiexec --version` of both roles at once
+        mpis = dict(zip(binaries, pool.map(lambda r: mpi_for(binaries[r], sims[r].mpi, sims[r].mpiexec, key=keys[r]),
+                                           binaries), strict=True))
     setups = {}
     for role, binary in binaries.items():
-        sim = cfg.sims.of(role)
-        key = f"{loop_file}: sims.{role}"
-        setups[role] = SimSetup(binary, mpi_for(binary, sim.mpi, sim.mpiexec, key=key),
-                                sim_io(sim, base, allowed[role], key))
+        sim, key = cfg.sims.of(role), keys[role]
+        setups[role] = SimSetup(binary, mpis[role], sim_io(sim, base, allowed[role], key))
         check_launcher(sim, setups[role], key)
         for name, template in setups[role].io.templates.items():  # fails now, not in every sim attempt
             render_template(f"{key}.templates.{name}", template, sample_fields(cfg, role, sim))
