@@ -568,9 +568,10 @@ class AcceptanceConfig(_Strict):
     the training computes in)."""
     outlier_k: float | None = Field(default=1000.0, gt=0)
     """Robust outlier rule: a row is refused when an output lies more than ``outlier_k`` robust
-    scales (1.4826 x the median absolute deviation) from the median of that output over the data
-    accepted so far and the run's own rows (a median is not moved by a few wild values). It judges
-    from 8 values on, and not where half of them are equal. None: off."""
+    scales (1.4826 x the median absolute deviation, or where larger the 90% quantile of the absolute
+    deviations / 1.6449: a plateau holding over half the values does not shrink it to 0) from the median
+    of that output over the data accepted so far and the run's own rows (neither is moved by a few wild
+    values). It judges from 8 values on, and not where 90% of them are equal. None: off."""
 
     @field_validator("ranges")
     @classmethod
