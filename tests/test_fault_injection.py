@@ -387,8 +387,8 @@ def _drift_run(work: Path, *extra: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-CHALLENGER_REGISTERING: Callable[[dict[str, Any]], bool] = (
-    lambda e: e["event"] == "registering" and str(e.get("key", "")).startswith("challenger"))
+def CHALLENGER_REGISTERING(e: dict[str, Any]) -> bool:
+    return e["event"] == "registering" and str(e.get("key", "")).startswith("challenger")
 
 
 def _logged_models(work: Path) -> int:
