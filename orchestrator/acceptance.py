@@ -8,9 +8,9 @@ from ``acceptance`` in loop.yml, refuse such rows before they are written to ``d
 * a declared range ``[lo, hi]`` per output (``acceptance.ranges``);
 * a magnitude no float32 training can hold (``acceptance.max_abs``);
 * a robust outlier rule (``acceptance.outlier_k``): further from the median than ``outlier_k``
-  robust scales (1.4826 x the median absolute deviation) of the data accepted so far and the
-  run's own rows together, per output; a median is not moved by a few wild rows, so one huge
-  value cannot hide itself.
+  robust scales (1.4826 x the median absolute deviation, or where larger the 90% quantile of the
+  absolute deviations / 1.6449) of the data accepted so far and the run's own rows together, per
+  output; neither is moved by a few wild rows, so one huge value cannot hide itself.
 
 Pure functions of arrays; the sim runner drops the refused rows and says why in the run's
 ``sim_end`` event (a run left with no row is a failed run, retried as usual).
@@ -25,6 +25,8 @@ import numpy as np
 
 MAD_SCALE = 1.4826
 """The median absolute deviation times this estimates a normal distribution's standard deviation."""
+Q90_SCALE = 1.6449
+"""A normal distribution's 90% quantile of absolute deviations, in standard deviations."""
 MIN_REFERENCE = 8
 """Fewer values than this (accepted and the run's own) and the outlier rule does not judge."""
 MAX_REFERENCE = 20_000
@@ -84,8 +86,11 @@ def _outliers(values: np.ndarray, reference: np.ndarray, name: str, k: float) ->
     if both.size < MIN_REFERENCE:
         return np.zeros(values.shape, dtype=bool), ""
     median = float(np.median(both))
-    scale = MAD_SCALE * float(np.median(np.abs(both - median)))
-    if not scale > 0 or not np.isfinite(scale):  # half the values or more are equal: no scale to judge by
+    dev = np.abs(both - median)
+    # the MAD is ~0 where over half the values sit on one plateau (a front's +-1): then the 90% quantile's
+    # deviation, which a few wild rows (under 10%) do not move either, is the scale
+    scale = max(MAD_SCALE * float(np.median(dev)), float(np.quantile(dev, 0.9, method="lower")) / Q90_SCALE)
+    if not scale > 0 or not np.isfinite(scale):  # 90% of the values or more are equal: no scale to judge by
         return np.zeros(values.shape, dtype=bool), ""
     return (np.abs(values - median) > k * scale,
             f"{name} an outlier (more than {k:g} robust scales of {scale:.3g} from the median {median:.6g})")

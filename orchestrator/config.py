@@ -568,11 +568,12 @@ class AcceptanceConfig(_Strict):
     the training computes in)."""
     outlier_k: float | None = Field(default=None, gt=0)
     """Robust outlier rule, off by default (None): a row is refused when an output lies more than
-    ``outlier_k`` robust scales (1.4826 x the median absolute deviation) from the median of that
-    output over the data accepted so far and the run's own rows (a median is not moved by a few wild
-    values). It judges from 8 values on, and not where half of them are equal. Use it only for an
-    output that varies smoothly: where most values sit on a plateau (a front, a narrow peak) the
-    median absolute deviation is tiny and the rows that matter most would be refused."""
+    ``outlier_k`` robust scales (1.4826 x the median absolute deviation, or where larger the 90% quantile
+    of the absolute deviations / 1.6449: a plateau holding over half the values does not shrink it to 0)
+    from the median of that output over the data accepted so far and the run's own rows (neither is moved
+    by a few wild values). It judges from 8 values on, and not where 90% of them are equal. Opt in for an
+    output without narrow features: a peak or front seen in under 10% of the rows looks like an outlier.
+    A huge value is refused without it (``max_abs``)."""
 
     @field_validator("ranges")
     @classmethod
