@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from distributed import Client
 
-from orchestrator.errors import TrainingError
+from orchestrator.errors import TrainingDiverged, TrainingError
 from orchestrator.training import remote
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ async def train(client: Client, world: int, args: tuple[Any, ...], device: str, 
         try:
             addrs = pick_workers((await c.scheduler.identity(n_workers=-1))["workers"], world)
             state, metrics = await _one_round(client, addrs, args, device)
+        except FloatingPointError as exc:  # the loss went non-finite: the data and the seed, not a worker
+            raise TrainingDiverged(f"{exc} (ddp over {world} workers)") from exc
         except Exception as exc:  # a rank raised or its worker died: the round is lost as a whole
             last = exc
             log.warning("ddp round attempt %d/%d failed: %s: %s", attempt + 1, retries + 1,
