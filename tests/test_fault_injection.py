@@ -347,6 +347,7 @@ def test_scancel_of_the_allocation_checkpoints_exits_75_and_resumes_elsewhere(
         except psutil.TimeoutExpired:
             raise AssertionError(f"the coordinator still runs {GONE_BOUND_S:.0f} s after scancel") from None
         took = time.monotonic() - t0
+        print(f"scancel -> coordinator exited {took:.2f} s later")
         _, err = salloc.communicate(timeout=60)
     finally:
         if salloc.poll() is None:

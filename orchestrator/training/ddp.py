@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from orchestrator.errors import TrainingError
+from orchestrator.errors import TrainingDiverged, TrainingError
 from orchestrator.training import remote
 
 if TYPE_CHECKING:
@@ -85,6 +85,8 @@ async def train(client: Client, world: int, args: tuple[Any, ...], device: str, 
         try:
             addrs = pick_workers((await c.scheduler.identity(n_workers=-1))["workers"], world)
             state, metrics = await _one_round(client, addrs, args, device)
+        except FloatingPointError as exc:  # the loss went non-finite: the data and the seed, not a worker
+            raise TrainingDiverged(f"{exc} (ddp over {world} workers)") from exc
         except Exception as exc:  # a rank raised or its worker died: the round is lost as a whole
             last = exc
             log.warning("ddp round attempt %d/%d failed: %s: %s", attempt + 1, retries + 1,
