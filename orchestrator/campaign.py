@@ -451,7 +451,7 @@ class Campaign:
                 s.failed_points.append(r.x)
                 if not per_version:  # the strict test checks fresh points only
                     s.recheck.append(r.x)
-        self.pictures.add_check(r.x, r.truth, success)
+        self.pictures.add_check(r.x, r.truth, success, version=r.version)
         spread = None if r.spread is None else max(r.spread)
         self.store.log(Check(r.x, r.version, predicted=r.predicted, truth=r.truth, error=error, success=success,
                              stale=stale, successes=s.successes, prechecked=r.prechecked, spread=spread))
@@ -630,6 +630,7 @@ class Campaign:
                 status = (Status.INTERRUPTED if reason is None
                           else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
                 if status is Status.TARGET_MET:
+                    self._final_picture()
                     status, registered = await self._register()
             except (OrchestratorError, OSError) as exc:
                 error = self._stopped_by(exc)
@@ -758,6 +759,14 @@ class Campaign:
         except TimeoutError:
             log.warning("the Dask backend did not close within %.1f s of the signal; the process guardian "
                         "ends its processes", SIGNALLED_CLOSE_S)
+
+    def _final_picture(self) -> None:
+        """``figures/final.png``: the model that met the target, its checks and what they certify."""
+        s = self.state
+        if self.model_state is not None:
+            statement = (f"{s.successes}/{self.cfg.target.successes} checks within {self.cfg.target.tolerance:g}"
+                         + (" (all of this version)" if self.cfg.target.per_version else ""))
+            self.pictures.final(s.model_version, self.model_state, list(s.data_files), statement)
 
     async def _register(self) -> tuple[Status, dict[str, str] | None]:
         """The target is met: the final model into MLflow's registry (from a Dask worker: torch lives there).

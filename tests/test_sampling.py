@@ -123,6 +123,9 @@ def nan(req: SampleRequest) -> np.ndarray:
 
 def short(req: SampleRequest) -> np.ndarray:
     return np.full((req.count - 1, 2), 0.5)
+
+def raises(req: SampleRequest) -> np.ndarray:
+    raise KeyError('no such column')
 '''
 
 
@@ -156,7 +159,7 @@ def test_user_strategy_gets_the_documented_arguments_and_its_points_are_run(tmp_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("bad", ["outside", "nan", "short"])
+@pytest.mark.parametrize("bad", ["outside", "nan", "short", "raises"])
 def test_bad_strategy_output_stops_the_campaign_in_one_line(tmp_path: Path, bad: str) -> None:
     (tmp_path / "mystrategy.py").write_text(RECORDING)
     loop = write_loop(tmp_path, front_loop(sampling=f"mystrategy:{bad}", first_round="uniform"))
