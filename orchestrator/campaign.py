@@ -26,6 +26,7 @@ import numpy as np
 from orchestrator import policy as pol
 from orchestrator import sampling
 from orchestrator.allocation import SlotPool
+from orchestrator.certify import Verdict
 from orchestrator.config import LoopConfig, flat_dict
 from orchestrator.continual import ContinualState, DataFile
 from orchestrator.diskfull import disk_full_error, full, is_full_error
@@ -51,7 +52,7 @@ from orchestrator.runlog import (
 from orchestrator.services import Services
 from orchestrator.simrunner import SimRunner
 from orchestrator.store import EVENTS, LOOP, RunStore
-from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
+from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink, evidence_metrics
 from orchestrator.training.backends import Backend, Trainer
 from orchestrator.walltime import Durations, WalltimeGuard
 
@@ -89,12 +90,15 @@ class CheckResult:
     """The truth came from a check sim run ahead, while the model trained."""
     spread: list[float] | None = None
     """The ensemble members' spread (standard deviation) at x, per output; None for one model."""
+    run_id: str | None = None
+    """The check sim's run id (names the row's file when it joins the training data)."""
 
 
 @dataclass(frozen=True)
 class PrecheckResult:
     x: list[float]
     truth: list[float] | None
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,13 +194,23 @@ class Campaign:
         """How many of ``state.untrained`` the in-flight training uses."""
         self._training_files: set[str] = set()
         """Data files the in-flight training uses; they leave ``untrained`` only when it ends."""
-        self._known: list[tuple[list[float], list[float] | None]] = []
-        """Query points whose check sim already ran (prechecks), with their truth."""
+        self._known: list[tuple[list[float], list[float], str | None]] = []
+        """Query points whose check sim already ran (prechecks), with their truth and run id."""
+        self._dropped: set[asyncio.Task[TaskResult]] = set()
+        """Checks cancelled when their version was decided (awaited at the end)."""
+        self._check_slots = max(1, pool.capacity // max(1, cfg.sims.check.ranks))
+        if not self.state.evidence:
+            self._update_evidence()
         self._interrupt = asyncio.Event()
         self._signal: str | None = None
         self._t0 = time.monotonic()
 
     # -- bookkeeping ------------------------------------------------------
+    @property
+    def _successes_needed(self) -> int:
+        plan = pol.plan(self.cfg.target)
+        return self.cfg.target.successes if plan is None else plan.passes_needed
+
     @property
     def elapsed(self) -> float:
         return self.state.elapsed_s + time.monotonic() - self._t0
@@ -213,7 +227,8 @@ class Campaign:
             generates_inflight=self._inflight(TaskKind.GENERATE),
             untrained_runs=len(s.untrained) - self._untrained_in_training,
             successes=s.successes, data_points=s.data_points, elapsed_s=self.elapsed,
-            trainer_ready=self.services.trainer_up,
+            trainer_ready=self.services.trainer_up, failures_current=s.version_failed,
+            check_slots=self._check_slots,
         )
 
     def checkpoint(self, elapsed: float | None = None) -> float:
@@ -232,7 +247,7 @@ class Campaign:
     def _show(self) -> None:
         s = self.state
         self.progress.update(Snapshot(
-            self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self.cfg.target.successes,
+            self.cfg.name, s.model_version, self.cfg.target.max_rounds, s.successes, self._successes_needed,
             s.data_points, self._inflight(TaskKind.CHECK) + self._inflight(TaskKind.PRECHECK),
             self._inflight(TaskKind.GENERATE), self._inflight(TaskKind.TRAIN) > 0,
             s.sims_launched, s.sims_failed, s.last_error, self.elapsed, starting=not self.services.trainer_up,
@@ -283,15 +298,18 @@ class Campaign:
     # -- actions ----------------------------------------------------------
 
     def _random_point(self) -> list[float]:
+        """A check point: fresh, independent, uniform over the domain, the distribution the certified
+        statement is about. The seam for a user's own check distribution is here (it must draw
+        independent points from the campaign's RNG, and the statement then speaks of that distribution)."""
         return [float(v) for v in self.rng.uniform(self.lo, self.hi)]
 
-    def _next_query(self) -> tuple[list[float], list[float] | None]:
+    def _next_query(self) -> tuple[list[float], list[float] | None, str | None]:
         """A failed point again first, then a point whose truth a precheck already knows."""
         if self.state.recheck:
-            return self.state.recheck.pop(0), None
+            return self.state.recheck.pop(0), None, None
         if self._known:
             return self._known.pop(0)
-        return self._random_point(), None
+        return self._random_point(), None, None
 
     def _values(self, x: list[float]) -> dict[str, float | int]:
         return {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
@@ -302,10 +320,11 @@ class Campaign:
 
     async def _precheck(self, x: list[float]) -> PrecheckResult:
         """The check sim at a future query point: its truth does not depend on the model."""
-        return PrecheckResult(x, self._truth_of(await self.sims.run("check", self._values(x)), x))
+        sim = await self.sims.run("check", self._values(x))
+        return PrecheckResult(x, self._truth_of(sim, x), None if sim is None else sim.request.run_id)
 
-    async def _check(self, x: list[float], version: int, members: list[bytes], known: list[float] | None
-                     ) -> CheckResult:
+    async def _check(self, x: list[float], version: int, members: list[bytes], known: list[float] | None,
+                     known_id: str | None = None) -> CheckResult:
         await self.services.trainer_ready()
         pred_task = asyncio.ensure_future(self.trainer.evaluate_ensemble(members, [x]))
         try:
@@ -319,7 +338,8 @@ class Campaign:
         finally:
             pred_task.cancel()
         return CheckResult(x, version, predicted, known if known is not None else self._truth_of(sim, x),
-                           prechecked=known is not None, spread=spread if len(members) > 1 else None)
+                           prechecked=known is not None, spread=spread if len(members) > 1 else None,
+                           run_id=known_id if sim is None else sim.request.run_id)
 
     async def _generate(self, seed: int, lo: list[float], hi: list[float]) -> GenerateResult:
         values: dict[str, float | int] = {"seed": seed}
@@ -423,8 +443,9 @@ class Campaign:
             elif isinstance(action, pol.StartChecks):
                 assert self.members
                 for _ in range(action.count if self._fits("check") else 0):
-                    x, known = self._next_query()
-                    self._spawn(TaskKind.CHECK, self._check(x, self.state.model_version, list(self.members), known))
+                    x, known, known_id = self._next_query()
+                    self._spawn(TaskKind.CHECK, self._check(x, self.state.model_version, list(self.members), known,
+                                                            known_id))
             elif isinstance(action, pol.StartPrechecks):
                 for _ in range(action.count if self._fits("check") else 0):
                     self._spawn(TaskKind.PRECHECK, self._precheck(self._random_point()))
@@ -434,40 +455,108 @@ class Campaign:
     def _on_check(self, r: CheckResult) -> None:
         s = self.state
         if r.truth is None or r.predicted is None:
-            self.store.log(Check(r.x, r.version, outcome="no_truth"))
+            counted = self._count_check(r, False) if self.cfg.target.certified else False
+            self.store.log(Check(r.x, r.version, outcome="no_truth", counted=counted or None))
             return
         error = max(abs(p - t) for p, t in zip(r.predicted, r.truth, strict=True))
         success = error < self.cfg.target.tolerance
         stale = r.version != s.model_version
-        per_version = self.cfg.target.per_version
         s.checks_done += 1
         s.last_error = error
-        if not stale:
-            if success and not (per_version and s.failed_current):
-                # a check still in flight when the target was met is logged, not counted: never "6/5"
-                s.successes = min(s.successes + 1, self.cfg.target.successes)
-            elif not success:
-                s.failed_current = True
-                s.failed_points.append(r.x)
-                if not per_version:  # the strict test checks fresh points only
-                    s.recheck.append(r.x)
+        counted = self._count_check(r, success)
+        data_file = self._keep_check_row(r)
         self.pictures.add_check(r.x, r.truth, success, version=r.version)
         spread = None if r.spread is None else max(r.spread)
         self.store.log(Check(r.x, r.version, predicted=r.predicted, truth=r.truth, error=error, success=success,
-                             stale=stale, successes=s.successes, prechecked=r.prechecked, spread=spread))
+                             stale=stale, successes=s.successes, prechecked=r.prechecked, spread=spread,
+                             counted=counted, version_passed=s.version_passed, version_failed=s.version_failed,
+                             verdict=self._verdict().value if self.cfg.target.certified else None,
+                             data_file=data_file))
         mark = "ok  " if success else "FAIL"
         shown = "" if spread is None else f" spread={spread:.4f}"
         self.progress.note(f"check {mark} x={_fmt(r.x)} surrogate={_fmt(r.predicted)} truth={_fmt(r.truth)} "
                            f"error={error:.4f}{shown} (model v{r.version}, successes {s.successes}/"
-                           f"{self.cfg.target.successes})")
-        metrics = {"check_error": error, "successes": float(s.successes)}
+                           f"{self._successes_needed})")
+        metrics = {"check_error": error, "successes": float(s.successes), "check_rows": float(s.check_rows)}
         if spread is not None:
             metrics["check_spread"] = spread
         self.sink.metrics(metrics, s.checks_done)
 
+    def _verdict(self) -> Verdict:
+        s = self.state
+        return pol.check_verdict(s.version_passed, s.version_failed, self.cfg.target)
+
+    def _count_check(self, r: CheckResult, success: bool) -> bool:
+        """Count a check of the current version toward its verdict; False when it does not count
+        (stale, or in flight when the version was decided)."""
+        s = self.state
+        if r.version != s.model_version:
+            return False
+        if self.cfg.target.certified:
+            if self._verdict() is not Verdict.OPEN:
+                return False
+            if success:
+                s.version_passed += 1
+                s.successes = s.version_passed
+            else:
+                s.version_failed += 1
+                s.failed_points.append(r.x)
+            self._decided()
+        elif success and not (self.cfg.target.per_version and s.failed_current):
+            # a check still in flight when the target was met is logged, not counted: never "6/5"
+            s.successes = min(s.successes + 1, self.cfg.target.successes)
+            s.version_passed += 1
+        elif success:
+            return False
+        else:
+            s.failed_current = True
+            s.version_failed += 1
+            s.failed_points.append(r.x)
+            # the strict test checks fresh points only, and a point in the training data is never re-checked
+            if not (self.cfg.target.per_version or self.cfg.policy.train_on_checks):
+                s.recheck.append(r.x)
+        self._update_evidence()
+        return True
+
+    def _decided(self) -> None:
+        """The certified rule: once the version's verdict is in, its checks in flight are cancelled; a
+        rejected version goes back to training at once."""
+        verdict = self._verdict()
+        if verdict is Verdict.OPEN:
+            return
+        if verdict is Verdict.REJECTED:
+            self.state.failed_current = True
+            s = self.state
+            self.progress.note(f"model v{s.model_version} rejected after {s.version_passed + s.version_failed} "
+                               f"checks ({s.version_failed} failed): back to training")
+        for task, kind in list(self._tasks.items()):
+            if kind is TaskKind.CHECK and not task.done():
+                task.cancel()
+                self._forget(task)
+                self._dropped.add(task)
+                task.add_done_callback(self._dropped.discard)
+
+    def _update_evidence(self) -> None:
+        s = self.state
+        s.evidence = pol.evidence(s.version_passed, s.version_failed, self.cfg.target).to_json()
+
+    def _keep_check_row(self, r: CheckResult) -> str | None:
+        """A check's truth joins the training data (``policy.train_on_checks``): data/check-N.npy."""
+        if not self.cfg.policy.train_on_checks or r.truth is None or r.run_id is None:
+            return None
+        s = self.state
+        row = np.asarray([[*r.x, *r.truth]], dtype=np.float64)
+        rel = str(self.store.accept_data(r.run_id, row).relative_to(self.store.root))
+        if rel in s.data_files:  # the same precheck's truth twice cannot happen; be safe
+            return rel
+        s.data_files.append(rel)
+        s.check_rows += 1
+        self.store.log(DataAccepted(rel, 1, s.data_points, role="check", check_rows=s.check_rows))
+        return rel
+
     def _on_precheck(self, r: PrecheckResult) -> None:
         if r.truth is not None:
-            self._known.append((r.x, r.truth))
+            self._known.append((r.x, r.truth, r.run_id))
 
     def _on_generate(self, r: GenerateResult) -> None:
         if r.path is None:
@@ -487,15 +576,17 @@ class Campaign:
         s.model_file = str(paths[0].relative_to(self.store.root))
         s.member_files = [str(p.relative_to(self.store.root)) for p in paths]
         s.failed_current = False
-        if self.cfg.target.per_version:
+        s.version_passed = s.version_failed = 0
+        if self.cfg.target.per_version or self.cfg.target.certified:
             s.successes = 0
+        self._update_evidence()
         self._start_scoring()
         s.untrained = [f for f in s.untrained if f not in self._training_files]
         self.pictures.round(version, r.members[0], [f for f in s.data_files if f in self._training_files],
                             f"{self.cfg.name}: round {version}, {s.data_points} rows")
         self._training_files = set()
         self._untrained_in_training = 0
-        metrics = {**r.metrics, "data_points": s.data_points, "successes": s.successes,
+        metrics = {**r.metrics, "data_points": s.data_points, "check_rows": s.check_rows, "successes": s.successes,
                    "sims_launched": s.sims_launched, "sims_failed": s.sims_failed, "wall_s": round(self.elapsed, 3)}
         s.rounds.append({"round": version, **metrics})
         self.store.log(TrainEnd(version, extra=metrics))
@@ -539,8 +630,8 @@ class Campaign:
         """Cancel what is in flight; data a generate already stored still counts (it is on disk)."""
         for task in self._tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks or self._dropped:
+            await asyncio.gather(*self._tasks, *self._dropped, return_exceptions=True)
         for task in self._tasks:
             if not task.cancelled() and task.exception() is None and isinstance(task.result(), GenerateResult):
                 self._on_generate(task.result())  # type: ignore[arg-type]
@@ -764,8 +855,7 @@ class Campaign:
         """``figures/final.png``: the model that met the target, its checks and what they certify."""
         s = self.state
         if self.model_state is not None:
-            statement = (f"{s.successes}/{self.cfg.target.successes} checks within {self.cfg.target.tolerance:g}"
-                         + (" (all of this version)" if self.cfg.target.per_version else ""))
+            statement = pol.evidence(s.version_passed, s.version_failed, self.cfg.target).certified_statement
             self.pictures.final(s.model_version, self.model_state, list(s.data_files), statement)
 
     async def _register(self) -> tuple[Status, dict[str, str] | None]:
@@ -818,6 +908,7 @@ class Campaign:
         artifacts = [self.store.root / LOOP, self.store.root / EVENTS, path]
         if self.sink.enabled and self._signal is None:  # after a signal the exit is prompt: no picture
             artifacts.append(await asyncio.to_thread(self._timeline))
+        self.sink.metrics(evidence_metrics(summary), self.state.model_version)
         await self.sink.close(status, artifacts, summary,
                               patience=SIGNALLED_CLOSE_S if self._signal else CLOSE_PATIENCE_S)
         return summary

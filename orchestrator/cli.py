@@ -114,6 +114,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     sampling.resolve(cfg, [args.loop.resolve().parent])  # a user's strategy must import
     print(f"{args.loop}: ok: campaign {cfg.name!r}, {len(cfg.inputs)} input(s), {len(cfg.outputs)} output(s)")
+    from orchestrator.policy import describe_target
+
+    print(f"  target: {describe_target(cfg.target)}")
     for role, setup in setups.items():
         sim = getattr(cfg.sims, role)
         print(f"  {role}: {setup.binary} on {sim.ranks} rank(s), launcher {sim.launcher}")
@@ -157,6 +160,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{s['data_points']} data points, {s['sims_launched']} sims ({s['sims_failed']} failed), "
             f"{s['wall_s']:.1f} s")
     print(line)
+    if s.get("certified_statement"):
+        print(f"evidence: {s['certified_statement']}")
     if s.get("registered_model"):
         reg = s["registered_model"]
         print(f"model registered as {reg['name']} version {reg['version']} (MLflow run {s['mlflow_run_id']})")

@@ -167,6 +167,64 @@ class TargetConfig(_Strict):
     """A stricter test: the successes must all come from one model version, at fresh
     points, with no failed check of that version (each new model starts from 0 and
     failed points are not re-checked). Use with ``policy.checks_per_round`` = ``successes``."""
+    coverage: float | None = None
+    """The certified rule: the share of the domain the model must be within ``tolerance`` on, e.g.
+    0.95. Setting it (or ``confidence``) turns the rule on: one model version is checked at fresh,
+    independent, uniformly drawn points, and the target is met when an exact binomial bound
+    (Clopper-Pearson) shows at least this share within tolerance at ``confidence``. The number of
+    checks follows from the numbers (59 passing for 0.95/0.95); ``successes`` and ``per_version``
+    are then not used. None (with ``confidence`` None): the count rule of ``successes``."""
+    confidence: float | None = None
+    """The certified rule's confidence, e.g. 0.95 (0.95 when only ``coverage`` is given). Every
+    summary states what the checks certify at this confidence (0.95 for the count rule)."""
+    allowed_failures: int = Field(default=0, ge=0, le=1000)
+    """Certified rule: failed checks a version may have and still pass (more checks are then needed:
+    93 for 0.95/0.95 with one, 124 with two). A version with more failures goes back to training at
+    once, its remaining checks cancelled."""
+
+    @field_validator("coverage")
+    @classmethod
+    def _coverage(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"got {v}, expected a share between 0 and 1 (exclusive), e.g. 0.95: no number "
+                             "of checks certifies all of a domain" if v == 1 else
+                             f"got {v}, expected a share between 0 and 1 (exclusive), e.g. 0.95")
+        return v
+
+    @field_validator("confidence")
+    @classmethod
+    def _confidence(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v < 1:
+            raise ValueError(f"got {v}, expected a probability between 0 and 1 (exclusive), e.g. 0.95")
+        return v
+
+    @model_validator(mode="after")
+    def _plan(self) -> TargetConfig:
+        if not self.certified:
+            if self.allowed_failures:
+                raise ValueError("allowed_failures goes with the certified rule: set target.coverage too")
+            return self
+        from orchestrator.certify import checks_needed  # pure arithmetic
+
+        try:
+            checks_needed(self.certified_coverage, self.certified_confidence, self.allowed_failures)
+        except ValueError as exc:
+            raise ValueError(f"coverage/confidence: {exc}; ask for less") from exc
+        return self
+
+    @property
+    def certified(self) -> bool:
+        """The certified rule applies (coverage or confidence is set)."""
+        return self.coverage is not None or self.confidence is not None
+
+    @property
+    def certified_coverage(self) -> float:
+        return 0.95 if self.coverage is None else self.coverage
+
+    @property
+    def certified_confidence(self) -> float:
+        """The confidence every summary's statement is made at (0.95 unless given)."""
+        return 0.95 if self.confidence is None else self.confidence
 
 
 class PolicyConfig(_Strict):
@@ -214,7 +272,12 @@ class PolicyConfig(_Strict):
     generates_per_round: int = Field(default=1, ge=1)
     """Accepted generate runs that make the data for one training round."""
     max_data_points: int | None = Field(default=None, ge=1)
-    """Stop generating once this many rows are accepted; None: no limit."""
+    """Stop generating once this many generate rows are accepted; None: no limit."""
+    train_on_checks: bool = True
+    """A check sim's truth is data: every accepted check row joins the next round's training data
+    (``data/check-N.npy``, counted as ``check_rows``, apart from generate rows). A point is checked
+    only against models not trained on it, so failed points are not re-checked. False: checks are
+    only evidence (and under the count rule a failed point is checked again against the next model)."""
 
 
 class HparamsConfig(_Strict):

@@ -14,11 +14,13 @@ so the next round's data is ready when the training ends.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
+from orchestrator.certify import Plan, Verdict, checks_to_start, lower_bound, plan_bound, statement, verdict
 from orchestrator.config import PolicyConfig, TargetConfig
 
 
@@ -47,6 +49,10 @@ class View:
     untrained_runs: int = 0
     """Accepted generate runs not yet used by a training."""
     successes: int = 0
+    failures_current: int = 0
+    """Failed checks of the current model version (the certified rule allows ``allowed_failures``)."""
+    check_slots: int = 1
+    """Check sims that fit side by side in the sim slots (the certified rule starts this many)."""
     data_points: int = 0
     elapsed_s: float = 0.0
     trainer_ready: bool = True
@@ -86,9 +92,36 @@ class StartPrechecks:
 Action = Stop | StartChecks | StartGenerates | StartTraining | StartPrechecks
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(coverage: float, confidence: float, allowed_failures: int) -> Plan:
+    return Plan.of(coverage, confidence, allowed_failures)
+
+
+def plan(target: TargetConfig) -> Plan | None:
+    """The certified rule's plan for one model version (None under the count rule)."""
+    if not target.certified:
+        return None
+    return _plan(target.certified_coverage, target.certified_confidence, target.allowed_failures)
+
+
+def check_verdict(passed: int, failed: int, target: TargetConfig) -> Verdict:
+    """Where the current version's checks stand: under the count rule a failure rejects it, and
+    ``successes`` certify it (the count, not a statistical statement)."""
+    p = plan(target)
+    if p is None:
+        p = Plan(checks=target.successes)
+    return verdict(passed, failed, p)
+
+
+def target_met(v: View, target: TargetConfig) -> bool:
+    if target.certified:
+        return check_verdict(v.successes, v.failures_current, target) is Verdict.CERTIFIED
+    return v.successes >= target.successes
+
+
 def stop_reason(v: View, target: TargetConfig, policy: PolicyConfig) -> StopReason | None:
     """The one place stop criteria are tested."""
-    if v.successes >= target.successes:
+    if target_met(v, target):
         return StopReason.TARGET_MET
     if target.time_budget_s is not None and v.elapsed_s >= target.time_budget_s:
         return StopReason.TIME_BUDGET
@@ -128,10 +161,15 @@ def generates_wanted(v: View, target: TargetConfig, policy: PolicyConfig) -> int
     return max(0, min(missing, room))
 
 
-def checks_wanted(v: View, policy: PolicyConfig) -> int:
-    """How many checks of the current model to start now."""
+def checks_wanted(v: View, policy: PolicyConfig, target: TargetConfig | None = None) -> int:
+    """How many checks of the current model to start now. The certified rule starts as many as
+    the sim slots take side by side, never more than its plan can use."""
     if v.model_version == 0 or v.training or v.failed_current:
         return 0
+    p = None if target is None else plan(target)
+    if p is not None:
+        room = max(0, v.check_slots - v.checks_inflight)
+        return min(room, checks_to_start(v.successes, v.failures_current, v.checks_inflight, p))
     return max(0, policy.checks_per_round - v.checks_inflight)
 
 
@@ -158,7 +196,7 @@ def decide(v: View, target: TargetConfig, policy: PolicyConfig) -> list[Action]:
     n_gen = generates_wanted(v, target, policy)
     if n_gen:
         actions.append(StartGenerates(n_gen))
-    n_chk = checks_wanted(v, policy)
+    n_chk = checks_wanted(v, policy, target)
     if n_chk:
         actions.append(StartChecks(n_chk))
     n_pre = prechecks_wanted(v, policy)
@@ -182,3 +220,51 @@ def sampling_window(
     half = (hi - lo) * width / 2
     wlo = np.clip(center - half, lo, hi - 2 * half)
     return wlo, wlo + 2 * half
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the checks of the final model version certify (every rule; in the summary)."""
+
+    rule: str
+    """``certified`` (target.coverage/confidence) or ``count`` (target.successes)."""
+    certified_coverage: float
+    """The exact one-sided lower bound of the share of the domain within tolerance."""
+    confidence: float
+    checks_used: int
+    """Checks of the final model version that count (passed and failed)."""
+    checks_failed: int
+    checks_needed: int | None
+    """The certified rule's plan: checks of one version when none may fail beyond allowed_failures."""
+    certified_statement: str
+    """What the evidence certifies, in words."""
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def evidence(passed: int, failed: int, target: TargetConfig) -> Evidence:
+    """What ``passed`` and ``failed`` checks of one version certify, in numbers and words."""
+    used, conf = passed + failed, target.certified_confidence
+    p = plan(target)
+    bound = lower_bound(passed, used, conf) if used else 0.0
+    if p is None:
+        return Evidence("count", bound, conf, used, failed, None,
+                        statement(passed, used, conf, target.tolerance, rule="count"))
+    if verdict(passed, failed, p) is Verdict.CERTIFIED:
+        bound = plan_bound(p, conf)  # decided early, it certifies what the plan does, no more
+    text = statement(passed, used, conf, target.tolerance, coverage=target.certified_coverage, bound=bound)
+    return Evidence("certified", bound, conf, used, failed, p.checks, text)
+
+
+def describe_target(target: TargetConfig) -> str:
+    """The stop rule in words (``validate``)."""
+    p = plan(target)
+    if p is None:
+        return (f"count rule: {target.successes} successes within {target.tolerance:g}; "
+                + statement(target.successes, target.successes, target.certified_confidence, target.tolerance,
+                            rule="count"))
+    return (f"certified rule: one model version checked at up to {p.checks} fresh uniform points, at most "
+            f"{p.allowed_failures} failing; then "
+            + statement(p.passes_needed, p.checks, target.certified_confidence, target.tolerance,
+                        coverage=target.certified_coverage, bound=plan_bound(p, target.certified_confidence)))

@@ -9,11 +9,12 @@ summary of where the time went. Both only read ``state.json`` and
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.runlog import EventKind, LoggedEvent, Status, build_summary, of_kind
+from orchestrator.runlog import EventKind, LoggedEvent, Status, build_summary, evidence_summary, of_kind
 from orchestrator.store import RunStore
 
 
@@ -250,7 +251,9 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join([
         f"run            {s['run_dir']} ({s['status']})",
         f"wall time      {sec(s['wall_s'])}; time to target {sec(s['time_to_target_s'])}",
-        f"progress       {s['rounds']} training round(s), {s['successes']} successes, {s['data_points']} data points",
+        f"progress       {s['rounds']} training round(s), {s['successes']} successes, {s['data_points']} data points"
+        f" + {s.get('check_rows') or 0} check rows",
+        evidence_line(s, "evidence       "),
         f"sims           {s['sims_launched']} launched, {s['sims_failed']} failed, {s['sims_cancelled']} cancelled; "
         f"median wall {sec(s['median_sim_wall_s'])}, "
         f"median launch overhead {sec(s['median_launch_overhead_s'])}",
@@ -258,6 +261,26 @@ def format_summary(s: dict[str, Any]) -> str:
         f"overlap        {pct(s['overlap_fraction'])} of training time had a sim running",
         f"services       Dask start {sec(s['dask_start_s'])}, MLflow registration {sec(s['registration_s'])}",
     ])
+
+
+def evidence_line(s: Mapping[str, Any], label: str = "evidence   ") -> str:
+    """What the checks certify: the rule's numbers and the sentence (every rule)."""
+    if s.get("certified_statement") is None:
+        return f"{label}- (a run of a version that did not record it)"
+    return (f"{label}{s['certified_statement']} [{s['rule']} rule: certified_coverage "
+            f"{s['certified_coverage']:.4f}, confidence {s['confidence']:g}, checks_used {s['checks_used']}, "
+            f"checks_failed {s['checks_failed']}]")
+
+
+def _needed(target: Mapping[str, Any]) -> Any:
+    """Successes the target needs: the certified rule's passes, else target.successes."""
+    if target.get("coverage") is None and target.get("confidence") is None:
+        return target.get("successes", "?")
+    from orchestrator.config import TargetConfig
+    from orchestrator.policy import plan
+
+    p = plan(TargetConfig.model_validate(target))
+    return "?" if p is None else p.passes_needed
 
 
 def status_text(run_dir: Path) -> str:
@@ -271,8 +294,10 @@ def status_text(run_dir: Path) -> str:
         f"campaign   {cfg.get('name', '?')} in {run_dir}",
         f"status     {state.status.value}" + (f" ({state.stop_reason})" if state.stop_reason else ""),
         f"rounds     {state.model_version} / {target.get('max_rounds', '?')}",
-        f"successes  {state.successes} / {target.get('successes', '?')}",
-        f"data       {state.data_points} rows in {len(state.data_files)} files",
+        f"successes  {state.successes} / {_needed(target)}",
+        evidence_line(evidence_summary(state.evidence)),
+        f"data       {state.data_points} generate rows + {state.check_rows} check rows "
+        f"in {len(state.data_files)} files",
         f"sims       {state.sims_launched} launched, {state.sims_failed} failed, "
         f"{len(running)} running" + (f": {', '.join(running)}" if running else ""),
         f"elapsed    {state.elapsed_s:.1f} s",

@@ -165,6 +165,15 @@ class Check(Event):
     prechecked: bool | None = None
     spread: float | None = None
     """The ensemble members' largest spread (standard deviation) over the outputs at x."""
+    counted: bool | None = None
+    """The check counted toward its version's verdict (False: stale, or in flight when it was decided)."""
+    version_passed: int | None = None
+    """Checks of the current version passed so far (counted ones)."""
+    version_failed: int | None = None
+    verdict: str | None = None
+    """The certified rule: the version's verdict after this check (open, certified, rejected)."""
+    data_file: str | None = None
+    """Where the check's row joined the training data (data/check-N.npy); None: it did not."""
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in super().record().items() if v is not None}
@@ -176,6 +185,11 @@ class DataAccepted(Event):
     path: str
     rows: int
     data_points: int
+    """Generate rows accepted so far (check rows are counted in ``check_rows``)."""
+    role: str = "generate"
+    """The sim role the rows come from: generate, or check (a check's truth joining the training data)."""
+    check_rows: int = 0
+    """Check rows in the training data so far."""
 
 
 @dataclass(frozen=True)
@@ -397,9 +411,19 @@ class State:
     checks_done: int = 0
     failed_current: bool = False
     data_files: list[str] = field(default_factory=list)
-    """Accepted generate results, relative to the run dir, in acceptance order."""
+    """Accepted data files, relative to the run dir, in acceptance order: generate results and the
+    rows of checks (``data/check-N.npy``, see :func:`data_role`)."""
     untrained: list[str] = field(default_factory=list)
+    """Generate results no training has used yet (check rows join the next training without being waited for)."""
     data_points: int = 0
+    """Generate rows accepted."""
+    check_rows: int = 0
+    """Check rows in the training data."""
+    version_passed: int = 0
+    """Checks of the current model version that passed (and counted toward its verdict)."""
+    version_failed: int = 0
+    evidence: dict[str, Any] = field(default_factory=dict)
+    """What the current version's checks certify (:class:`orchestrator.policy.Evidence`)."""
     sims_launched: int = 0
     sims_failed: int = 0
     launch_counter: int = 0
@@ -461,6 +485,8 @@ def build_summary(
         "successes": state.successes,
         "checks": state.checks_done,
         "data_points": state.data_points,
+        "check_rows": state.check_rows,
+        **evidence_summary(state.evidence),
         "sims_launched": state.sims_launched,
         "sims_failed": state.sims_failed,
         "wall_s": round(wall_s, 3),
@@ -469,6 +495,21 @@ def build_summary(
         **continual_summary(state.continual),
         "run_dir": run_dir,
     }
+
+
+EVIDENCE_FIELDS = ("rule", "certified_coverage", "confidence", "checks_used", "checks_failed", "checks_needed",
+                   "certified_statement")
+"""What the checks certify, in every summary (see :class:`orchestrator.policy.Evidence`)."""
+
+
+def evidence_summary(e: Mapping[str, Any]) -> dict[str, Any]:
+    """The evidence's part of the summary (None where a run of an older version recorded none)."""
+    return {k: e.get(k) for k in EVIDENCE_FIELDS}
+
+
+def data_role(rel: str) -> str:
+    """The sim role a data file's rows come from, by its name: ``check`` or ``generate``."""
+    return "check" if rel.rsplit("/", 1)[-1].startswith("check-") else "generate"
 
 
 def continual_summary(c: Mapping[str, Any]) -> dict[str, Any]:

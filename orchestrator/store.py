@@ -6,7 +6,7 @@
         loop.yml        the config as given
         state.json      rewritten atomically after every completed step
         events.jsonl    append-only: one line per sim/training start, end, failure
-        data/           one .npy per accepted generate run
+        data/           one .npy per accepted generate run, and check-N.npy per check row joining the data
         models/         one checkpoint per finished training
         sims/<run_id>/  stdout.log, stderr.log, result.npy of each attempt
         summary.json    written at the end
@@ -36,7 +36,7 @@ import numpy as np
 
 from orchestrator.errors import StoreError
 from orchestrator.results import Table
-from orchestrator.runlog import Event, LoggedEvent, State, parse_events, status_of
+from orchestrator.runlog import Event, LoggedEvent, State, data_role, parse_events, status_of
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +228,13 @@ class RunStore:
         yet, is added to the state (it was accepted: written atomically). Returns the adopted
         files and their rows.
         """
-        rows = 0
+        rows = {"generate": 0, "check": 0}
         for rel in state.data_files:
-            rows += self._rows(rel, missing=f"{self.root / rel} is missing")
-        if rows != state.data_points:
-            raise StoreError(f"{self.root}: data/ holds {rows} rows of the state's files but state.json counts "
-                             f"{state.data_points}; start a new run (--new)")
+            rows[data_role(rel)] += self._rows(rel, missing=f"{self.root / rel} is missing")
+        for role, counted in (("generate", state.data_points), ("check", state.check_rows)):
+            if rows[role] != counted:
+                raise StoreError(f"{self.root}: data/ holds {rows[role]} {role} rows of the state's files but "
+                                 f"state.json counts {counted}; start a new run (--new)")
         known = set(state.data_files)
         adopted = []
         for path in sorted(self.data_dir.glob("*.npy")):
@@ -241,8 +242,11 @@ class RunStore:
             if rel not in known:
                 n = self._rows(rel, missing=f"{path} is unreadable")
                 state.data_files.append(rel)
-                state.untrained.append(rel)
-                state.data_points += n
+                if data_role(rel) == "check":  # a check's row: data, never a round's worth of new runs
+                    state.check_rows += n
+                else:
+                    state.untrained.append(rel)
+                    state.data_points += n
                 adopted.append((rel, n))
         for tmp in self.data_dir.glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)  # a write a kill cut short: never accepted

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.errors import TrackingError
-from orchestrator.runlog import ModelRegistered, State, Status
+from orchestrator.runlog import EVIDENCE_FIELDS, ModelRegistered, State, Status
 from orchestrator.store import RunStore
 
 if TYPE_CHECKING:
@@ -257,5 +257,15 @@ def describe(summary: Mapping[str, Any]) -> dict[str, str]:
     text = (f"{summary['status']}{why}: {summary['rounds']} training round(s), successes {summary['successes']}, "
             f"{summary['data_points']} rows, {summary['sims_launched']} sims ({summary['sims_failed']} failed), "
             f"{summary['wall_s']:.1f} s{model}. Run dir: {summary['run_dir']}")
-    return {"mlflow.note.content": text, "campaign.status": str(summary["status"]),
+    if summary.get("certified_statement"):
+        text += f". Evidence: {summary['certified_statement']}"
+    tags = {"mlflow.note.content": text, "campaign.status": str(summary["status"]),
             "campaign.run_dir": str(summary["run_dir"])}
+    tags.update({f"campaign.{k}": str(summary[k]) for k in EVIDENCE_FIELDS if summary.get(k) is not None})
+    return tags
+
+
+def evidence_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of what the checks certify, and the check rows in the data, as MLflow metrics."""
+    keys = ("certified_coverage", "confidence", "checks_used", "checks_failed", "checks_needed", "check_rows")
+    return {k: float(summary[k]) for k in keys if isinstance(summary.get(k), int | float)}

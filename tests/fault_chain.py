@@ -188,8 +188,9 @@ def steps_gone(timeout: float = 30.0) -> list[str]:
     return steps
 
 
-def data_rows(run_dir: Path) -> int:
-    return sum(int(np.load(f).shape[0]) for f in (run_dir / "data").glob("*.npy"))
+def data_rows(run_dir: Path, role: str = "generate") -> int:
+    """Rows on disk from one sim role: generate results, or check rows (data/check-N.npy)."""
+    return sum(int(np.load(f).shape[0]) for f in (run_dir / "data").glob(f"{role}-*.npy"))
 
 
 def registry(work: Path, model: str) -> dict[str, Any]:
@@ -285,6 +286,11 @@ def audit(run_dir: Path, work: Path, name: str, figures: Figures) -> None:
     if not (disk == state["data_points"] == summary.get("data_points")):
         figures.problems.append(f"{figures.chain}: rows on disk {disk}, in state {state['data_points']}, "
                                 f"in the summary {summary.get('data_points')}")
+    checks = data_rows(run_dir, "check")
+    figures.rows_lost += abs(checks - state.get("check_rows", 0))
+    if not (checks == state.get("check_rows") == summary.get("check_rows")):
+        figures.problems.append(f"{figures.chain}: check rows on disk {checks}, in state {state.get('check_rows')}, "
+                                f"in the summary {summary.get('check_rows')}")
     if lost:
         figures.problems.append(f"{figures.chain}: {lost} accepted rows missing from state")
     if state["status"] == "target_met" and summary.get("target_met"):

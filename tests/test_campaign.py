@@ -54,7 +54,24 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
     accepted = [e for e in ev if e.kind is EventKind.DATA_ACCEPTED]
     files = sorted((run_dir / "data").glob("*.npy"))
     assert len(files) == len(accepted)
-    assert sum(np.load(f).shape[0] for f in files) == summary["data_points"] == sum(e["rows"] for e in accepted)
+    gen_files = [f for f in files if f.name.startswith("generate-")]
+    gen_accepted = [e for e in accepted if e["role"] == "generate"]
+    assert sum(np.load(f).shape[0] for f in gen_files) == summary["data_points"] == sum(e["rows"] for e in gen_accepted)
+    # check rows are data too, counted apart: one row per check with a truth, its role named
+    check_files = [f for f in files if f.name.startswith("check-")]
+    check_accepted = [e for e in accepted if e["role"] == "check"]
+    assert len(check_files) + len(gen_files) == len(files) and len(check_accepted) == len(check_files)
+    assert summary["check_rows"] == len(check_files) == sum(1 for e in ev if e.kind is EventKind.CHECK
+                                                             and "truth" in e) >= 5
+    # what the count rule's evidence certifies, stated
+    # (of the final model's own checks: successes of earlier versions say nothing of it)
+    used = summary["checks_used"]
+    last = [e for e in ev if e.kind is EventKind.CHECK and e.get("counted") and e["version"] == summary["rounds"]]
+    assert 1 <= used == len(last) <= 5
+    assert (summary["rule"], summary["confidence"], summary["checks_failed"]) == ("count", 0.95, 0)
+    assert summary["certified_coverage"] == pytest.approx(0.05 ** (1 / used))
+    assert summary["certified_statement"].startswith(f"{used}/{used} successes: at 95% confidence, at least ")
+    assert f"evidence: {summary['certified_statement']}" in proc.stdout
     checks = [e for e in ev if e.kind is EventKind.CHECK and e.get("success")]
     assert len(checks) == 5 and all(e["error"] < 0.05 for e in checks)
     assert all(abs(e["truth"][0] - np.sin(e["x"][0])) < 1e-12 for e in checks)
@@ -87,6 +104,10 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
     uploaded = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert uploaded == summary
     assert run.info.status == "FINISHED" and run.data.tags["campaign.run_dir"] == summary["run_dir"]
+    assert run.data.tags["campaign.certified_statement"] == summary["certified_statement"]
+    assert run.data.metrics["certified_coverage"] == pytest.approx(summary["certified_coverage"])
+    assert (run.data.metrics["checks_used"], run.data.metrics["checks_failed"], run.data.metrics["confidence"],
+            run.data.metrics["check_rows"]) == (used, 0, 0.95, summary["check_rows"])
     assert run.data.tags["mlflow.note.content"].startswith(
         f"target_met: {summary['rounds']} training round(s), successes {summary['successes']}, "
         f"{summary['data_points']} rows, {summary['sims_launched']} sims ({summary['sims_failed']} failed), "

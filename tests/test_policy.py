@@ -145,3 +145,49 @@ def test_prechecks_run_the_next_models_check_sims_while_it_trains() -> None:
     # not while a trained model is being checked, and never in sequential mode
     assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1), T, p))
     assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1, training=True), T, SEQ))
+
+
+CERT = TargetConfig(tolerance=0.05, coverage=0.95, confidence=0.95, max_rounds=4)
+
+
+def test_certified_rule_starts_as_many_checks_as_slots_allow_up_to_its_plan() -> None:
+    p = PolicyConfig(checks_per_round=1)
+    assert decide(View(model_version=1, check_slots=12), CERT, p) == [StartChecks(12)]
+    assert decide(View(model_version=1, check_slots=12, checks_inflight=12), CERT, p) == []
+    # 59 needed, 50 passed, 4 in flight: 5 more, though 8 slots are free
+    assert decide(View(model_version=1, check_slots=12, checks_inflight=4, successes=50), CERT, p) == [StartChecks(5)]
+    assert not any(isinstance(a, StartChecks) for a in decide(View(model_version=1, check_slots=12, training=True),
+                                                              CERT, p))
+
+
+def test_certified_rule_meets_the_target_at_the_plans_passes_not_at_successes() -> None:
+    p = PolicyConfig()
+    assert decide(View(model_version=1, successes=58, check_slots=4), CERT, p) == [StartChecks(1)]
+    assert decide(View(model_version=1, successes=59), CERT, p) == [Stop(StopReason.TARGET_MET)]
+    one = CERT.model_copy(update={"allowed_failures": 1})  # 93 checks, one may fail
+    assert decide(View(model_version=1, successes=92, failures_current=1), one, p) == [Stop(StopReason.TARGET_MET)]
+    assert decide(View(model_version=1, successes=91, failures_current=1), one, p) != [Stop(StopReason.TARGET_MET)]
+
+
+def test_a_rejected_version_starts_no_more_checks_and_goes_back_to_training() -> None:
+    p = PolicyConfig(pipeline=False)
+    rejected = View(model_version=1, successes=3, failures_current=1, failed_current=True, check_slots=12,
+                    untrained_runs=1)
+    assert decide(rejected, CERT, p) == [StartTraining()]
+
+
+def test_evidence_states_what_each_rule_certifies() -> None:
+    from orchestrator.policy import evidence
+
+    count = evidence(5, 0, T)
+    assert (count.rule, count.checks_used, count.checks_failed, count.checks_needed) == ("count", 5, 0, None)
+    assert count.certified_coverage == pytest.approx(0.05 ** 0.2)
+    assert count.certified_statement.startswith(
+        "5/5 successes: at 95% confidence, at least 54.9% of the domain within 0.05")
+    cert = evidence(59, 0, CERT)
+    assert (cert.rule, cert.checks_needed, cert.confidence) == ("certified", 59, 0.95)
+    assert cert.certified_coverage >= 0.95
+    # decided early (no failure where two were allowed): what the plan certifies, not the 122/122 bound
+    early = evidence(122, 0, CERT.model_copy(update={"allowed_failures": 2}))
+    assert 0.95 <= early.certified_coverage < 0.951
+    assert "not certified" in evidence(40, 1, CERT).certified_statement
