@@ -5,7 +5,7 @@
  *
  *     u(x, y) = sum_k h_k exp(-((x - a_k)^2 + (y - b_k)^2) / (2 s^2)),   s = 0.05,
  *
- * zero (to within 1e-3) on 90% of the square; a sampler has to find the peaks and
+ * below 0.1 on 90% of the square; a sampler has to find the peaks and
  * then resolve them. One binary for both roles:
  *
  *   sim-peaks --x X --y Y [--work-ms MS] --out r.npy         the check: u at one point

@@ -225,8 +225,8 @@ def test_compare_table_and_seeds() -> None:
     rows = [Outcome("uniform", 1, "target_met", True, 8, 256, 8, 40.0, 50.0, "r"),
             Outcome("ensemble", 1, "target_met", True, 4, 128, 4, 30.0, 40.0, "r")]
     table = format_table(rows, ["uniform", "ensemble"])
-    assert "| median | ensemble | 4 | 128 | 4 | 30 | 1/1 |" in table
-    assert "| ratio | ensemble/uniform | 0.50 | 0.50 | 0.50 | 0.75 | |" in table
+    assert "| median | ensemble | 4 | 0 | 128 | 4 | 30 | 1/1 |" in table  # runs, checks, rows, rounds, s
+    assert "| ratio | ensemble/uniform | 0.50 | - | 0.50 | 0.50 | 0.75 | |" in table
 
 
 def test_predict_prints_an_ensembles_mean_and_spread() -> None:
