@@ -113,6 +113,27 @@ def measure(predict: Function, truth: Function, lo: Sequence[float], hi: Sequenc
     )
 
 
+def share_varying(points: Array, truth: Function, lo: Sequence[float], hi: Sequence[float],
+                  spread: Sequence[float]) -> float | None:
+    """The share of ``points`` where the truth varies: some output steeper than a straight ramp
+    across the domain (slopes by central differences, in domain-scaled units; ``spread`` is each
+    output's range over the domain). None for no points."""
+    if points.shape[0] == 0:
+        return None
+    span = np.asarray(hi, dtype=np.float64) - np.asarray(lo, dtype=np.float64)
+    h = 1e-4
+    sq = np.zeros((points.shape[0], len(spread)))
+    for i in range(points.shape[1]):
+        step = np.zeros(points.shape[1])
+        step[i] = h * span[i]
+        up = np.asarray(truth(points + step), dtype=np.float64).reshape(sq.shape)
+        down = np.asarray(truth(points - step), dtype=np.float64).reshape(sq.shape)
+        sq += ((up - down) / (2 * h)) ** 2
+    ranges = np.asarray(spread, dtype=np.float64)
+    steep = (np.sqrt(sq) >= ranges) & (ranges > 0)
+    return float(steep.any(axis=1).mean())
+
+
 def load_truth(spec: str | Path) -> Function:
     """``path/to/truth.py`` (its function ``truth``) or ``path/to/truth.py:name``."""
     text = str(spec)

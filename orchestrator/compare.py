@@ -41,11 +41,12 @@ log = logging.getLogger(__name__)
 DEFAULT_ENSEMBLE = 4
 """Members for ``ensemble`` when loop.yml's ``policy.ensemble_size`` is 1."""
 METRICS = ("generate_runs", "check_runs", "data_points", "rounds", "time_to_target_s", "within", "within_varying",
-           "rmse")
+           "rmse", "expensive_in_varying")
 LABELS = {"generate_runs": "expensive sim runs", "check_runs": "check runs", "data_points": "rows",
           "rounds": "training rounds", "time_to_target_s": "wall s to target", "within": "true: within tol",
-          "within_varying": "true: within tol where it varies", "rmse": "true: RMSE"}
-PLOTTED = ("generate_runs", "time_to_target_s", "within", "within_varying")
+          "within_varying": "true: within tol where it varies", "rmse": "true: RMSE",
+          "expensive_in_varying": "expensive points where it varies"}
+PLOTTED = ("generate_runs", "time_to_target_s", "within", "within_varying", "expensive_in_varying")
 ACCURACY_POINTS = 40_000
 
 
@@ -73,6 +74,8 @@ class Outcome:
     within_varying: float | None = None
     """The same where the function varies (:func:`orchestrator.accuracy.varying`)."""
     rmse: float | None = None
+    expensive_in_varying: float | None = None
+    """Share of the expensive (generate) points where the function varies: where the runs went."""
 
     @property
     def normal(self) -> bool:
@@ -130,7 +133,14 @@ def with_accuracy(o: Outcome, truth: Function) -> Outcome:
     except OrchestratorError as exc:  # no model at all: nothing to measure
         log.warning("compare: %s seed %s: no accuracy: %s", o.strategy, o.seed, exc)
         return o
-    return replace(o, within=acc.within, within_varying=acc.within_varying, rmse=acc.rmse)
+    cfg = LoopConfig.model_validate(json.loads((Path(o.run_dir) / "state.json").read_text())["config"])
+    lo, hi = [i.lo for i in cfg.inputs], [i.hi for i in cfg.inputs]
+    xs, _ = accuracy.grid(lo, hi, 10_000)
+    values = np.asarray(truth(xs), dtype=np.float64).reshape(xs.shape[0], -1)
+    share = accuracy.share_varying(expensive_points(Path(o.run_dir), len(lo)), truth, lo, hi,
+                                   list(values.max(axis=0) - values.min(axis=0)))
+    return replace(o, within=acc.within, within_varying=acc.within_varying, rmse=acc.rmse,
+                   expensive_in_varying=share)
 
 
 def run_one(loop: Path, workdir: Path, strategy: str, seed: int, overrides: Sequence[str]) -> Outcome:
@@ -163,7 +173,7 @@ def medians(outcomes: Sequence[Outcome], strategy: str) -> dict[str, float | Non
 def _cell(v: float | int | None, metric: str = "") -> str:
     if v is None:
         return "-"
-    if metric in ("within", "within_varying"):
+    if metric in ("within", "within_varying", "expensive_in_varying"):
         return f"{v:.1%}"
     if metric == "rmse":
         return f"{v:.4f}"
@@ -327,8 +337,19 @@ def add_parser(sub: Any) -> None:
                    help="override a loop.yml value in every campaign (repeatable)")
     p.add_argument("--png", type=Path, help="where the PNG goes (default WORKDIR/compare.png)")
     p.add_argument("--no-track", action="store_true", help="do not log the comparison to MLflow")
+    p.add_argument("--from-json", action="store_true", help="run no campaign: re-make the table, PNG and MLflow "
+                                                             "run from WORKDIR/compare.json (e.g. with a --truth)")
     p.add_argument("--truth", help="the known answer, FILE.py (function `truth`) or FILE.py:FUNCTION, to measure "
                                    "each final model on a dense grid (default: truth.py next to loop.yml, if any)")
+
+
+def load_outcomes(path: Path, strategies: Sequence[str]) -> list[Outcome]:
+    """A finished comparison's campaigns (``compare.json``), those of ``strategies``."""
+    if not path.is_file():
+        raise UsageError(f"--from-json: no {path} (give the --workdir of a finished compare)")
+    fields = set(Outcome.__dataclass_fields__)
+    rows = [Outcome(**{k: v for k, v in row.items() if k in fields}) for row in json.loads(path.read_text())]
+    return [o for o in rows if o.strategy in strategies]
 
 
 def find_truth(loop: Path, given: str | None) -> Function | None:
@@ -348,7 +369,9 @@ def main(args: argparse.Namespace) -> int:
     truth = find_truth(args.loop, args.truth)
     workdir = (args.workdir or Path(cfg.workdir) / f"compare-{cfg.name}").resolve()
     outcomes: list[Outcome] = []
-    for seed in seeds:
+    if args.from_json:
+        outcomes = load_outcomes(workdir / "compare.json", strategies)
+    for seed in [] if args.from_json else seeds:
         for strategy in strategies:
             print(f"compare: {cfg.name} seed {seed}, sampling {strategy} ...", flush=True)
             outcomes.append(run_one(args.loop, workdir, strategy, seed, args.overrides))

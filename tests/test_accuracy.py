@@ -127,3 +127,9 @@ def test_accuracy_command_refuses_a_missing_truth_in_one_line(tmp_path: Path,
     assert main(["accuracy", str(tmp_path), "--truth", str(tmp_path / "none.py")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --truth") and "\n" not in err
+
+
+def test_share_varying_counts_the_points_on_the_ramp() -> None:
+    pts = np.array([[0.45], [0.55], [0.2], [0.9]])
+    assert accuracy.share_varying(pts, ramp, [0.0], [1.0], [2.0]) == 0.5
+    assert accuracy.share_varying(np.empty((0, 1)), ramp, [0.0], [1.0], [2.0]) is None

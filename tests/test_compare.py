@@ -65,6 +65,14 @@ def test_compare_end_to_end_table_png_mlflow_and_a_strategy_that_raises(tmp_path
     assert run.data.metrics["uniform_generate_runs"] == uni["generate_runs"]
     assert run.data.metrics["uniform_within"] == pytest.approx(uni["within"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"compare.png", "compare.json", "compare.md"}
+    # the same report again from compare.json, no campaign run: one strategy kept, same figures
+    again = subprocess.run([sys.executable, "-m", "orchestrator", "compare", str(loop), "--strategies", "uniform",
+                            "--workdir", str(work), "--from-json", "--no-track"], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (redo,) = json.loads((work / "compare.json").read_text())
+    assert redo["strategy"] == "uniform" and redo["within"] == pytest.approx(uni["within"])
+    assert 0.0 <= redo["expensive_in_varying"] <= 1.0
 
 
 def test_table_shows_true_accuracy_and_ratios_of_costs() -> None:
