@@ -329,14 +329,18 @@ class Campaign:
         pred_task = asyncio.ensure_future(self.trainer.evaluate_ensemble(members, [x]))
         try:
             sim = None if known is not None else await self.sims.run("check", self._values(x))
-            means, spreads = await pred_task
+            means, spreads = await asyncio.shield(pred_task)
             predicted, spread = means[0], spreads[0]
         except asyncio.CancelledError:
             if x in self.state.failed_points:  # a re-check: keep it for the resumed run
                 self.state.recheck.insert(0, x)
             raise
         finally:
-            pred_task.cancel()
+            # Never cancelled (a check is cancelled when its version is decided): cancelling one awaiter of a
+            # Dask result cancels the client's gather that other results share, a training's included. The
+            # evaluation is short; its result is dropped.
+            if not pred_task.done():
+                pred_task.add_done_callback(_drop_result)
         return CheckResult(x, version, predicted, known if known is not None else self._truth_of(sim, x),
                            prechecked=known is not None, spread=spread if len(members) > 1 else None,
                            run_id=known_id if sim is None else sim.request.run_id)
@@ -591,7 +595,8 @@ class Campaign:
         s.rounds.append({"round": version, **metrics})
         self.store.log(TrainEnd(version, extra=metrics))
         trained = int(metrics.get("n_samples", s.data_points))
-        self.progress.note(f"training round {version} done: trained on {trained} rows ({s.data_points} accepted), "
+        self.progress.note(f"training round {version} done: trained on {trained} rows ({s.data_points} generate + "
+                           f"{s.check_rows} check rows accepted), "
                            f"rmse {metrics.get('train_rmse', float('nan')):.4g}, "
                            f"{metrics.get('train_seconds', 0):.1f} s")
         self.sink.metrics({f"round_{k}": float(v) for k, v in metrics.items()}, version)
@@ -923,6 +928,12 @@ class Campaign:
         except Exception as exc:  # a picture is never worth failing the campaign's ending
             log.warning("campaign %s: no timeline picture: %s", self.cfg.name, exc)
         return out
+
+
+def _drop_result(task: asyncio.Future[Any]) -> None:
+    """Retrieve a result nobody waits for any more (so asyncio does not warn of it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _fmt(v: list[float] | None) -> str:

@@ -152,7 +152,17 @@ class SimsConfig(_Strict):
 
 
 class TargetConfig(_Strict):
-    """When the campaign stops: the one place stop criteria are declared."""
+    """When the campaign stops: the one place stop criteria are declared.
+
+    Two rules say when the target is met. The count rule (the default, ``successes``) stops after
+    that many checks within ``tolerance``: evidence, not a guarantee (5 of 5 show, at 95%
+    confidence, only that at least 54.9% of the domain is within tolerance). The certified rule
+    (``coverage`` and ``confidence``) makes "target met" a statement about the model: one model
+    version is checked at fresh points drawn uniformly over the domain, side by side, and it is
+    certified when an exact binomial bound shows that at least ``coverage`` of the domain is within
+    ``tolerance`` at ``confidence`` (59 passing checks for 0.95/0.95). A version that fails more
+    checks than ``allowed_failures`` goes back to training at once. Every summary, ``status``,
+    ``report`` and MLflow run states what the checks certify, whichever rule is used."""
 
     tolerance: float = Field(default=0.05, gt=0)
     """A check succeeds when |surrogate - truth| < tolerance for every output."""
@@ -172,7 +182,8 @@ class TargetConfig(_Strict):
     0.95. Setting it (or ``confidence``) turns the rule on: one model version is checked at fresh,
     independent, uniformly drawn points, and the target is met when an exact binomial bound
     (Clopper-Pearson) shows at least this share within tolerance at ``confidence``. The number of
-    checks follows from the numbers (59 passing for 0.95/0.95); ``successes`` and ``per_version``
+    checks follows from the numbers (59 passing for 0.95/0.95), and they run side by side, as many
+    as the check sim's slots take; ``successes``, ``per_version`` and ``policy.checks_per_round``
     are then not used. None (with ``confidence`` None): the count rule of ``successes``."""
     confidence: float | None = None
     """The certified rule's confidence, e.g. 0.95 (0.95 when only ``coverage`` is given). Every

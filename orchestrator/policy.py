@@ -264,7 +264,8 @@ def describe_target(target: TargetConfig) -> str:
         return (f"count rule: {target.successes} successes within {target.tolerance:g}; "
                 + statement(target.successes, target.successes, target.certified_confidence, target.tolerance,
                             rule="count"))
-    return (f"certified rule: one model version checked at up to {p.checks} fresh uniform points, at most "
-            f"{p.allowed_failures} failing; then "
+    failing = "none" if not p.allowed_failures else f"at most {p.allowed_failures}"
+    return (f"certified rule: one model version checked at up to {p.checks} fresh uniform points, {failing} "
+            f"failing; then "
             + statement(p.passes_needed, p.checks, target.certified_confidence, target.tolerance,
                         coverage=target.certified_coverage, bound=plan_bound(p, target.certified_confidence)))

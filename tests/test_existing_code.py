@@ -186,7 +186,7 @@ def test_chosen_points_reach_a_template_driven_code(tmp_path: Path) -> None:
         chosen = np.loadtxt(deck.parent / "points.txt", ndmin=2)[:, 0]
         assert rendered == chosen.tolist() and len(rendered) == 12
         assert lines["file"] == str(deck.parent / "points.txt")
-    data = np.concatenate([np.load(f) for f in sorted((run_dir / "data").glob("*.npy"))])
+    data = np.concatenate([np.load(f) for f in sorted((run_dir / "data").glob("generate-*.npy"))])
     assert data.shape[0] == 12 * len(decks)
 
 

@@ -59,15 +59,16 @@ def wait_for_event(work: Path, pred: Any, proc: subprocess.Popen[str], timeout: 
 
 
 def audit(run_dir: Path) -> dict[str, Any]:
-    """Every accepted generate run is on disk, nothing else is, and the counters agree."""
+    """Every accepted generate run (and check row) is on disk, nothing else is, and the counters agree."""
     events = read_events(run_dir)
     accepted = [e for e in events if e.kind is EventKind.DATA_ACCEPTED]
     files = sorted((run_dir / "data").glob("*.npy"))
     assert sorted(Path(e["path"]).name for e in accepted) == [f.name for f in files]
-    rows = sum(np.load(f).shape[0] for f in files)
-    assert rows == sum(e["rows"] for e in accepted)
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["data_points"] == rows
+    for role, counter in (("generate", "data_points"), ("check", "check_rows")):
+        rows = sum(np.load(f).shape[0] for f in files if f.name.startswith(f"{role}-"))
+        assert rows == sum(e["rows"] for e in accepted if e["role"] == role)
+        assert state[counter] == rows
     assert not list((run_dir / "data").glob(".*tmp*")), "temporary files left in data/"
     return state
 

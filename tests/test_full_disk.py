@@ -47,7 +47,8 @@ def fill(disk: Path) -> Path:
 
 
 def rows_on_disk(run_dir: Path) -> int:
-    return sum(int(np.load(f).shape[0]) for f in (run_dir / "data").glob("*.npy"))
+    """Generate rows on disk (check rows, data/check-N.npy, are counted apart)."""
+    return sum(int(np.load(f).shape[0]) for f in (run_dir / "data").glob("generate-*.npy"))
 
 
 def stray_files(run_dir: Path) -> list[str]:

@@ -78,7 +78,7 @@ def test_oscillator_campaign_meets_its_target_and_predicts(tmp_path: Path) -> No
     assert max(e["successes"] for e in checks) == 5
     files = sorted((run_dir / "data").glob("*.npy"))
     data = np.vstack([np.load(f) for f in files])
-    assert data.shape == (summary["data_points"], 3)
+    assert data.shape == (summary["data_points"] + summary["check_rows"], 3)  # generate rows + check rows
     assert np.abs(data[:, 2] - exact(data[:, 0], data[:, 1])).max() < 1e-9
 
     # the registered 2-D surrogate, through `predict`, on a grid over the whole domain

@@ -155,3 +155,20 @@ def test_state_json_is_written_when_the_run_dir_is_made(tmp_path: Path) -> None:
     assert state is None
     assert json.loads((store.root / "state.json").read_text())["status"] == "running"
     assert oct((store.root / ".lock").stat().st_mode & 0o777) == "0o600"
+
+
+def test_resume_adopts_a_check_row_a_kill_left_unrecorded_as_a_check_row(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.accept_data("generate-000001", np.zeros((64, 2)))
+    store.accept_data("check-000002", np.zeros((1, 2)))
+    store.accept_data("check-000003", np.zeros((1, 2)))
+    state = State(data_files=["data/generate-000001.npy", "data/check-000002.npy"], data_points=64, check_rows=1)
+    adopted = store.reconcile(state)
+    # a check's row is data (it joins the next training) but not a generate run the policy waits for
+    assert adopted == [("data/check-000003.npy", 1)]
+    assert (state.data_points, state.check_rows, state.untrained) == (64, 2, [])
+    (store.data_dir / "check-000002.npy").unlink()
+    with pytest.raises(StoreError, match=r"check-000002\.npy is missing"):
+        store.reconcile(State(data_files=["data/check-000002.npy"], check_rows=1))
+    with pytest.raises(StoreError, match=r"0 check rows of the state's files but state\.json counts 1"):
+        store.reconcile(State(data_files=["data/generate-000001.npy"], data_points=64, check_rows=1))

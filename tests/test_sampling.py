@@ -155,7 +155,7 @@ def test_user_strategy_gets_the_documented_arguments_and_its_points_are_run(tmp_
     files = sorted(run_dir.glob("sims/generate-*/points.txt"))
     ran = [np.loadtxt(f).tolist() for f in files]
     assert ran == [c["points"] for c in calls][: len(ran)]  # bit for bit: repr round-trips
-    data = [np.load(f)[:, :2].tolist() for f in sorted((run_dir / "data").glob("*.npy"))]
+    data = [np.load(f)[:, :2].tolist() for f in sorted((run_dir / "data").glob("generate-*.npy"))]
     assert all(d in ran for d in data)
 
 

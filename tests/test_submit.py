@@ -434,8 +434,8 @@ def read(path: Path) -> str:
 
 def accepted_rows_are_all_on_disk(run_dir: Path, summary: dict[str, Any]) -> None:
     events = read_events(run_dir)
-    accepted = sum(e["rows"] for e in events if e.kind is EventKind.DATA_ACCEPTED)
-    on_disk = sum(np.load(f).shape[0] for f in (run_dir / "data").glob("*.npy"))
+    accepted = sum(e["rows"] for e in events if e.kind is EventKind.DATA_ACCEPTED and e["role"] == "generate")
+    on_disk = sum(np.load(f).shape[0] for f in (run_dir / "data").glob("generate-*.npy"))
     assert on_disk == accepted == summary["data_points"]
 
 
