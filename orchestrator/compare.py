@@ -349,7 +349,11 @@ def load_outcomes(path: Path, strategies: Sequence[str]) -> list[Outcome]:
         raise UsageError(f"--from-json: no {path} (give the --workdir of a finished compare)")
     fields = set(Outcome.__dataclass_fields__)
     rows = [Outcome(**{k: v for k, v in row.items() if k in fields}) for row in json.loads(path.read_text())]
-    return [o for o in rows if o.strategy in strategies]
+    kept = [o for o in rows if o.strategy in strategies]
+    if not kept:
+        raise UsageError(f"--from-json: {path} has no campaign of {', '.join(strategies)} "
+                         f"(it has {', '.join(sorted({o.strategy for o in rows})) or 'none'})")
+    return kept
 
 
 def find_truth(loop: Path, given: str | None) -> Function | None:

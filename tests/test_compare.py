@@ -92,3 +92,22 @@ def test_most_varying_inputs_are_the_truths_steep_ones() -> None:
 
     assert most_varying(truth, np.zeros(3), np.ones(3)) == (2, 0)
     assert most_varying(None, np.zeros(3), np.ones(3)) == (0, 1)
+
+
+def test_from_json_without_the_strategies_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli import main
+
+    loop = write_loop(tmp_path, front_loop())
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "compare.json").write_text(json.dumps([{"strategy": "uniform", "seed": 1, "status": "target_met",
+                                                    "target_met": True, "generate_runs": 3, "data_points": 96,
+                                                    "rounds": 3, "time_to_target_s": 9.0, "wall_s": 10.0,
+                                                    "run_dir": str(work)}]))
+    assert main(["compare", str(loop), "--strategies", "ensemble", "--workdir", str(work), "--from-json",
+                 "--no-track"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --from-json") and "it has uniform" in err and "\n" not in err
+    assert main(["compare", str(loop), "--strategies", "uniform", "--workdir", str(work), "--from-json",
+                 "--no-track"]) == 0
+    assert "| median | uniform | 3 |" in (work / "compare.md").read_text()
