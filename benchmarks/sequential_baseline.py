@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import policy
 from orchestrator.config import LoopConfig, load_config, render_args, resolve_binaries
 from orchestrator.launchers.mpiexec import find_mpiexec
 from orchestrator.rundeck import write_points
@@ -61,7 +62,11 @@ def run_baseline(cfg: LoopConfig, loop_file: Path, seed: int) -> dict[str, Any]:
     """Run the sequential loop to the target; time from loop start (imports done).
 
     With ``target.per_version`` a model version passes only when ``checks_per_round``
-    fresh points, checked one after the other, are all within tolerance."""
+    fresh points, checked one after the other, are all within tolerance; with the
+    certified rule (``target.coverage``/``confidence``) when the plan's checks of one
+    version pass (at most its allowed failures), a failing version going back to
+    training at once, every check row joining the data as the campaign's do
+    (``policy.train_on_checks``)."""
     binaries = resolve_binaries(cfg, loop_file)
     mpiexec = find_mpiexec()
     rng = np.random.default_rng(seed)
@@ -71,26 +76,37 @@ def run_baseline(cfg: LoopConfig, loop_file: Path, seed: int) -> dict[str, Any]:
     n_in = len(cfg.inputs)
     members: list[bytes | None] = [None] * cfg.policy.ensemble_size
     files: list[str] = []
-    successes = rounds = points = sims = 0
+    plan = policy.plan(cfg.target)
+    needed = cfg.target.successes if plan is None else plan.passes_needed
+    successes = failed = rounds = points = sims = 0
     x: list[float] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        while successes < cfg.target.successes and rounds < cfg.target.max_rounds:
+        while successes < needed and rounds < cfg.target.max_rounds:
             if x is None:
                 x = [float(v) for v in rng.uniform(lo, hi)]
             values = {**{s.name: v for s, v in zip(cfg.inputs, x, strict=True)},
                       "seed": 0, "run_id": sims, "attempt": 0, "ranks": cfg.sims.check.ranks}
             ready = [m for m in members if m is not None]
             pred = _predict(ready, cfg, x) if ready else None
-            truth = _sim(mpiexec, binaries["check"], render_args(cfg.sims.check.args, values),
-                         cfg.sims.check.ranks, work / f"c{sims}.npy")[0, n_in:]
+            row = _sim(mpiexec, binaries["check"], render_args(cfg.sims.check.args, values),
+                       cfg.sims.check.ranks, work / f"c{sims}.npy")
+            truth = row[0, n_in:]
             sims += 1
+            if plan is not None and pred is not None and cfg.policy.train_on_checks:
+                files.append(str(work / f"c{sims - 1}.npy"))  # a check's truth is data
             if pred is not None and max(abs(p - t) for p, t in zip(pred, truth, strict=True)) < cfg.target.tolerance:
                 successes += 1
                 x = None
                 continue
-            if cfg.target.per_version:
+            if plan is not None:
+                failed += pred is not None
+                if pred is not None and failed <= plan.allowed_failures:
+                    x = None
+                    continue
+                successes, failed, x = 0, 0, None  # a rejected version: fresh points for the next
+            elif cfg.target.per_version:
                 successes, x = 0, None  # the strict test: fresh points for the next model
             out = work / f"g{sims}.npy"
             gen_values = _generate_values(cfg, rng, sims, work)
@@ -105,7 +121,7 @@ def run_baseline(cfg: LoopConfig, loop_file: Path, seed: int) -> dict[str, Any]:
             rounds += 1
         wall = time.perf_counter() - t0
     return {"time_to_target_s": wall, "target_at": time.time(), "rounds": rounds, "data_points": points,
-            "sims": sims, "target_met": successes >= cfg.target.successes}
+            "sims": sims, "target_met": successes >= needed}
 
 
 def main() -> None:

@@ -517,7 +517,7 @@ class Campaign:
         s.last_error = error
         counted = self._count_check(r, success)
         data_file = self._keep_check_row(r)
-        self.pictures.add_check(r.x, r.truth, success)
+        self.pictures.add_check(r.x, r.truth, success, version=r.version)
         spread = None if r.spread is None else max(r.spread)
         self.store.log(Check(r.x, r.version, predicted=r.predicted, truth=r.truth, error=error, success=success,
                              stale=stale, successes=s.successes, prechecked=r.prechecked, spread=spread,
@@ -815,6 +815,7 @@ class Campaign:
                 status = (Status.INTERRUPTED if reason is None
                           else Status.TARGET_MET if reason is pol.StopReason.TARGET_MET else Status.STOPPED)
                 if status is Status.TARGET_MET:
+                    self._final_picture()
                     status, registered = await self._register()
             except (OrchestratorError, OSError) as exc:
                 error = await self._gone_or(self._stopped_by(exc))
@@ -935,6 +936,13 @@ class Campaign:
         except TimeoutError:
             log.warning("the Dask backend did not close within %.1f s of the signal; the process guardian "
                         "ends its processes", SIGNALLED_CLOSE_S)
+
+    def _final_picture(self) -> None:
+        """``figures/final.png``: the model that met the target, its checks and what they certify."""
+        s = self.state
+        if self.model_state is not None:
+            statement = pol.evidence(s.version_passed, s.version_failed, self.cfg.target).certified_statement
+            self.pictures.final(s.model_version, self.model_state, list(s.data_files), statement)
 
     async def _register(self) -> tuple[Status, dict[str, str] | None]:
         """The target is met: the final model into MLflow's registry (from a Dask worker: torch lives there).

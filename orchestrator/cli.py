@@ -41,6 +41,8 @@ MLflow tracking; inside a Slurm allocation or on a laptop.
   python -m orchestrator status runs/NAME-...  where a run stands
   python -m orchestrator compare loop.yml --strategies uniform,ensemble --seeds 1-5
                                                what a sampling strategy saves, measured
+  python -m orchestrator accuracy runs/NAME-... --truth examples/front/truth.py
+                                               a run's model against the known truth
 
 Every loop.yml key: docs/loop-yml.md. Exit codes of run: 0 target met, 3 stopped by a
 budget, 2 bad config or usage, 75 interrupted after a checkpoint (resumable), 1 other."""
@@ -85,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where a running or finished campaign stands")
     st.add_argument("run_dir", type=Path)
 
-    from orchestrator import compare, predict, scaffold, submit, ui  # cheap imports; their flags live beside them
+    from orchestrator import accuracy, compare, predict, scaffold, submit, ui  # cheap imports; flags beside them
 
-    for module in (submit, scaffold, predict, ui, compare):
+    for module in (submit, scaffold, predict, ui, compare, accuracy):
         module.add_parser(sub)
     return p
 
@@ -226,6 +228,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return compare_main(args)
 
 
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from orchestrator.accuracy import main as accuracy_main
+
+    return accuracy_main(args)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from orchestrator.predict import main as predict_main
 
@@ -240,7 +248,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "status": cmd_status,
             "submit": cmd_submit, "new-sim": cmd_new_sim, "predict": cmd_predict, "ui": cmd_ui,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "accuracy": cmd_accuracy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

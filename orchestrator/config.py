@@ -488,8 +488,10 @@ class TrackingConfig(_Strict):
     register_as: str | None = Field(default=None, pattern=NAME_PATTERN)
     """Register the final model under this name when the target is met."""
     figures: bool = True
-    """Draw every training round (surrogate against truth on a slice, checked points, data so far):
-    ``<run dir>/figures/round-NNNN.png``, uploaded to the MLflow run under ``figures/``."""
+    """Draw every training round (the surrogate on a slice, or as a 2-D map for two inputs, with the
+    checked points, passed and failed, and the data so far): ``<run dir>/figures/round-NNNN.png``,
+    and at a met target ``final.png`` (the final version's checks and what they certify), uploaded
+    to the MLflow run under ``figures/``."""
     tensorboard_dir: str | None = None
     """Also write the round scalars and figures as TensorBoard event files here (relative: to the
     run dir); view with ``tensorboard --logdir DIR``."""

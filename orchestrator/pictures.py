@@ -1,8 +1,10 @@
 """Pictures of every training round: drawn on a Dask worker, filed in the run dir, MLflow and TensorBoard.
 
 After each training (the first rounds and continual mode's challengers) the
-campaign asks for one figure (:mod:`orchestrator.training.figures`: surrogate
-against truth on a slice, the checked points, the data so far). It is drawn on a
+campaign asks for one figure (:mod:`orchestrator.training.figures`: the surrogate
+on a slice, or as a 2-D map for two inputs, the checked points, the data so far),
+and at a met target one more, ``final.png``, with the final version's checks and
+what they certify. It is drawn on a
 worker while the loop goes on, written to ``<run dir>/figures/round-NNNN.png``,
 uploaded to the campaign's MLflow run under ``figures/`` and, with
 ``tracking.tensorboard_dir``, written with the round's scalars to a TensorBoard
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,8 @@ class Pictures:
         self.upload = upload
         self.ready = ready
         self.enabled = cfg.tracking.figures
-        self.checked: list[tuple[int, list[float], list[float], bool]] = []
-        """(campaign time, x, truth, passed) of every check: a figure shows its own time's."""
+        self.checked: list[tuple[int, list[float], list[float], bool, int]] = []
+        """(campaign time, x, truth, passed, model version) of every check: a figure shows its own time's."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._tb = None
         if cfg.tracking.tensorboard_dir:
@@ -53,8 +55,8 @@ class Pictures:
                 raise ConfigError(f"tracking.tensorboard_dir: {cfg.tracking.tensorboard_dir!r}: cannot write "
                                   f"event files in {logdir}: {exc.strerror}") from exc
 
-    def add_check(self, x: list[float], truth: list[float], ok: bool, clock: int = 0) -> None:
-        self.checked.append((clock, list(x), list(truth), ok))
+    def add_check(self, x: list[float], truth: list[float], ok: bool, clock: int = 0, version: int = 0) -> None:
+        self.checked.append((clock, list(x), list(truth), ok, version))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self._tb is not None:
@@ -64,23 +66,36 @@ class Pictures:
         """Draw round ``version``'s figure in the background, with the checks made at campaign time ``clock``."""
         if not self.enabled:
             return
-        checks = [(x, t, ok) for c, x, t, ok in self.checked if c == clock]
-        task = asyncio.ensure_future(self._draw(version, model, [str(self.root / f) for f in files], title, checks))
+        checks = [(x, t, ok) for c, x, t, ok, _ in self.checked if c == clock]
+        self._start(self._draw(f"round-{version:04d}.png", version, model, [str(self.root / f) for f in files],
+                               title, checks))
+
+    def final(self, version: int, model: bytes, files: list[str], statement: str) -> None:
+        """The final model's figure, ``figures/final.png``: the checks of that version, titled with what
+        they certify (``statement``)."""
+        if not self.enabled:
+            return
+        checks = [(x, t, ok) for _, x, t, ok, v in self.checked if v == version]
+        title = f"{self.cfg.name}: final model v{version}\n{statement}"
+        self._start(self._draw("final.png", version, model, [str(self.root / f) for f in files], title, checks))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _draw(self, version: int, model: bytes, paths: list[str],
+    async def _draw(self, name: str, version: int, model: bytes, paths: list[str],
                     title: str, checks: list[tuple[list[float], list[float], bool]]) -> None:
         cfg = self.cfg
         try:
             await self.ready()
             png = await self.trainer.figure(model, paths, checks, [i.lo for i in cfg.inputs],
                                             [i.hi for i in cfg.inputs], (cfg.input_names, list(cfg.outputs)), title)
-            path = self.root / "figures" / f"round-{version:04d}.png"
+            path = self.root / "figures" / name
             path.parent.mkdir(exist_ok=True)
             atomic_write_bytes(path, png)
             if self._tb is not None:
-                self._tb.image("round", png, version)
+                self._tb.image(name.removesuffix(".png").split("-")[0], png, version)
             await self.upload(path, "figures")
         except asyncio.CancelledError:
             raise

@@ -97,6 +97,9 @@ def test_reference_campaign_meets_target_and_registers_model(tmp_path: Path) -> 
     assert "round_train_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loop.yml", "events.jsonl", "summary.json"} <= artifacts
+    # the final figure: the model that met the target, its checks, what they certify
+    assert (run_dir / "figures/final.png").is_file()
+    assert "figures/final.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     # one story: the MLflow run says what summary.json says
     uploaded = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert uploaded == summary

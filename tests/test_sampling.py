@@ -124,6 +124,9 @@ def nan(req: SampleRequest) -> np.ndarray:
 
 def short(req: SampleRequest) -> np.ndarray:
     return np.full((req.count - 1, 2), 0.5)
+
+def raises(req: SampleRequest) -> np.ndarray:
+    raise KeyError('no such column')
 '''
 
 
@@ -157,7 +160,7 @@ def test_user_strategy_gets_the_documented_arguments_and_its_points_are_run(tmp_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("bad", ["outside", "nan", "short"])
+@pytest.mark.parametrize("bad", ["outside", "nan", "short", "raises"])
 def test_bad_strategy_output_stops_the_campaign_in_one_line(tmp_path: Path, bad: str) -> None:
     (tmp_path / "mystrategy.py").write_text(RECORDING)
     loop = write_loop(tmp_path, front_loop(sampling=f"mystrategy:{bad}", first_round="uniform"))
@@ -220,8 +223,8 @@ def test_compare_table_and_seeds() -> None:
     rows = [Outcome("uniform", 1, "target_met", True, 8, 256, 8, 40.0, 50.0, "r"),
             Outcome("ensemble", 1, "target_met", True, 4, 128, 4, 30.0, 40.0, "r")]
     table = format_table(rows, ["uniform", "ensemble"])
-    assert "| median | ensemble | 4 | 128 | 4 | 30 | 1/1 |" in table
-    assert "| ratio | ensemble/uniform | 0.50 | 0.50 | 0.50 | 0.75 | |" in table
+    assert "| median | ensemble | 4 | 0 | 128 | 4 | 30 | 1/1 |" in table  # runs, checks, rows, rounds, s
+    assert "| ratio | ensemble/uniform | 0.50 | - | 0.50 | 0.50 | 0.75 | |" in table
 
 
 def test_predict_prints_an_ensembles_mean_and_spread() -> None:
