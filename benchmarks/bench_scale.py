@@ -1,6 +1,6 @@
 """Benchmark: the coordinator's own cost per sim event, from 100 to 100,000 slots.
 
-The real :class:`~orchestrator.campaign.Campaign` loop, policy, slot pool, run
+The real :class:`~orchestrator.loop.campaign.Campaign` loop, policy, slot pool, run
 store and event log, driven by an in-process launcher that runs no process: each
 "sim" waits until the allocation is full, then returns a valid table. The
 allocation is fake nodes of ``SLOTS_PER_NODE`` slots (``Allocation``/``Node``
@@ -155,8 +155,8 @@ def config(slots: int, events: int) -> Any:
 
 
 async def measure(slots: int, events: int, workdir: Path) -> dict[str, float]:
-    from orchestrator import services
     from orchestrator.allocation import Allocation, Node
+    from orchestrator.loop import services
     from orchestrator.progress import Progress
     from orchestrator.runner import build_campaign
 

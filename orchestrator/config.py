@@ -587,7 +587,7 @@ class AcceptanceConfig(_Strict):
 
 
 class WalltimeConfig(_Strict):
-    """Walltime-aware placement inside a Slurm allocation (see :mod:`orchestrator.walltime`)."""
+    """Walltime-aware placement inside a Slurm allocation (see :mod:`orchestrator.loop.walltime`)."""
 
     enabled: bool = True
     """Ask Slurm when the allocation ends; start no sim expected to overrun it, and exit with

@@ -457,9 +457,9 @@ class State:
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Metrics of each finished training."""
     sim_durations: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Running wall-time estimates per sim role (:class:`orchestrator.walltime.Durations`)."""
+    """Running wall-time estimates per sim role (:class:`orchestrator.loop.walltime.Durations`)."""
     continual: dict[str, Any] = field(default_factory=dict)
-    """Continual mode's state (:class:`orchestrator.continual.ContinualState`)."""
+    """Continual mode's state (:class:`orchestrator.loop.continual.ContinualState`)."""
     member_files: list[str] = field(default_factory=list)
     """Checkpoints of the current model's ensemble members (the first is ``model_file``)."""
     sampling_rng: dict[str, Any] = field(default_factory=dict)

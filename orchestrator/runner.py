@@ -21,7 +21,6 @@ from pydantic import ValidationError
 
 from orchestrator import sampling
 from orchestrator.allocation import Allocation, Node, SlotPool
-from orchestrator.campaign import Campaign, CampaignParts, CampaignResult
 from orchestrator.config import (
     ROLES,
     LoopConfig,
@@ -36,6 +35,8 @@ from orchestrator.config import (
 )
 from orchestrator.errors import ConfigError, ResourceError, StoreError, UsageError
 from orchestrator.launchers.base import Launcher
+from orchestrator.loop.campaign import Campaign, CampaignParts, CampaignResult
+from orchestrator.loop.walltime import Durations, WalltimeGuard, allocation_end
 from orchestrator.mpi import MpiInfo, mpi_for
 from orchestrator.procs import guardian
 from orchestrator.progress import Progress
@@ -44,7 +45,6 @@ from orchestrator.runlog import State, status_of
 from orchestrator.slurm import JobWatch
 from orchestrator.store import LOOP, RunStore, find_unfinished
 from orchestrator.training.backends import Backend, Trainer, make_backend
-from orchestrator.walltime import Durations, WalltimeGuard, allocation_end
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker

@@ -39,7 +39,7 @@ from orchestrator.runlog import Check, DataAccepted, Evaluate, Status, StepsEnd,
 from orchestrator.store import RunStore, atomic_write_json, data_file_problem
 
 if TYPE_CHECKING:
-    from orchestrator.campaign import Campaign
+    from orchestrator.loop.campaign import Campaign
 
 log = logging.getLogger(__name__)
 

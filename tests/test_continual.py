@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import continual as ct
 from orchestrator.config import ContinualConfig
+from orchestrator.loop import continual as ct
 
 
 def cfg(**kw: object) -> ContinualConfig:

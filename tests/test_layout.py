@@ -114,3 +114,32 @@ def test_the_torch_finder_sees_a_lazy_import(tmp_path: Path) -> None:
     lazy.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n\n"
                     "def f():\n    import mlflow.pytorch\n    from torch import nn\n")
     assert loads_torch(lazy) == ["mlflow.pytorch", "torch", "torch.nn"]
+
+
+ROOMS = {"campaign", "simrunner", "services", "tracksink", "pictures", "twin", "continual", "walltime", "diskfull"}
+"""The loop's rooms: orchestrator/loop/."""
+PARTS_OF_THEIR_OWN = {"orchestrator.policy"}
+"""Top-level modules only the loop imports that are parts of their own (DESIGN.md: the pure policy)."""
+
+
+def loop_strays(graph: dict[str, set[str]]) -> list[str]:
+    """Top-level modules that only the loop's modules import: loop helpers outside orchestrator/loop/."""
+    importers: dict[str, set[str]] = {}
+    for importer, imported in graph.items():
+        for name in imported:
+            importers.setdefault(name, set()).add(importer)
+    return sorted(m for m, who in importers.items()
+                  if m.count(".") == 1 and m not in PARTS_OF_THEIR_OWN
+                  and all(i.startswith("orchestrator.loop.") for i in who))
+
+
+def test_the_loops_rooms_live_in_its_package() -> None:
+    assert {p.stem for p in (PACKAGE / "loop").glob("*.py")} >= ROOMS
+    assert sorted(m for m in ROOMS if (PACKAGE / f"{m}.py").exists()) == []
+    assert loop_strays(import_graph()) == []
+
+
+def test_the_finder_sees_a_loop_helper_at_the_top() -> None:
+    graph = {"orchestrator.loop.campaign": {"orchestrator.retries", "orchestrator.config"},
+             "orchestrator.runner": {"orchestrator.config", "orchestrator.loop.campaign"}}
+    assert loop_strays(graph) == ["orchestrator.retries"]

@@ -174,7 +174,7 @@ def test_bad_strategy_output_stops_the_campaign_in_one_line(tmp_path: Path, bad:
 
 @pytest.mark.integration
 def test_resume_keeps_the_ensemble_and_the_strategy_rng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.campaign import Campaign
+    from orchestrator.loop.campaign import Campaign
     from orchestrator.progress import Progress
     from orchestrator.runner import build_campaign, open_run
 

@@ -10,10 +10,10 @@ import psutil
 import pytest
 
 from orchestrator.config import TrainingConfig
+from orchestrator.loop.services import BACKEND_HEAD_START_S, Services
+from orchestrator.loop.tracksink import TrackingSink
 from orchestrator.runlog import State
-from orchestrator.services import BACKEND_HEAD_START_S, Services
 from orchestrator.store import RunStore
-from orchestrator.tracksink import TrackingSink
 from orchestrator.training.backends import LocalBackend, Trainer
 from tests.conftest import fast_loop, write_loop
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pictures import TensorBoardFile
+from orchestrator.loop.pictures import TensorBoardFile
 
 
 def png(width: int, height: int) -> bytes:

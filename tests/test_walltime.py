@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.walltime import Durations, WalltimeGuard, allocation_end, parse_scontrol_end, parse_slurm_time
+from orchestrator.loop.walltime import Durations, WalltimeGuard, allocation_end, parse_scontrol_end, parse_slurm_time
 from tests.conftest import fast_loop, write_loop
 
 END = "2026-12-01T23:15:04"

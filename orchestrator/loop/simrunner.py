@@ -20,9 +20,9 @@ import numpy as np
 from orchestrator.acceptance import refused_rows
 from orchestrator.allocation import SlotPool
 from orchestrator.config import ROLES, LoopConfig, Role, SimConfig, render_args
-from orchestrator.diskfull import disk_full_error, full, says_full
 from orchestrator.errors import ResourceError, SimKindFailed
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.loop.diskfull import disk_full_error, full, says_full
 from orchestrator.progress import Progress
 from orchestrator.rundeck import write_points
 from orchestrator.runlog import SimEnd, SimStart, State

@@ -7,7 +7,7 @@ champion's last N checks), fresh data is generated and a challenger is trained
 on the most recent data only; the challenger becomes the champion (an MLflow
 registry alias) only when it beats the champion on the same fresh checks, the
 next round's. Nothing here touches processes, Dask, files or MLflow: the driver
-(:mod:`orchestrator.twin`) applies these decisions and records them.
+(:mod:`orchestrator.loop.twin`) applies these decisions and records them.
 """
 
 from __future__ import annotations

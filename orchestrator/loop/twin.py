@@ -6,7 +6,7 @@ campaign's own sims, Dask workers, run directory and MLflow run, through the sma
 
 1. advances ``{campaign_time}`` (the clock the sims see) and checks the champion
    -- and a pending challenger, on the same points -- at ``continual.checks`` fresh points;
-2. with a challenger pending, decides (:func:`orchestrator.continual.verdict`): the
+2. with a challenger pending, decides (:func:`orchestrator.loop.continual.verdict`): the
    registry alias moves to it only when it wins;
 3. applies the drift rule to the champion's checks; on drift, runs
    ``continual.generates`` generate sims and trains a challenger, warm-started from
@@ -14,7 +14,7 @@ campaign's own sims, Dask workers, run directory and MLflow run, through the sma
 
 Every completed step is checkpointed (``state.continual``); a signal cancels the
 round in flight and a resume starts that round again. Decisions are the pure
-functions of :mod:`orchestrator.continual`.
+functions of :mod:`orchestrator.loop.continual`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from orchestrator import continual as ct
 from orchestrator.config import LoopConfig
+from orchestrator.loop import continual as ct
 from orchestrator.runlog import (
     Challenger,
     Champion,

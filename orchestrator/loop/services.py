@@ -16,9 +16,9 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.loop.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.runlog import TrainingBackend
 from orchestrator.store import RunStore
-from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink
 from orchestrator.training.backends import Backend, Trainer
 
 BACKEND_HEAD_START_S = 2.0

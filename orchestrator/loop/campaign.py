@@ -28,11 +28,16 @@ from orchestrator import sampling
 from orchestrator.allocation import SlotPool
 from orchestrator.certify import Verdict
 from orchestrator.config import LoopConfig, flat_dict
-from orchestrator.continual import ContinualState, DataFile
-from orchestrator.diskfull import disk_full_error, full, is_full_error
 from orchestrator.errors import DiskFull, Interrupted, OrchestratorError, StoreError, TrainingDiverged, TrainingError
 from orchestrator.launchers.base import Launcher, SimResult
-from orchestrator.pictures import Pictures
+from orchestrator.loop.continual import ContinualState, DataFile
+from orchestrator.loop.diskfull import disk_full_error, full, is_full_error
+from orchestrator.loop.pictures import Pictures
+from orchestrator.loop.services import Services
+from orchestrator.loop.simrunner import SimRunner
+from orchestrator.loop.tracksink import CLOSE_PATIENCE_S, TrackingSink, evidence_metrics
+from orchestrator.loop.twin import Twin, TwinPorts
+from orchestrator.loop.walltime import WalltimeGuard
 from orchestrator.progress import Progress, Snapshot
 from orchestrator.runlog import (
     CampaignEnd,
@@ -51,14 +56,9 @@ from orchestrator.runlog import (
     WalltimeSkip,
     build_summary,
 )
-from orchestrator.services import Services
-from orchestrator.simrunner import SimRunner
 from orchestrator.slurm import JobWatch
 from orchestrator.store import EVENTS, LOOP, RunStore
-from orchestrator.tracksink import CLOSE_PATIENCE_S, TrackingSink, evidence_metrics
 from orchestrator.training.backends import Backend, Trainer
-from orchestrator.twin import Twin, TwinPorts
-from orchestrator.walltime import WalltimeGuard
 
 if TYPE_CHECKING:
     from orchestrator.tracking import Tracker
@@ -897,7 +897,7 @@ class Campaign:
         return error
 
     async def _keep_current(self) -> pol.StopReason | None:
-        """Continual mode (:mod:`orchestrator.twin`) until its end (TARGET_MET) or a signal (None)."""
+        """Continual mode (:mod:`orchestrator.loop.twin`) until its end (TARGET_MET) or a signal (None)."""
         twin = Twin(self.cfg, self.continual, self.ports(), self.rng, lambda: self.elapsed)
         if not self.continual.active:
             assert self.model_state is not None
@@ -1024,7 +1024,7 @@ def final_key(version: int) -> str:
 
 
 class CampaignPorts:
-    """:class:`~orchestrator.twin.TwinPorts` on a :class:`Campaign`'s sims, workers, store and tracker."""
+    """:class:`~orchestrator.loop.twin.TwinPorts` on a :class:`Campaign`'s sims, workers, store and tracker."""
 
     def __init__(self, campaign: Campaign) -> None:
         self.c = campaign
