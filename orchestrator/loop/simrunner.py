@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.acceptance import refused_rows
+from orchestrator.loop.acceptance import refused_rows
 from orchestrator.allocation import SlotPool
 from orchestrator.config import ROLES, LoopConfig, Role, SimConfig, render_args
 from orchestrator.errors import ResourceError, SimKindFailed
@@ -54,7 +54,7 @@ class SimRunner:
         self.clock = clock
         """``{campaign_time}`` for the sims' args: continual mode's monitoring round (0 before it)."""
         self.reference = reference or (lambda: np.empty((0, len(cfg.outputs))))
-        """The outputs of the data accepted so far, for the outlier rule (:mod:`orchestrator.acceptance`)."""
+        """The outputs of the data accepted so far, for the outlier rule (:mod:`orchestrator.loop.acceptance`)."""
         self._consecutive_failures = dict.fromkeys(ROLES, 0)
         self._ever_ok = dict.fromkeys(ROLES, False)
         self._column_mismatches: dict[str, list[int]] = {role: [] for role in ROLES}
