@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.loop.acceptance import refused_rows
 from orchestrator.allocation import SlotPool
 from orchestrator.config import ROLES, LoopConfig, Role, SimConfig, render_args
 from orchestrator.errors import ResourceError, SimKindFailed
 from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome, SimResult
+from orchestrator.loop.acceptance import refused_rows
 from orchestrator.loop.diskfull import disk_full_error, full, says_full
 from orchestrator.progress import Progress
 from orchestrator.rundeck import write_points
