@@ -27,6 +27,7 @@ import torch
 
 from orchestrator.config import CHAMPION_ALIAS
 from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.training.serving import register_model
 from tests.conftest import REPO
 
 OTHER = "orch-intruder"
@@ -120,7 +121,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("owned")
     tracker = Tracker(default_tracking_uri(root), "owned", "sine-owned")
     tracker.start({"purpose": "owner-only tests"})
-    version = tracker.register_model(small_model(1), MODEL).version
+    version = register_model(tracker, small_model(1), MODEL).version
     tracker.set_alias(MODEL, CHAMPION_ALIAS, version)
     tracker.finish("FINISHED")
     return root
@@ -208,12 +209,13 @@ def test_another_account_gets_no_answer_from_any_dask_port(other_user: str) -> N
     from orchestrator.training.backends import LocalBackend
 
     async def probe() -> tuple[set[int], list[dict[str, Any]], list[str]]:
+        me = psutil.Process()
+        earlier = {p.pid for p in me.children(recursive=True)}  # another test's server (the module's UI)
         backend = LocalBackend(TrainingConfig(workers=2))
         client = await backend.start()
         try:
             assert await client.submit(sum, [1, 2]) == 3  # the campaign itself gets through
-            me = psutil.Process()
-            ports, _ = listening({me.pid, *(p.pid for p in me.children(recursive=True))})
+            ports, _ = listening({me.pid, *(p.pid for p in me.children(recursive=True))} - earlier)
             paths = ("/health", "/info/main/workers.html", "/json/identity.json")
             probes = [{"method": "GET", "path": path, "port": port, "tls": tls}
                       for port in sorted(ports) for path in paths for tls in (False, True)]
@@ -263,7 +265,7 @@ def test_a_version_from_outside_the_campaign_is_refused_unrun(tmp_path: Path) ->
     root = tmp_path / "runs"
     tracker = Tracker(default_tracking_uri(root), "owned", "sine-owned")
     tracker.start({})
-    tracker.register_model(small_model(1), MODEL)
+    register_model(tracker, small_model(1), MODEL)
     tracker.finish("FINISHED")
     marker = tmp_path / "payload-ran"
     uri = default_tracking_uri(root)
@@ -287,7 +289,7 @@ def test_a_pickle_inside_the_campaigns_artifacts_is_not_unpickled(tmp_path: Path
     root = tmp_path / "runs"
     tracker = Tracker(default_tracking_uri(root), "owned", "sine-owned")
     tracker.start({})
-    version = tracker.register_model(small_model(1), MODEL).version
+    version = register_model(tracker, small_model(1), MODEL).version
     tracker.finish("FINISHED")
     (pth,) = (root / "mlartifacts").rglob("data/model.pth")
     marker = tmp_path / "payload-ran"
@@ -302,13 +304,13 @@ def test_a_pickle_inside_the_campaigns_artifacts_is_not_unpickled(tmp_path: Path
 def test_a_version_in_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:
     """The campaign's own version, but its directory opened to every account: anyone could have swapped it."""
     from orchestrator.errors import TrackingError
-    from orchestrator.tracking import load_registered_model
+    from orchestrator.training.serving import load_registered_model
 
     root = tmp_path / "runs"
     uri = default_tracking_uri(root)
     tracker = Tracker(uri, "owned", "sine-owned")
     tracker.start({})
-    version = tracker.register_model(small_model(1), MODEL).version
+    version = register_model(tracker, small_model(1), MODEL).version
     tracker.finish("FINISHED")
     x = torch.ones(2, 1)
     assert torch.equal(load_registered_model(uri, MODEL, version)(x), small_model(1)(x))  # loads while private
