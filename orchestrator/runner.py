@@ -413,8 +413,8 @@ async def run(
     progress = progress or Progress(enabled=False)
     guardian.start(hold=True)  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
-    progress.note(f"run dir: {store.root}" + (" (resumed)" if state else ""))
-    campaign = build_campaign(cfg, store, loop_file, progress, state=state, root=root)
+    campaign = build_campaign(cfg, store, loop_file, progress, state=state, root=root,
+                              heading=f"run dir: {store.root}" + (" (resumed)" if state else ""))
     with progress:
         return await campaign.run()
 
@@ -423,12 +423,14 @@ def build_campaign(
     cfg: LoopConfig, store: RunStore, loop_file: Path | None, progress: Progress, *, state: State | None = None,
     root: Path | None = None, tracking: bool = True, alloc: Allocation | None = None,
     launchers: Mapping[str, Launcher] | None = None, binaries: Mapping[str, Path] | None = None,
-    backend: Backend | None = None,
+    backend: Backend | None = None, heading: str | None = None,
 ) -> Campaign:
     """The one wiring of a campaign (``run``, ``--resume``, ``--steps``, continual mode, the benchmarks):
     loop.yml and the allocation -> sim setups, launchers, slots, Dask backend, trainer, tracker, sampler,
     walltime guard and the saved models of a resumed run. ``state`` is a resumed run's (None: a fresh one).
-    A benchmark may bring its own ``alloc``, ``launchers`` (with their ``binaries``) and ``backend``."""
+    A benchmark may bring its own ``alloc``, ``launchers`` (with their ``binaries``) and ``backend``.
+    ``heading``: a note shown once the config fits this machine (a ResourceError is the first line), before
+    the allocation's."""
     setups = None if launchers else sim_setups(cfg, loop_file if loop_file is not None else store.root / LOOP)
     alloc = alloc or Allocation.detect()
     cfg = resolve_auto(cfg, alloc)
@@ -439,6 +441,8 @@ def build_campaign(
     if launchers is None or binaries is None:
         raise ValueError("build_campaign: launchers given without their binaries")
     backend = backend or make_backend(cfg.training, allocation=alloc, nodes=plan.training_nodes, run_dir=store.root)
+    if heading:
+        progress.note(heading)
     progress.note(f"allocation: {'Slurm job ' + str(alloc.job_id) if alloc.in_slurm else 'local'}; sim slots "
                   + ", ".join(f"{n.name}:{n.cpus}" for n in plan.sim_nodes)
                   + f"; training: {cfg.training.backend} x{cfg.training.workers}")

@@ -35,7 +35,7 @@ Timings (2-core box, loaded, sqlite store, fresh process): the first
 :meth:`Tracker.start` on a new database takes 2-3 s (importing MLflow and
 SQLAlchemy ~1.5 s, creating the schema ~1-2 s); a start on an existing database
 ~1-2 s (imports and store set-up; ~0.02-0.07 s once MLflow is loaded);
-:meth:`Tracker.register_model` for a small model ~0.5 s the first time in a process,
+:func:`orchestrator.training.serving.register_model` for a small model ~0.5 s the first time in a process,
 ~0.05 s afterwards (pip requirements are pinned explicitly, which avoids MLflow's
 ~4 s requirement-inference subprocess); metrics batches and :meth:`Tracker.finish`
 take a few milliseconds.
@@ -843,7 +843,7 @@ def column_names(tracking_uri: str, name: str, version: str) -> tuple[list[str],
 
 
 REGISTRATION_KEY = "registration_key"
-"""A version's tag naming which registration of its campaign made it (see :meth:`Tracker.register_model`)."""
+"""A version's tag naming which registration of its campaign made it (see :meth:`Tracker.register_saved`)."""
 
 
 def _versions_of_run(client: MlflowClient, name: str, run_id: str, key: str) -> list[str]:
