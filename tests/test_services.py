@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.config import TrainingConfig
+from orchestrator.config import HparamsConfig, TrainingConfig
 from orchestrator.runlog import State
 from orchestrator.services import BACKEND_HEAD_START_S, Services
 from orchestrator.store import RunStore
@@ -79,7 +79,7 @@ def test_workers_import_torch_as_they_start_and_a_training_right_after_start_wor
     rng = np.random.default_rng(0)
     x = rng.uniform(-3, 3, size=64)
     np.save(tmp_path / "d.npy", np.column_stack([x, np.sin(x)]))
-    cfg = TrainingConfig(workers=1, hparams={"epochs": 2, "lbfgs_iters": 0})
+    cfg = TrainingConfig(workers=1, hparams=HparamsConfig(epochs=2, lbfgs_iters=0))
     backend = LocalBackend(cfg)
 
     async def run() -> tuple[bytes, dict[str, tuple[bool, bool]], set[int]]:
