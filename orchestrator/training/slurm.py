@@ -374,7 +374,9 @@ def jobqueue_options(
         "job_name": f"{run_dir.name}-dask"[:64],
         "log_directory": str(run_dir / "dask-jobs"),
         "python": sys.executable,
-        "worker_extra_args": ["--death-timeout", str(WORKER_DEATH_TIMEOUT_S), "--resources", resources_arg(cfg)],
+        "worker_extra_args": ["--death-timeout", str(WORKER_DEATH_TIMEOUT_S),
+                              "--preload", WARM_PRELOAD,  # torch imported as the worker starts
+                              "--resources", resources_arg(cfg)],
     }
     if cfg.gpus:
         gres = f"--gres=gpu:{cfg.gpus}"
