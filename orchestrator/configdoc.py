@@ -11,7 +11,9 @@ what this module renders, so the page cannot drift from the schema::
 
 from __future__ import annotations
 
+import ast
 import enum
+import functools
 import inspect
 import json
 import re
@@ -135,6 +137,30 @@ def _sections(root: type[BaseModel]) -> list[tuple[type[BaseModel], list[str]]]:
     return order
 
 
+@functools.cache
+def _module_field_docs(module: str) -> dict[str, dict[str, str]]:
+    """Per class of ``module``: the docstring under each annotated field (one parse of its source)."""
+    tree = ast.parse(inspect.getsource(sys.modules[module]))
+    found: dict[str, dict[str, str]] = {}
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        docs = found.setdefault(cls.name, {})
+        for field, after in zip(cls.body, cls.body[1:], strict=False):
+            if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[field.target.id] = inspect.cleandoc(after.value.value)
+    return found
+
+
+def field_docs(model: type[BaseModel]) -> dict[str, str]:
+    """The docstring under each field of ``model``, its own or inherited (a subclass's wins)."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if issubclass(cls, BaseModel) and cls is not BaseModel and cls.__module__ in sys.modules:
+            docs.update(_module_field_docs(cls.__module__).get(cls.__name__, {}))
+    return docs
+
+
 def _section(model: type[BaseModel], paths: list[str]) -> Iterator[str]:
     """One model's table; a model used at several paths (sims.check, sims.generate) is shown once."""
     path = paths[0]
@@ -144,9 +170,10 @@ def _section(model: type[BaseModel], paths: list[str]) -> Iterator[str]:
         yield _cell(doc) + "\n"
     yield "| key | type | default | what it does |"
     yield "|---|---|---|---|"
+    docs = field_docs(model)
     for name, field in model.model_fields.items():
         key = f"{path}.{name}" if path else name
-        desc = _cell(field.description or "")
+        desc = _cell(field.description or docs.get(name, ""))
         yield f"| `{key}` | {_cell(_type_name(field.annotation))}{_constraints(field)} | {_default(field)} | {desc} |"
     yield ""
 

@@ -103,6 +103,8 @@ class SimIO:
 def render_template(what: str, template: jinja2.Template, fields: Mapping[str, Any]) -> str:
     """``template`` rendered; whatever fails while rendering (an undefined name, a filter given the wrong
     type, a division by zero) is a one-line ConfigError naming ``what`` (the template) and the values."""
+    import jinja2  # imported already (the template is jinja2's); the name is needed for the except below
+
     try:
         return template.render(**fields)
     except jinja2.UndefinedError as exc:  # a name only the runtime lacks

@@ -9,12 +9,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.config import TrainingConfig
+from orchestrator.config import HparamsConfig, TrainingConfig
 from orchestrator.loop.services import BACKEND_HEAD_START_S, Services
 from orchestrator.loop.tracksink import TrackingSink
 from orchestrator.runlog import State
 from orchestrator.store import RunStore
-from orchestrator.training.backends import LocalBackend, Trainer
+from orchestrator.training.backends import LocalBackend, Trainer, worker_processes
 from tests.conftest import fast_loop, write_loop
 
 pytestmark = pytest.mark.integration
@@ -58,3 +58,43 @@ def test_start_up_ends_with_the_campaigns_time_and_leaves_no_worker(tmp_path: Pa
     assert started < (0.2 + 0.5 if cut == "time" else 0.5) < BACKEND_HEAD_START_S, started
     assert dask_processes() - before == set(), "a Dask worker process outlived the close"
     print(f"head start cut after {started:.2f} s; start-up ended and closed in {closed:.2f} s")
+
+
+def _warm_import_state() -> tuple[bool, bool]:
+    """On a worker: (its preload started the background imports, torch is imported by now)."""
+    import sys
+
+    warmup = sys.modules.get("orchestrator.training.warmup")
+    return warmup is not None and warmup._started.is_set(), "torch" in sys.modules
+
+
+def test_workers_import_torch_as_they_start_and_a_training_right_after_start_works(tmp_path: Path) -> None:
+    """Issue 25: each worker's preload imports torch in a thread as the worker starts; a training
+    submitted the moment the cluster is up (no warm-up) shares that import (the import lock) and
+    completes, and the worker processes are the guardian's."""
+    import numpy as np
+
+    from orchestrator.procs import guardian
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 3, size=64)
+    np.save(tmp_path / "d.npy", np.column_stack([x, np.sin(x)]))
+    cfg = TrainingConfig(workers=1, hparams=HparamsConfig(epochs=2, lbfgs_iters=0))
+    backend = LocalBackend(cfg)
+
+    async def run() -> tuple[bytes, dict[str, tuple[bool, bool]], set[int]]:
+        client = await backend.start()
+        try:
+            state, _ = await Trainer(backend, cfg, 1, 1).train(None, [str(tmp_path / "d.npy")], 0)
+            seen = await client.run(_warm_import_state)
+            assert backend.cluster is not None
+            pids = {pid for pid, _ in worker_processes(backend.cluster)}
+            assert pids and pids <= set(guardian._pids), (pids, guardian._pids)  # a SIGKILLed coordinator's are ended
+            return state, seen, pids
+        finally:
+            await backend.close()
+
+    state, seen, pids = asyncio.run(run())
+    assert state and isinstance(state, bytes)
+    assert list(seen.values()) == [(True, True)], seen
+    assert not any(psutil.pid_exists(p) for p in pids), "a worker process outlived the close"

@@ -109,7 +109,8 @@ def test_dask_worker_step_argv(tmp_path: Path) -> None:
         "--distribution=arbitrary"]
     assert argv[argv.index("distributed.cli.dask_worker") + 1:] == [
         "tls://10.0.0.1:4000", "--nthreads", "2", "--memory-limit", "1GB", "--no-dashboard",
-        "--local-directory", str(tmp_path), "--death-timeout", "60", "--resources", "train=1", "--tls-ca-file",
+        "--local-directory", str(tmp_path), "--death-timeout", "60", "--resources", "train=1",
+        "--preload", "orchestrator.training.warmup", "--tls-ca-file",
         "ca.pem"]
 
 
@@ -281,6 +282,8 @@ def test_jobqueue_options_defaults_and_pass_through(tmp_path: Path) -> None:
     assert opts["scheduler_options"] == {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1",
                                          "port": 8786}
     assert opts["job_name"] == "sine-1-dask"
+    extra = opts["worker_extra_args"]
+    assert extra[extra.index("--preload") + 1] == "orchestrator.training.warmup"  # torch imported at start
     assert "security" not in opts
     # the workers' HTTP servers serve no route (they are stopped once up): the jobs' environment says so
     assert opts["job_script_prologue"] == ["export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'"]

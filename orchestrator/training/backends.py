@@ -105,6 +105,7 @@ class LocalBackend(Backend):
 
         from orchestrator.training.fastexit import FastExit, OneLineDaskFaults
         from orchestrator.training.nohttp import NoHTTP, stop_http
+        from orchestrator.training.warmup import MODULE as WARM_PRELOAD
 
         self.cluster = await cast(Awaitable[LocalCluster], LocalCluster(
             n_workers=self.cfg.workers,
@@ -117,6 +118,7 @@ class LocalBackend(Backend):
             security=security,
             dashboard_address=None,  # no dashboard; the HTTP servers on loopback, stopped once up (nohttp)
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            preload=[WARM_PRELOAD],  # torch imported as each worker starts, not in its first task
             asynchronous=True,
         ))
         stop_http(self.cluster.scheduler)

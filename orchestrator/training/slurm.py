@@ -47,6 +47,7 @@ from orchestrator.slurm import (
     step_argv,
 )
 from orchestrator.training.base import Backend
+from orchestrator.training.warmup import MODULE as WARM_PRELOAD
 
 if TYPE_CHECKING:  # Dask is imported when the backend starts, beside the first sims (not before them)
     from distributed import Client, Scheduler
@@ -220,7 +221,8 @@ def worker_argv(
         sys.executable, "-m", "distributed.cli.dask_worker", address,
         "--nthreads", str(cfg.threads_per_worker), "--memory-limit", cfg.memory_limit,
         "--no-dashboard", "--local-directory", str(local_dir),
-        "--death-timeout", str(WORKER_DEATH_TIMEOUT_S), "--resources", resources_arg(cfg), *tls_flags,
+        "--death-timeout", str(WORKER_DEATH_TIMEOUT_S), "--resources", resources_arg(cfg),
+        "--preload", WARM_PRELOAD, *tls_flags,  # torch imported as the worker starts, not in its first task
     ]
 
 
@@ -372,7 +374,9 @@ def jobqueue_options(
         "job_name": f"{run_dir.name}-dask"[:64],
         "log_directory": str(run_dir / "dask-jobs"),
         "python": sys.executable,
-        "worker_extra_args": ["--death-timeout", str(WORKER_DEATH_TIMEOUT_S), "--resources", resources_arg(cfg)],
+        "worker_extra_args": ["--death-timeout", str(WORKER_DEATH_TIMEOUT_S),
+                              "--preload", WARM_PRELOAD,  # torch imported as the worker starts
+                              "--resources", resources_arg(cfg)],
     }
     if cfg.gpus:
         gres = f"--gres=gpu:{cfg.gpus}"
