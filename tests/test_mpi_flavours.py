@@ -11,6 +11,7 @@ skip with that reason.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -42,9 +43,13 @@ def debian_sims(flavour: str) -> Path:
     out = REPO / "build" / f"mpi-{flavour}"
     stamp = out / "bin" / "sim-expensive"
     newest = max(p.stat().st_mtime for p in SOURCES)
-    if not stamp.exists() or stamp.stat().st_mtime < newest:
-        subprocess.run(["bash", str(REPO / "scripts" / "build-sims.sh"), mpicc, str(out)], check=True,
-                       capture_output=True, text=True, timeout=300)
+    out.parent.mkdir(exist_ok=True)
+    # Both pytest workers may want the same build (a Slurm test and a local one): one builds, the other waits.
+    with (out.parent / f".mpi-{flavour}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists() or stamp.stat().st_mtime < newest:
+            subprocess.run(["bash", str(REPO / "scripts" / "build-sims.sh"), mpicc, str(out)], check=True,
+                           capture_output=True, text=True, timeout=300)
     return out / "bin"
 
 

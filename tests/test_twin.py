@@ -70,7 +70,8 @@ def test_drifting_twin_retrains_on_recent_rows_and_promotes_only_a_winner(tmp_pa
 
     client = MlflowClient(tracking_uri=uri)
     logged = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "figures")}
-    assert logged == {f"figures/{p}" for p in pngs}
+    assert (run_dir / "figures" / "final.png").is_file()  # and the met target's verdict (issue 22)
+    assert logged == {f"figures/{p}" for p in [*pngs, "final.png"]}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (tb_file,) = (run_dir / "tb").glob("events.out.tfevents.*")
