@@ -713,6 +713,8 @@ class Campaign:
         def remove() -> None:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+                if self._signal is not None:  # ending on a signal, checkpointed: a second one has nothing
+                    signal.signal(sig, signal.SIG_IGN)  # left to stop, and must not kill the exit with 143
 
         return remove
 
