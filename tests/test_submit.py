@@ -358,11 +358,13 @@ def test_new_is_passed_on_the_first_start_only(tmp_path: Path) -> None:
     assert "--new" not in (tmp_path / "b" / "argv").read_text().split()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1,
+             detail: Callable[[], str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            shown = "" if detail is None else f"\n{detail()}"
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{shown}")
         time.sleep(interval)
 
 
@@ -519,7 +521,7 @@ def test_walltime_warning_brings_the_job_back_and_it_resumes(tmp_path: Path, slu
             return True
         return state.startswith(("PENDING", "RUNNING")) and "attempt 1" in read(log)
 
-    wait_for(back, 120, f"the job to {mode}", interval=0.2)
+    wait_for(back, 120, f"the job to {mode}", interval=0.2, detail=lambda: read(log))
     if mode == "resubmit":
         job = read(log).split("Submitted batch job ")[1].split()[0]
         cancel_jobs.append(job)
