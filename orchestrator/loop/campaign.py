@@ -938,7 +938,7 @@ class Campaign:
         except TimeoutError:
             log.warning("the Dask backend did not close within %.1f s of the signal; the process guardian "
                         "ends its processes", SIGNALLED_CLOSE_S)
-        except Exception as exc:  # noqa: BLE001 - everything is checkpointed: a failed close must not lose exit 75
+        except Exception as exc:  # everything is checkpointed: a failed close must not lose exit 75
             log.warning("the Dask backend failed to close after the signal (%s); the process guardian "
                         "ends its processes", exc)
 

@@ -319,7 +319,7 @@ class AllocationBackend(Backend):
         if self.scheduler is not None:
             try:
                 await cast(Any, self.scheduler).close(reason="campaign ended")  # closes every worker and nanny
-            except Exception as exc:  # noqa: BLE001 - distributed's close can race its own connection pool
+            except Exception as exc:  # distributed's close can race its own connection pool
                 # ("Cannot change state of expiring Timeout" when a signal lands while workers connect);
                 # the worker step is ended below all the same.
                 log.warning("the Dask scheduler did not close cleanly (%s); ending the worker step", exc)
