@@ -85,6 +85,22 @@ def leaked_segments(before: set[str], patience: float = 20.0) -> set[str]:
         time.sleep(0.2)
 
 
+def dask_worker_processes(root: int) -> list[int]:
+    """The local Dask worker processes under ``root``: forked from the workers' forkserver (the server,
+    ``root``'s child that stays for the process's next campaign, left out), or spawned."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            cmd, parent = " ".join(p.cmdline()), p.ppid()
+        except psutil.Error:
+            continue
+        if "spawn_main" in cmd or ("forkserver" in cmd and parent != root):
+            found.append(p.pid)
+    return found
+
+
 def pids_of(pattern: str) -> list[int]:
     """PIDs whose command line contains pattern (to prove nothing was left behind)."""
     found = []

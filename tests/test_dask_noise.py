@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+import subprocess
+import sys
+import textwrap
 
-import pytest
+# A coordinator of its own (the workers write to the stderr of the process that started their
+# forkserver): a worker logs what distributed.worker logs when the scheduler is unreachable.
+SCRIPT = textwrap.dedent("""
+    import asyncio
 
-from orchestrator.config import TrainingConfig
-from orchestrator.training.backends import LocalBackend
+    from orchestrator.config import TrainingConfig
+    from orchestrator.procs import guardian
+    from orchestrator.training.backends import LocalBackend
 
 
-def test_a_failed_heartbeat_on_a_worker_is_one_line(capfd: pytest.CaptureFixture[str]) -> None:
-    def heartbeat_fails() -> None:  # what distributed.worker logs when the scheduler is unreachable
+    def heartbeat_fails():
         import logging
 
         try:
@@ -20,15 +24,24 @@ def test_a_failed_heartbeat_on_a_worker_is_one_line(capfd: pytest.CaptureFixture
         except OSError:
             logging.getLogger("distributed.worker").exception("Failed to communicate with scheduler during heartbeat.")
 
-    async def main() -> None:
+
+    async def main():
         backend = LocalBackend(TrainingConfig(workers=1))
-        client: Any = await backend.start()
+        client = await backend.start()
         try:
             await client.run(heartbeat_fails)
         finally:
             await backend.close()
 
-    asyncio.run(main())
-    err = capfd.readouterr().err
-    assert "Failed to communicate with scheduler during heartbeat. (OSError: Timed out" in err, err
-    assert "Traceback" not in err, err
+
+    if __name__ == "__main__":
+        guardian.start(hold=True)
+        asyncio.run(main())
+""")
+
+
+def test_a_failed_heartbeat_on_a_worker_is_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Failed to communicate with scheduler during heartbeat. (OSError: Timed out" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 
 from orchestrator import store
 from orchestrator.runlog import EventKind, LoggedEvent
-from tests.conftest import fast_loop, pids_of, write_loop
+from tests.conftest import dask_worker_processes, fast_loop, pids_of, write_loop
 
 pytestmark = pytest.mark.integration
 
@@ -164,11 +163,10 @@ def test_killed_dask_worker_does_not_fail_the_campaign(tmp_path: Path) -> None:
     proc = start(loop, work)
     wait_for_event(work, lambda e: e.kind is EventKind.TRAIN_START, proc)
     time.sleep(0.5)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "spawn_main" in " ".join(p.cmdline())]
+    workers = dask_worker_processes(proc.pid)
     assert workers, "no Dask worker process found"
     for w in workers:
-        os.kill(w.pid, signal.SIGKILL)
+        os.kill(w, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     run_dir = run_dir_of(work)

@@ -230,6 +230,28 @@ def test_another_account_gets_no_answer_from_any_dask_port(other_user: str) -> N
     assert answered == [], f"Dask ports answered another account: {answered}"
 
 
+def test_another_account_cannot_reach_the_workers_forkserver(other_user: str) -> None:
+    """The local workers' forkserver (it forks a process for whoever sends it a pickle) listens on a
+    Unix socket that only the campaign's account may connect to."""
+    from multiprocessing import forkserver
+
+    from orchestrator.config import TrainingConfig
+    from orchestrator.training.backends import LocalBackend
+
+    async def start_and_close() -> None:
+        backend = LocalBackend(TrainingConfig(workers=1))
+        await backend.start()
+        await backend.close()
+
+    asyncio.run(start_and_close())
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None
+    _, paths = listening({server})
+    assert paths, "the forkserver listens on no Unix socket"
+    outcomes = as_other(other_user, [{"method": "GET", "path": "/", "unix": path} for path in sorted(paths)])
+    assert outcomes == ["refused: PermissionError 13"] * len(paths), outcomes
+
+
 # ---------------------------------------------------------------- models someone else registered
 
 

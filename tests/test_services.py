@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -15,15 +16,14 @@ from orchestrator.loop.tracksink import TrackingSink
 from orchestrator.runlog import State
 from orchestrator.store import RunStore
 from orchestrator.training.backends import LocalBackend, Trainer, worker_processes
-from tests.conftest import fast_loop, write_loop
+from tests.conftest import dask_worker_processes, fast_loop, write_loop
 
 pytestmark = pytest.mark.integration
 
 
 def dask_processes() -> set[int]:
-    """This process's multiprocessing children that are Dask worker processes."""
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline())}
+    """This process's Dask worker processes."""
+    return set(dask_worker_processes(os.getpid()))
 
 
 def services(tmp_path: Path) -> tuple[Services, LocalBackend]:
@@ -98,3 +98,36 @@ def test_workers_import_torch_as_they_start_and_a_training_right_after_start_wor
     assert state and isinstance(state, bytes)
     assert list(seen.values()) == [(True, True)], seen
     assert not any(psutil.pid_exists(p) for p in pids), "a worker process outlived the close"
+
+
+def _worker_facts() -> tuple[int, str | None, bool]:
+    """On a worker: (its parent's pid, OMP_NUM_THREADS, torch._dynamo imported)."""
+    import sys
+
+    return os.getppid(), os.environ.get("OMP_NUM_THREADS"), "torch._dynamo" in sys.modules
+
+
+def test_local_workers_fork_from_a_warm_server_and_leave_the_sims_environment_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25: the local workers are forked from a server that imported Dask and torch (with the
+    optimizers' torch._dynamo) beside the first sims, and get Dask's worker environment there; the
+    coordinator's own environment, which every later sim inherits, no longer gets OMP_NUM_THREADS=1
+    from Dask's nanny (a threaded sim started after the workers ran on one thread)."""
+    from multiprocessing import forkserver
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    backend = LocalBackend(TrainingConfig(workers=1))
+
+    async def run() -> dict[str, tuple[int, str | None, bool]]:
+        client = await backend.start()
+        try:
+            facts: dict[str, tuple[int, str | None, bool]] = await client.run(_worker_facts)
+            return facts
+        finally:
+            await backend.close()
+
+    facts = asyncio.run(run())
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None and psutil.Process(server).ppid() == psutil.Process().pid
+    assert list(facts.values()) == [(server, "1", True)], facts
+    assert "OMP_NUM_THREADS" not in os.environ

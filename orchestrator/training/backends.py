@@ -75,11 +75,28 @@ def dask_security() -> Security:
     return security
 
 
+def _prepare_local() -> Security:
+    """The workers' forkserver started (it imports Dask and torch on a core of its own), Dask imported
+    and its TLS certificate made here meanwhile, then the server's imports waited for (a close during
+    all this is immediate: no cluster exists yet)."""
+    from orchestrator.training import forks
+
+    forks.prewarm()
+    security = dask_security()
+    forks.use_forkserver()
+    forks.wait_ready()
+    return security
+
+
 class LocalBackend(Backend):
     """A Dask LocalCluster of worker processes on this machine."""
 
     def __init__(self, cfg: TrainingConfig) -> None:
         self.cfg = cfg
+        if guardian.pid is not None:  # a coordinator (the server must carry the guardian's token): start the
+            from orchestrator.training import forks  # workers' forkserver before the first sims, it imports
+
+            forks.prewarm()  # for 3 s on a core of its own
         self.cluster: LocalCluster | None = None
         self._starting: asyncio.Future[Client] | None = None
         self._preparing = False
@@ -98,7 +115,7 @@ class LocalBackend(Backend):
         # meanwhile serves the first sims.
         self._preparing = True
         try:
-            security = await asyncio.to_thread(dask_security)
+            security = await asyncio.to_thread(_prepare_local)
         finally:
             self._preparing = False
         from distributed import Client, LocalCluster

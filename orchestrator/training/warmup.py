@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 MODULE = "orchestrator.training.warmup"
 """This module's name, as Dask's ``preload`` option takes it."""
 
-WARM_IMPORTS = ("orchestrator.training.tasks",)
-"""Imported in the background by every campaign worker as it starts."""
+WARM_IMPORTS = ("orchestrator.training.tasks", "torch._dynamo")
+"""Imported in the background by every campaign worker as it starts (torch's optimizers import
+``torch._dynamo`` at their first construction: another second)."""
 
 _started = threading.Event()
 
