@@ -359,9 +359,10 @@ class PolicyConfig(_Strict):
     pipeline: bool = True
     """Keep generate sims running while a training runs (False: one thing at a time)."""
     precheck: bool = False
-    """With ``pipeline``: run the next model's check sims while it trains (their truth does
-    not depend on the model), so checking it takes only an evaluation. Worth it when sim
-    slots are real cores; on an oversubscribed laptop it slows the training it overlaps."""
+    """With ``pipeline``: run the next model's check sims while it trains, and the first model's
+    while its data waits for the Dask workers (their truth does not depend on the model), so
+    checking it takes only an evaluation. Worth it when sim slots are real cores; on an
+    oversubscribed laptop it slows the training it overlaps."""
     generates_per_round: int = Field(default=1, ge=1)
     """Accepted generate runs that make the data for one training round."""
     max_data_points: int | None = Field(default=None, ge=1)

@@ -177,9 +177,10 @@ def checks_wanted(v: View, policy: PolicyConfig, target: TargetConfig | None = N
 def prechecks_wanted(v: View, policy: PolicyConfig) -> int:
     """Pipelined: while the next model is on its way, run its checks' sims already, so
     checking it takes only an evaluation the moment it exists."""
-    # Before the first model, only once the workers are up: on a small box, many ranks
-    # starting at once would slow the workers' start, which is on the critical path.
-    if not (policy.pipeline and policy.precheck) or not (v.training or (v.model_version == 0 and v.trainer_ready)):
+    # Before the first model: once its data is in (the sim slots are idle while the workers
+    # finish starting) or the workers are up.
+    first_on_its_way = v.model_version == 0 and (v.trainer_ready or v.untrained_runs > 0)
+    if not (policy.pipeline and policy.precheck) or not (v.training or first_on_its_way):
         return 0
     return max(0, policy.checks_per_round - v.checks_known - v.prechecks_inflight)
 

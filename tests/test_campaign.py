@@ -168,6 +168,10 @@ def test_prechecks_have_truths_ready_when_the_model_arrives(tmp_path: Path) -> N
     first_model = next(e["t"] for e in ev if e.kind is EventKind.TRAIN_END)
     check_sims = {e["run_id"]: e["t"] for e in ev if e.kind is EventKind.SIM_START and e["role"] == "check"}
     assert any(t < first_model for t in check_sims.values()), "check sims should start before the model exists"
+    # A check whose truth is known is evaluated the moment its model exists, not after the round's picture
+    # (a picture holds the worker's one thread for most of a second).
+    first_check = min(e["t"] for e in prechecked if e["version"] == 1)
+    assert first_check < (only_run_dir(work) / "figures" / "round-0001.png").stat().st_mtime
 
 
 NO_TORCH = """

@@ -142,6 +142,10 @@ def test_prechecks_run_the_next_models_check_sims_while_it_trains() -> None:
                                        T, p)
     assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1, training=True,
                                                                      checks_known=3), T, p))
+    # before the first model: once its data waits for the workers (the sim slots are idle), not before
+    assert StartPrechecks(3) in decide(View(untrained_runs=1, trainer_ready=False), T, p)
+    assert not any(isinstance(a, StartPrechecks) for a in decide(View(trainer_ready=False, generates_inflight=1),
+                                                                 T, p))
     # not while a trained model is being checked, and never in sequential mode
     assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1), T, p))
     assert not any(isinstance(a, StartPrechecks) for a in decide(View(model_version=1, training=True), T, SEQ))

@@ -217,6 +217,10 @@ class Trainer:
         self.n_inputs = n_inputs
         self.n_outputs = n_outputs
         self.hparams = {"num_threads": cfg.threads_per_worker, **cfg.hparams.model_dump(exclude_unset=True)}
+        self._busy = 0
+        """Trainings and evaluations in flight (a picture waits for none: :meth:`figure`)."""
+        self._quiet = asyncio.Event()
+        self._quiet.set()
 
     @property
     def train_options(self) -> dict[str, Any]:
@@ -230,10 +234,31 @@ class Trainer:
             raise RuntimeError("the training backend is not started")
         return self.backend.client
 
-    async def _run(self, futures: list[Any], fail: Callable[[Exception], OrchestratorError]) -> list[Any]:
+    def _busy_until(self, task: asyncio.Future[Any]) -> None:
+        """Count ``task`` (a training or evaluation) as in flight from now until it ends, however it ends."""
+        self._busy += 1
+        self._quiet.clear()
+
+        def ended(_: asyncio.Future[Any]) -> None:
+            self._busy -= 1
+            if self._busy == 0:
+                self._quiet.set()
+
+        task.add_done_callback(ended)
+
+    async def _run(self, futures: list[Any], fail: Callable[[Exception], OrchestratorError], *,
+                   busy: bool = True) -> list[Any]:
         """The results of the submitted ``futures``; on a failure the others are cancelled and
         ``fail(exc)`` is raised (an OrchestratorError a task raised itself passes through when
-        ``fail`` returns it)."""
+        ``fail`` returns it). ``busy``: the campaign waits for these (all but pictures)."""
+        if not busy:
+            return await self._gather(futures, fail)
+        task = asyncio.ensure_future(self._gather(futures, fail))
+        self._busy_until(task)
+        return await task
+
+    @staticmethod
+    async def _gather(futures: list[Any], fail: Callable[[Exception], OrchestratorError]) -> list[Any]:
         try:
             return list(await asyncio.gather(*futures))
         except Exception as exc:
@@ -315,10 +340,15 @@ class Trainer:
     async def figure(self, state: bytes, data_paths: list[str], checks: list[tuple[list[float], list[float], bool]],
                      lo: list[float], hi: list[float], names: tuple[list[str], list[str]], title: str) -> bytes:
         """A round's picture (PNG bytes), drawn on a worker (:mod:`orchestrator.training.figures`)."""
-        # Below every training and evaluation in the workers' queues: a picture never delays a check.
+        # A picture never delays a check: submitted once no training or evaluation is in flight (those
+        # asked for in this turn of the event loop included: a new model's checks whose truth is already
+        # known start as it is saved, after its picture), and below them in the workers' queues. Once
+        # running, a picture holds a worker's thread for most of a second.
+        await asyncio.sleep(0)
+        await self._quiet.wait()
         future = self.client.submit(remote.figure, state, self.cfg.model, self.model_kwargs, data_paths, checks,
                                     lo, hi, names, title, pure=False, priority=-10)
-        (png,) = await self._run([future], self._failed("drawing the round's figure", "a Dask worker"))
+        (png,) = await self._run([future], self._failed("drawing the round's figure", "a Dask worker"), busy=False)
         return cast(bytes, png)
 
     async def train_ensemble(
@@ -339,14 +369,21 @@ class Trainer:
         results = [converged(r) for r in await self._run(futures, self._failed("training of the ensemble"))]
         return [r[0] for r in results], merge_metrics([r[1] for r in results])
 
-    async def evaluate_ensemble(
+    def evaluate_ensemble(
         self, states: list[bytes], xs: list[list[float]]
-    ) -> tuple[list[list[float]], list[list[float]]]:
-        """The members' mean and spread at each input row (spread 0 for one member)."""
+    ) -> asyncio.Future[tuple[list[list[float]], list[list[float]]]]:
+        """The members' mean and spread at each input row (spread 0 for one member): submitted and
+        counted in flight at the call (a picture asked for in the same turn waits for it: :meth:`figure`)."""
         future = self.client.submit(remote.evaluate_ensemble, states, self.cfg.model, self.model_kwargs, xs,
                                     pure=False, retries=self.cfg.task_retries)
-        (result,) = await self._run([future], self._failed("evaluation"))
-        return cast(tuple[list[list[float]], list[list[float]]], result)
+
+        async def result() -> tuple[list[list[float]], list[list[float]]]:
+            (value,) = await self._gather([future], self._failed("evaluation"))
+            return cast(tuple[list[list[float]], list[list[float]]], value)
+
+        task = asyncio.ensure_future(result())
+        self._busy_until(task)
+        return task
 
 
 PASSING = ("KilledWorker", "FileNotFoundError", "CommClosedError", "TimeoutError")
