@@ -413,8 +413,13 @@ async def run(
     progress = progress or Progress(enabled=False)
     guardian.start(hold=True)  # first: whatever the campaign starts from here on is ended if it is SIGKILLed
     cfg, store, state, root = open_run(loop_file, workdir, overrides or [], resume, new, progress)
-    campaign = build_campaign(cfg, store, loop_file, progress, state=state, root=root,
-                              heading=f"run dir: {store.root}" + (" (resumed)" if state else ""))
+    try:
+        campaign = build_campaign(cfg, store, loop_file, progress, state=state, root=root,
+                                  heading=f"run dir: {store.root}" + (" (resumed)" if state else ""))
+    except BaseException:
+        if state is None:  # a fresh run that could not start (a sim not found, no GPU): nothing to resume
+            store.discard_unstarted()
+        raise
     with progress:
         return await campaign.run()
 

@@ -248,6 +248,26 @@ class RunStore:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
+    def discard_unstarted(self) -> bool:
+        """Remove a fresh run directory that nothing ran in (what :meth:`create` and the first state.json
+        made, and nothing else), so that the next ``run`` of the campaign does not resume it; True if
+        removed. Anything else in it keeps the directory whole."""
+        made = {LOCK, LOOP, STATE, self.data_dir.name, self.models_dir.name, self.sims_dir.name}
+        try:
+            if {p.name for p in self.root.iterdir()} - made or any(
+                    any(d.iterdir()) for d in (self.data_dir, self.models_dir, self.sims_dir)):
+                return False
+            self.close()
+            for d in (self.data_dir, self.models_dir, self.sims_dir):
+                d.rmdir()
+            for name in (LOOP, STATE, LOCK):
+                (self.root / name).unlink(missing_ok=True)
+            self.root.rmdir()
+        except OSError as exc:
+            log.warning("could not remove the unstarted run directory %s: %s", self.root, exc)
+            return False
+        return True
+
     # -- one coordinator per run dir -----------------------------------------
     def lock(self) -> None:
         """Take the run dir for this process (an fcntl lock, released when it ends, even by SIGKILL).

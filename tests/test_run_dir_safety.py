@@ -255,3 +255,38 @@ def test_a_lock_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip() == (f"error: {store.root}/.lock is a directory, not the run's lock file; remove it "
                                        "if no coordinator uses this run, then try again")
+
+
+def test_a_run_that_cannot_start_leaves_no_run_dir_to_resume(tmp_path: Path) -> None:
+    """A fresh run stopped before its campaign exists (a sim binary not found) removes the run directory it
+    had just made: the next `run`, the mistake fixed, starts afresh instead of resuming the broken run's
+    saved loop.yml (and failing the same way)."""
+    cfg = fast_loop()
+    good = cfg["sims"]["generate"]["binary"]
+    cfg["sims"]["generate"]["binary"] = "sim-that-does-not-exist"
+    loop = write_loop(tmp_path, cfg)
+    work = tmp_path / "runs"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator", "run", str(loop), "--workdir", str(work),
+                               "--no-live"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    failed = run()
+    assert failed.returncode == 2 and "sim-that-does-not-exist" in failed.stderr, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr
+    assert not list(work.glob("*/state.json")), list(work.iterdir())
+    cfg["sims"]["generate"]["binary"] = good
+    write_loop(tmp_path, cfg)
+    fixed = run()
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "found an unfinished run" not in fixed.stdout + fixed.stderr
+    assert len(list(work.glob("*/state.json"))) == 1
+
+
+def test_an_unstarted_run_dir_with_anything_in_it_is_kept(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path / "runs", "c", write_loop(tmp_path, fast_loop()))
+    store.lock()
+    (store.data_dir / "generate-000001.npy").write_bytes(b"")
+    assert not store.discard_unstarted() and store.root.is_dir()
+    (store.data_dir / "generate-000001.npy").unlink()
+    assert store.discard_unstarted() and not store.root.exists()
