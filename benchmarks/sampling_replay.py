@@ -2,6 +2,7 @@
 
     python benchmarks/sampling_replay.py front --strategy ensemble --seed 1
     python benchmarks/sampling_replay.py peaks --strategy uniform --seed 2 --max-runs 40
+    python benchmarks/sampling_replay.py peaks --strategy ensemble --set target.coverage=0.99
 
 Uses the example's loop.yml and the project's own pieces: the first run's Latin hypercube,
 the strategy (:mod:`orchestrator.sampling`, on a fresh candidate pool scored by the
@@ -12,7 +13,9 @@ failure beyond the allowed ones, every check row joining the data as
 ``policy.train_on_checks`` says), and the truth (``examples/NAME/truth.py``) in place of
 the sims. One generate run of ``points_per_run`` points per training round, one thing at
 a time: what it counts is how many expensive runs a strategy needs to certify, free of
-the pipeline's timing (which generates more runs while a slow training runs). Prints one
+the pipeline's timing (which generates more runs while a slow training runs). ``--set
+key.path=value`` overrides loop.yml as ``orchestrator run --set`` does (``--seed`` and
+``--strategy`` win over a ``--set`` of theirs). Prints one
 line per model version and, last, a JSON line: runs, certified, the final model's true
 accuracy on a dense grid.
 """
@@ -24,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +95,10 @@ class Replay:
         return passed, verdict(passed, failed, plan) is Verdict.CERTIFIED
 
 
-def replay(problem: str, strategy: str, seed: int, max_runs: int) -> dict[str, Any]:
+def replay(problem: str, strategy: str, seed: int, max_runs: int,
+           overrides: Sequence[str] = ()) -> dict[str, Any]:
     loop = ROOT / "examples" / problem / "loop.yml"
-    cfg = load_config(loop, [f"seed={seed}", f"policy.sampling={strategy}"])
+    cfg = load_config(loop, [*overrides, f"seed={seed}", f"policy.sampling={strategy}"])
     truth = accuracy.load_truth(loop.parent / "truth.py")
     choose = sampling.builtin(strategy, cfg.policy)
     rng, checks_rng = np.random.default_rng([seed, 14]), np.random.default_rng([seed, 99])
@@ -133,8 +138,11 @@ def main() -> None:
     ap.add_argument("--strategy", default="ensemble")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-runs", type=int, default=40)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override a loop.yml value, e.g. --set target.coverage=0.99 (repeatable)")
     args = ap.parse_args()
-    print(json.dumps(replay(args.problem, args.strategy, args.seed, args.max_runs)), flush=True)
+    out = replay(args.problem, args.strategy, args.seed, args.max_runs, args.overrides)
+    print(json.dumps({**out, "set": args.overrides}), flush=True)
 
 
 if __name__ == "__main__":
