@@ -76,15 +76,13 @@ def dask_security() -> Security:
 
 
 def _prepare_local() -> Security:
-    """The workers' forkserver started (it imports Dask and torch on a core of its own), Dask imported
-    and its TLS certificate made here meanwhile, then the server's imports waited for (a close during
-    all this is immediate: no cluster exists yet)."""
+    """The workers' forkserver started (it imports Dask and torch on a core of its own), and Dask
+    imported and its TLS certificate made here meanwhile."""
     from orchestrator.training import forks
 
     forks.prewarm()
     security = dask_security()
     forks.use_forkserver()
-    forks.wait_ready()
     return security
 
 
@@ -100,7 +98,8 @@ class LocalBackend(Backend):
         self.cluster: LocalCluster | None = None
         self._starting: asyncio.Future[Client] | None = None
         self._preparing = False
-        """Dask's imports and the certificate are under way in a thread: no process is started yet."""
+        """Dask's imports and the certificate, or the wait for the workers' forkserver, are under way in a
+        thread: no worker is starting yet (a close cancels the start)."""
 
     async def start(self) -> Client:
         """Up and connected; a start cut short (the time budget, a signal) goes on in the background
@@ -125,7 +124,7 @@ class LocalBackend(Backend):
         from orchestrator.training.warmup import MODULE as WARM_PRELOAD
 
         self.cluster = await cast(Awaitable[LocalCluster], LocalCluster(
-            n_workers=self.cfg.workers,
+            n_workers=0,  # the scheduler and client now, the workers once their forkserver is ready (below)
             threads_per_worker=self.cfg.threads_per_worker,
             memory_limit=self.cfg.memory_limit,
             processes=True,
@@ -142,9 +141,20 @@ class LocalBackend(Backend):
         self.client = await cast(Awaitable[Client], Client(self.cluster, security=security, asynchronous=True))
         await cast(Awaitable[Any], self.client.register_plugin(NoHTTP()))
         await cast(Awaitable[Any], self.client.register_plugin(FastExit()))  # a prompt exit at close
+        # The forkserver's imports (Dask, torch) end about now; waited for in a thread, so that a close
+        # meanwhile is immediate (a cluster whose workers are starting cannot be closed).
+        from orchestrator.training import forks
+
+        self._preparing = True
+        try:
+            await asyncio.to_thread(forks.wait_ready)
+        finally:
+            self._preparing = False
+        self.cluster.scale(self.cfg.workers)
+        await cast(Awaitable[LocalCluster], self.cluster)  # the workers started (a failed start raises here)
+        await cast(Awaitable[None], self.client.wait_for_workers(self.cfg.workers))
         for pid, _ in worker_processes(self.cluster):  # a SIGKILLed coordinator leaves no worker process behind
             guardian.watch_pid(pid)
-        await cast(Awaitable[None], self.client.wait_for_workers(self.cfg.workers))
         await cast(Awaitable[Any], self.client.register_plugin(OneLineDaskFaults()))
         return self.client
 
@@ -154,7 +164,7 @@ class LocalBackend(Backend):
         waits for, or in torch's slow teardown) are killed: a worker holds nothing the campaign
         has not collected."""
         if self._starting is not None:
-            if self._preparing:  # nothing started yet: the cluster is not started at all (the thread ends alone)
+            if self._preparing:  # no worker is starting: cancel (a thread under way ends alone)
                 self._starting.cancel()
             starting, self._starting = self._starting, None
             await asyncio.wait([starting])
