@@ -91,10 +91,12 @@ class LocalBackend(Backend):
 
     def __init__(self, cfg: TrainingConfig) -> None:
         self.cfg = cfg
-        if guardian.pid is not None:  # a coordinator (the server must carry the guardian's token): start the
-            from orchestrator.training import forks  # workers' forkserver before the first sims, it imports
+        if guardian.pid is not None:
+            # In a coordinator (the guardian is up, and the server must carry its token): the workers'
+            # forkserver starts now, before the first sims, and imports Dask and torch on a core of its own.
+            from orchestrator.training import forks
 
-            forks.prewarm()  # for 3 s on a core of its own
+            forks.prewarm()
         self.cluster: LocalCluster | None = None
         self._starting: asyncio.Future[Client] | None = None
         self._preparing = False

@@ -3,14 +3,14 @@
 Measured for issue 25 (sine bench, 2 cores): a spawned worker process imported Dask (about
 0.8 s) and only then torch (1.5 s, 2.5 s on a busy box) before the first training could run,
 so the first generate sim's data waited 1.6 s for the workers. Here :func:`prewarm` starts
-Python's forkserver as the first sims start: a process of its own that imports
-:data:`PRELOAD` on another core, and every local worker (a restart after a crash included)
-is forked from it with all of it already in memory.
+Python's forkserver when the local backend is made, before the first sims: a process of its
+own that imports :data:`PRELOAD` on another core, and every local worker (a restart after a
+crash included) is forked from it with all of it already in memory.
 
 What stays as it was:
-- the workers' environment: the server sets :mod:`~orchestrator.training.workerenv`'s in its own environment before
-  it imports torch (Dask's nanny sets these in the *coordinator's* environment before each
-  spawn, which leaked ``OMP_NUM_THREADS=1`` into every sim started afterwards; the local
+- the workers' environment: the server sets :mod:`~orchestrator.training.workerenv`'s variables
+  in its own environment before it imports torch (Dask's nanny sets them in the *coordinator's*
+  environment before each spawn, which leaked ``OMP_NUM_THREADS=1`` into every sim started afterwards; the local
   backend now tells Dask to set none, see :data:`DASK_CONFIG`);
 - the guardian: the server starts after the guardian, so it carries the campaign's token and is
   ended, with the workers forked from it, when the coordinator is SIGKILLed; on a normal end
@@ -40,9 +40,7 @@ _started = False
 
 
 def prewarm() -> None:
-    """Start the server now, once per process (about 30 ms here; its imports run in the server).
-
-    Called as the campaign's services begin, from a thread: the event loop goes on with the sims."""
+    """Start the server now, once per process (about 30 ms here; its imports run in the server)."""
     global _started
     with _lock:
         if _started:
@@ -61,8 +59,8 @@ def _nothing() -> None:
 
 def wait_ready() -> None:
     """Block until the server has done its imports (by forking one empty process from it). The local
-    backend waits here, in a thread, before it creates the cluster: a cluster still starting cannot
-    be closed, so a campaign stopped meanwhile (its time budget, a signal) would wait for the imports."""
+    backend waits here, in a thread, before it starts its workers: a cluster whose workers are starting
+    cannot be closed, so a campaign stopped meanwhile (its time budget, a signal) would wait for the imports."""
     prewarm()
     child = multiprocessing.get_context("forkserver").Process(target=_nothing, name="orchestrator-forkserver-ready")
     child.start()
@@ -79,4 +77,3 @@ def use_forkserver() -> None:
     prewarm()
     dask.config.set(DASK_CONFIG)
     distributed.utils._forkserver_preload_set = True
-
