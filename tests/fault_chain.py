@@ -136,6 +136,15 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def cmdline_of(p: psutil.Process) -> str:
+    """``p``'s command line, or "" for a process that is gone or a zombie (its parent has not reaped it yet:
+    the workers' forkserver reaps its children in its own time)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 ORPHAN_WAIT_S = 2.5
 """How long the coordinator's processes may outlive it; less than a generate sim's own 3 s of work,
 so a sim left running is caught before it would end by itself."""

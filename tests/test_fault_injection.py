@@ -37,6 +37,7 @@ from tests.fault_chain import (
     Figures,
     campaign_loop,
     chain,
+    cmdline_of,
     left_running,
     read_events,
     record,
@@ -335,8 +336,8 @@ def test_scancel_of_the_allocation_checkpoints_exits_75_and_resumes_elsewhere(
         # sims in flight: a generate's ranks are running (its srun step exists)
         event = wait_for_event(work, "fi", BOUNDARIES["mid_generate"], salloc, 0)
         deadline = time.monotonic() + 30
-        while not any(str(event["run_id"]) in " ".join(p.cmdline()) for p in tree(coordinator.pid)
-                      if p.is_running()) and time.monotonic() < deadline:
+        while not any(str(event["run_id"]) in cmdline_of(p) for p in tree(coordinator.pid)) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         procs = tree(coordinator.pid)
         job = (probe / "job").read_text().strip()
