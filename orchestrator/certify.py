@@ -154,19 +154,20 @@ def plan_bound(plan: Plan, confidence: float) -> float:
 
 
 def statement(passed: int, used: int, confidence: float, tolerance: float, *, rule: str = "certified",
-              coverage: float | None = None, bound: float | None = None) -> str:
+              coverage: float | None = None, bound: float | None = None, domain: str = "the domain") -> str:
     """What the evidence certifies, in a user's words.
 
     ``rule`` is ``certified`` (the coverage/confidence rule, ``coverage`` its target) or ``count``
     (the successes rule, whose count is evidence, not a guarantee). ``bound``: the coverage
     certified, when not the Clopper-Pearson bound of ``passed`` in ``used`` (:func:`plan_bound`).
+    ``domain``: what the checks were drawn over, in words.
     """
     if used == 0:
-        return f"no check yet: nothing is certified about the share of the domain within {tolerance:g}"
+        return f"no check yet: nothing is certified about the share of {domain} within {tolerance:g}"
     if bound is None:
         bound = lower_bound(passed, used, confidence)
     word = "successes" if rule == "count" else "checks passed"
-    text = (f"{passed}/{used} {word}: at {_pct(confidence)} confidence, at least {_pct(bound)} of the domain "
+    text = (f"{passed}/{used} {word}: at {_pct(confidence)} confidence, at least {_pct(bound)} of {domain} "
             f"within {tolerance:g}")
     if rule == "count":
         return text + " (a count of successes, not a certified target)"

@@ -111,11 +111,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.loop, args.overrides)
     setups = sim_setups(cfg, args.loop)
     from orchestrator import sampling
+    from orchestrator.errors import ConfigError
 
-    sampling.resolve(cfg, [args.loop.resolve().parent])  # a user's strategy must import
+    try:  # a user's strategy must import, and so must a check-point function
+        sampling.resolve(cfg, [args.loop.resolve().parent])
+        sampling.check_drawer(cfg, [args.loop.resolve().parent])
+    except ConfigError as exc:
+        raise ConfigError(f"{args.loop}: {exc}") from exc
     if cfg.tracking.tensorboard_dir and Path(cfg.tracking.tensorboard_dir).is_absolute():
         from orchestrator.config import tensorboard_dir
-        from orchestrator.errors import ConfigError
 
         try:
             tensorboard_dir(cfg.tracking.tensorboard_dir, Path("/"))

@@ -270,6 +270,21 @@ class TargetConfig(_Strict):
     """Certified rule: failed checks a version may have and still pass (more checks are then needed:
     93 for 0.95/0.95 with one, 124 with two). A version with more failures goes back to training at
     once, its remaining checks cancelled."""
+    check_points: str | None = None
+    """Where check points are drawn, the distribution "the share of the domain" is measured over.
+    None: uniformly over the domain. Else ``module:function`` (a ``module.py`` next to loop.yml, or an
+    importable module), called as ``function(rng, lo, hi)`` with the campaign's numpy Generator and the
+    inputs' bounds as arrays, returning one point inside the domain; its draws must be independent (take
+    them from ``rng``), and every statement then speaks of the domain as that function draws it."""
+
+    @field_validator("check_points")
+    @classmethod
+    def _check_points(cls, v: str | None) -> str | None:
+        if v is not None:
+            from orchestrator.userref import split_ref
+
+            split_ref(v)  # ValueError: not of the form 'module:name'
+        return v
 
     @field_validator("coverage")
     @classmethod
@@ -300,6 +315,11 @@ class TargetConfig(_Strict):
         except ValueError as exc:
             raise ValueError(f"coverage/confidence: {exc}; ask for less") from exc
         return self
+
+    @property
+    def domain_words(self) -> str:
+        """What "the domain" of a statement is: the share of it is measured over the check points' law."""
+        return "the domain" if self.check_points is None else f"the domain as {self.check_points} draws it"
 
     @property
     def certified(self) -> bool:

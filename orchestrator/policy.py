@@ -250,10 +250,11 @@ def evidence(passed: int, failed: int, target: TargetConfig) -> Evidence:
     bound = lower_bound(passed, used, conf) if used else 0.0
     if p is None:
         return Evidence("count", bound, conf, used, failed, None,
-                        statement(passed, used, conf, target.tolerance, rule="count"))
+                        statement(passed, used, conf, target.tolerance, rule="count", domain=target.domain_words))
     if verdict(passed, failed, p) is Verdict.CERTIFIED:
         bound = plan_bound(p, conf)  # decided early, it certifies what the plan does, no more
-    text = statement(passed, used, conf, target.tolerance, coverage=target.certified_coverage, bound=bound)
+    text = statement(passed, used, conf, target.tolerance, coverage=target.certified_coverage, bound=bound,
+                     domain=target.domain_words)
     return Evidence("certified", bound, conf, used, failed, p.checks, text)
 
 
@@ -263,9 +264,11 @@ def describe_target(target: TargetConfig) -> str:
     if p is None:
         return (f"count rule: {target.successes} successes within {target.tolerance:g}; "
                 + statement(target.successes, target.successes, target.certified_confidence, target.tolerance,
-                            rule="count"))
+                            rule="count", domain=target.domain_words))
     failing = "none" if not p.allowed_failures else f"at most {p.allowed_failures}"
-    return (f"certified rule: one model version checked at up to {p.checks} fresh uniform points, {failing} "
+    drawn = "uniform points" if target.check_points is None else f"points drawn by {target.check_points}"
+    return (f"certified rule: one model version checked at up to {p.checks} fresh {drawn}, {failing} "
             f"failing; then "
             + statement(p.passes_needed, p.checks, target.certified_confidence, target.tolerance,
-                        coverage=target.certified_coverage, bound=plan_bound(p, target.certified_confidence)))
+                        coverage=target.certified_coverage, bound=plan_bound(p, target.certified_confidence),
+                        domain=target.domain_words))

@@ -465,6 +465,7 @@ def build_campaign(
             sampler=sampling.Sampler.create(cfg, sampling.resolve(cfg, search), state.sampling_rng),
             tracker=tracker, walltime=walltime_guard(cfg, alloc, state), model=model, members=members,
             job_watch=JobWatch(alloc.job_id) if alloc.in_slurm and alloc.job_id else None,
+            check_draw=sampling.check_drawer(cfg, search),
         )
         return Campaign(cfg, store, parts, state, resumed=resumed, progress=progress)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:

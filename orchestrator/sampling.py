@@ -34,7 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from orchestrator.config import BUILTIN_SAMPLING, LoopConfig, PolicyConfig, Sampling
 from orchestrator.errors import ConfigError, SamplingError
-from orchestrator.userref import import_module
+from orchestrator.userref import import_module, split_ref
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,48 @@ def load_user_strategy(spec: str, search: Sequence[Path]) -> Strategy:
         raise ConfigError(f"policy.sampling {spec!r}: {module_name} has no function {attr!r}")
     strategy: Strategy = fn
     return strategy
+
+
+CheckDraw = Callable[[np.random.Generator], list[float]]
+"""One check point from the campaign's generator (``target.check_points``)."""
+
+
+def check_drawer(cfg: LoopConfig, search: Sequence[Path] = ()) -> CheckDraw | None:
+    """``target.check_points``'s function, wrapped so each point it returns is checked (None: uniform draws)."""
+    ref = cfg.target.check_points
+    if ref is None:
+        return None
+    what = f"target.check_points {ref!r}"
+    module_name, attr = split_ref(ref)
+    try:
+        module = import_module(module_name, search)
+    except ImportError as exc:
+        where = ", ".join(str(p) for p in search) or "the Python path"
+        raise ConfigError(f"{what}: cannot import {module_name!r} (looked in {where}): {exc}; "
+                          f"put {module_name}.py next to loop.yml") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{what}: {module_name} has no function {attr!r}")
+    lo = np.array([i.lo for i in cfg.inputs], dtype=np.float64)
+    hi = np.array([i.hi for i in cfg.inputs], dtype=np.float64)
+
+    def draw(rng: np.random.Generator) -> list[float]:
+        try:
+            raw = fn(rng, lo.copy(), hi.copy())
+        except Exception as exc:  # a user's code: one line naming it, the campaign stops
+            raise SamplingError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            point = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise SamplingError(f"{what} returned {type(raw).__name__}, not a point: {exc}") from exc
+        if point.shape != lo.shape:
+            raise SamplingError(f"{what} returned shape {point.shape}; expected one point of {lo.size} input(s)")
+        if not (np.all(np.isfinite(point)) and np.all(point >= lo) and np.all(point <= hi)):
+            raise SamplingError(f"{what} returned {[float(v) for v in point]}, not a point inside the domain "
+                                "(each input within its lo..hi)")
+        return [float(v) for v in point]
+
+    return draw
 
 
 def resolve(cfg: LoopConfig, search: Sequence[Path] = ()) -> Strategy:

@@ -234,8 +234,7 @@ async def _train(c: Campaign, files: list[Path], result: StepsResult) -> bytes:
 async def _evaluate(c: Campaign, result: StepsResult, state: bytes | None = None,
                     registered: tuple[str, str | None] | None = None) -> None:
     rng = step_seed(c.cfg.seed, "evaluate")
-    lo, hi = np.array([i.lo for i in c.cfg.inputs]), np.array([i.hi for i in c.cfg.inputs])
-    xs = [[float(v) for v in rng.uniform(lo, hi)] for _ in range(c.cfg.steps.evaluate_checks)]
+    xs = [c.draw_check_point(rng) for _ in range(c.cfg.steps.evaluate_checks)]
     truths_job = asyncio.gather(*(c.check_truth(x) for x in xs))
     if state is not None:
         preds_job: Any = c.trainer.evaluate(state, xs)

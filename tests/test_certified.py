@@ -161,3 +161,42 @@ def test_check_rows_survive_sigkill_and_resume(tmp_path: Path) -> None:
     check_rows_are_on_disk(run_dir, ev, summary)
     check_points_never_trained_on(run_dir, ev)
     assert pids_of(str(run_dir)) == []
+
+
+def test_checks_drawn_by_the_users_function_and_the_statement_names_it(tmp_path: Path) -> None:
+    """target.check_points: the certified statement is about the distribution the checks come from.
+    Here a function next to loop.yml draws from the left half only; every check lies there."""
+    (tmp_path / "left.py").write_text(
+        "def draw(rng, lo, hi):\n    return rng.uniform(lo, (lo + hi) / 2)\n")
+    cfg = certified_loop()
+    cfg["target"]["check_points"] = "left:draw"
+    loop = write_loop(tmp_path, cfg)
+    assert "points drawn by left:draw" in orchestrate("validate", str(loop)).stdout
+    work = tmp_path / "runs"
+    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = run_dir_of(work)
+    assert run_dir is not None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["target_met"] and "of the domain as left:draw draws it within 0.05" in \
+        summary["certified_statement"]
+    checks = [e for e in read_events(run_dir) if e.kind is EventKind.CHECK]
+    assert len(checks) >= 13 and all(e["x"][0] <= 0.0 for e in checks), [e["x"] for e in checks]
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ("raise RuntimeError('no points today')", "raised RuntimeError: no points today"),
+    ("return hi + 1", "returned [4.14"),
+    ("return [0.0, 0.0]", "returned shape (2,); expected one point of 1 input(s)"),
+])
+def test_a_bad_check_point_function_stops_the_campaign_in_one_line(tmp_path: Path, body: str, said: str) -> None:
+    (tmp_path / "bad.py").write_text(f"def draw(rng, lo, hi):\n    {body}\n")
+    cfg = certified_loop()
+    cfg["target"]["check_points"] = "bad:draw"
+    loop = write_loop(tmp_path, cfg)
+    proc = orchestrate("run", str(loop), "--workdir", str(tmp_path / "runs"), "--no-live")
+    assert proc.returncode not in (0, 3) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: target.check_points 'bad:draw' ") and said in errors[0]
+    run_dir = run_dir_of(tmp_path / "runs")
+    assert run_dir is not None and pids_of(str(run_dir)) == []

@@ -159,6 +159,8 @@ class CampaignParts:
     """The current model of a resumed run."""
     members: list[bytes] = dataclasses.field(default_factory=list)
     """The current ensemble members of a resumed run (the model alone for one model)."""
+    check_draw: sampling.CheckDraw | None = None
+    """Draws a check point (``target.check_points``); None: uniform over the domain."""
     job_watch: JobWatch | None = None
     """Inside Slurm: tells when the allocation itself is gone (scancel), which no signal reports."""
 
@@ -186,6 +188,7 @@ class Campaign:
         self.model_state: bytes | None = parts.model
         self.members: list[bytes] = list(parts.members)
         self.sampler = parts.sampler
+        self._check_draw = parts.check_draw
         self._scoring: asyncio.Task[TaskResult] | None = None
         self._data_cache: tuple[int, np.ndarray] | None = None
         self.lo = np.array([i.lo for i in cfg.inputs])
@@ -321,9 +324,15 @@ class Campaign:
 
     def _random_point(self) -> list[float]:
         """A check point: fresh, independent, uniform over the domain, the distribution the certified
-        statement is about. The seam for a user's own check distribution is here (it must draw
-        independent points from the campaign's RNG, and the statement then speaks of that distribution)."""
-        return [float(v) for v in self.rng.uniform(self.lo, self.hi)]
+        statement is about, or the user's own (``target.check_points``, drawing from the campaign's RNG;
+        the statement then speaks of that distribution)."""
+        return self.draw_check_point(self.rng)
+
+    def draw_check_point(self, rng: np.random.Generator) -> list[float]:
+        """A check point drawn from ``rng``: by ``target.check_points``, or uniformly over the domain."""
+        if self._check_draw is not None:
+            return self._check_draw(rng)
+        return [float(v) for v in rng.uniform(self.lo, self.hi)]
 
     def _next_query(self) -> tuple[list[float], list[float] | None, str | None]:
         """A failed point again first, then a point whose truth a precheck already knows."""
