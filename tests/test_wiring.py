@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO, fast_loop, write_loop
 
 LAMMPS = Path("/usr/bin/lmp")
-EXAMPLES = ["sine", "front", "oscillator", "drift", "lammps-lj"]
+EXAMPLES = ["sine", "front", "peaks", "oscillator", "drift", "lammps-lj"]
 FAST = ["--set", "steps.generate_runs=2", "--set", "steps.evaluate_checks=2", "--set", "tracking.enabled=false",
         "--set", "training.hparams.epochs=5", "--set", "training.hparams.lbfgs_iters=5"]
 
@@ -33,6 +33,11 @@ def steps(example: str, work: Path) -> dict[str, Any]:
     run_dir = proc.stdout.strip().splitlines()[-1].removeprefix("run dir: ")
     summary: dict[str, Any] = json.loads((Path(run_dir) / "summary.json").read_text())
     return summary
+
+
+def test_every_example_is_in_the_steps_test() -> None:
+    """A new example joins EXAMPLES, so its --steps are run too."""
+    assert sorted(EXAMPLES) == sorted(p.parent.name for p in (REPO / "examples").glob("*/loop.yml"))
 
 
 @pytest.mark.integration
