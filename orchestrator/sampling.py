@@ -34,7 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from orchestrator.config import BUILTIN_SAMPLING, LoopConfig, PolicyConfig, Sampling
 from orchestrator.errors import ConfigError, SamplingError
-from orchestrator.userref import import_module, split_ref
+from orchestrator.userref import import_module
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +179,25 @@ def builtin(name: str, policy: PolicyConfig) -> Strategy:
     return table[Sampling(name)]
 
 
-def load_user_strategy(spec: str, search: Sequence[Path]) -> Strategy:
-    """Import ``module:function``, looking next to loop.yml (``search``) first."""
+def _user_function(key: str, spec: str, search: Sequence[Path]) -> Callable[..., Any]:
+    """The function ``module:function`` names for loop.yml's ``key``, looking next to loop.yml (``search``)
+    first; a ConfigError naming the key when it cannot be imported or is not a function."""
     module_name, _, attr = spec.partition(":")
     try:
         module = import_module(module_name, search)
     except ImportError as exc:
         where = ", ".join(str(p) for p in search) or "the Python path"
-        raise ConfigError(f"policy.sampling {spec!r}: cannot import {module_name!r} (looked in {where}): "
+        raise ConfigError(f"{key} {spec!r}: cannot import {module_name!r} (looked in {where}): "
                           f"{exc}; put {module_name}.py next to loop.yml") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"policy.sampling {spec!r}: {module_name} has no function {attr!r}")
-    strategy: Strategy = fn
+        raise ConfigError(f"{key} {spec!r}: {module_name} has no function {attr!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def load_user_strategy(spec: str, search: Sequence[Path]) -> Strategy:
+    """Import ``module:function``, looking next to loop.yml (``search``) first."""
+    strategy: Strategy = _user_function("policy.sampling", spec, search)
     return strategy
 
 
@@ -205,16 +211,7 @@ def check_drawer(cfg: LoopConfig, search: Sequence[Path] = ()) -> CheckDraw | No
     if ref is None:
         return None
     what = f"target.check_points {ref!r}"
-    module_name, attr = split_ref(ref)
-    try:
-        module = import_module(module_name, search)
-    except ImportError as exc:
-        where = ", ".join(str(p) for p in search) or "the Python path"
-        raise ConfigError(f"{what}: cannot import {module_name!r} (looked in {where}): {exc}; "
-                          f"put {module_name}.py next to loop.yml") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{what}: {module_name} has no function {attr!r}")
+    fn = _user_function("target.check_points", ref, search)
     lo = np.array([i.lo for i in cfg.inputs], dtype=np.float64)
     hi = np.array([i.hi for i in cfg.inputs], dtype=np.float64)
 
