@@ -45,3 +45,58 @@ def test_a_failed_heartbeat_on_a_worker_is_one_line() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Failed to communicate with scheduler during heartbeat. (OSError: Timed out" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+FAILURES = textwrap.dedent("""
+    import asyncio
+    import gc
+    import time
+
+    from orchestrator.config import TrainingConfig
+    from orchestrator.errors import TrainingError
+    from orchestrator.procs import guardian
+    from orchestrator.training.backends import LocalBackend, Trainer
+
+
+    def boom():
+        raise ValueError("a member failed")
+
+
+    async def main():
+        cfg = TrainingConfig(workers=2)
+        backend = LocalBackend(cfg)
+        client = await backend.start()
+        trainer = Trainer(backend, cfg, 1, 1)
+        try:
+            # a failure cancels its siblings on the workers (an asynchronous client's cancel must be awaited)
+            slow = client.submit(time.sleep, 10, pure=False)
+            try:
+                await trainer._run([slow, client.submit(boom, pure=False)], trainer._failed("training"))
+            except TrainingError as exc:
+                print("RAISED", exc)
+            for _ in range(100):
+                if slow.status == "cancelled":
+                    break
+                await asyncio.sleep(0.05)
+            print("SIBLING", slow.status)
+            # an evaluation that fails while no one awaits it any more (the campaign ended) is not logged
+            trainer.evaluate_ensemble([b"not a model"], [[0.0]])
+            await trainer._quiet.wait()
+            gc.collect()
+        finally:
+            await backend.close()
+        gc.collect()
+
+
+    if __name__ == "__main__":
+        guardian.start(hold=True)
+        asyncio.run(main())
+""")
+
+
+def test_a_failed_task_cancels_its_siblings_and_an_unawaited_failure_is_not_logged() -> None:
+    proc = subprocess.run([sys.executable, "-c", FAILURES], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RAISED training failed on the Dask workers: ValueError: a member failed" in proc.stdout, proc.stdout
+    assert "SIBLING cancelled" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "never retrieved" not in proc.stderr and "never awaited" not in proc.stderr, proc.stderr

@@ -15,6 +15,7 @@ Backends:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -255,6 +256,8 @@ class Trainer:
             self._busy -= 1
             if self._busy == 0:
                 self._quiet.set()
+            if not task.cancelled():
+                task.exception()  # seen: a failure no one awaits any more (the campaign ended) is not logged
 
         task.add_done_callback(ended)
 
@@ -274,8 +277,7 @@ class Trainer:
         try:
             return list(await asyncio.gather(*futures))
         except Exception as exc:
-            for f in futures:
-                f.cancel()
+            await _cancel(futures)
             err = fail(exc)
             if err is exc:
                 raise
@@ -396,6 +398,24 @@ class Trainer:
         task = asyncio.ensure_future(result())
         self._busy_until(task)
         return task
+
+
+CANCEL_WAIT_S = 2.0
+"""How long a failed task's siblings' cancel may take before the failure is reported anyway."""
+
+
+async def _cancel(futures: list[Any]) -> None:
+    """Cancel Dask futures. An asynchronous client's cancel is a coroutine that sends nothing until it is
+    awaited; it is awaited briefly, and a client that is closing is left alone (its futures go with it)."""
+    client = futures[0].client if futures else None
+    if client is None or client.status != "running":
+        return
+    try:
+        sent = client.cancel(futures)
+        if inspect.isawaitable(sent):
+            await asyncio.wait_for(sent, CANCEL_WAIT_S)
+    except Exception as exc:  # the failure being reported matters more than its siblings' cancel
+        log.debug("cancelling %d Dask futures: %s", len(futures), exc)
 
 
 PASSING = ("KilledWorker", "FileNotFoundError", "CommClosedError", "TimeoutError")
