@@ -72,6 +72,15 @@ def check_rows_are_on_disk(run_dir: Path, ev: list[LoggedEvent], summary: dict[s
     assert {str(f.relative_to(run_dir)) for f in files} <= set(state["data_files"])
 
 
+def run_to_summary(loop: Path, work: Path, code: int) -> tuple[Path, dict[str, Any]]:
+    """``run`` loop.yml to its end, which must be exit ``code``; its run dir and summary."""
+    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
+    assert proc.returncode == code, proc.stderr[-3000:]
+    run_dir = run_dir_of(work)
+    assert run_dir is not None
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
 def max_overlap(ev: list[LoggedEvent], role: str) -> int:
     """The most sims of ``role`` running at once."""
     marks = sorted([(e.mono, 1) for e in ev if e.kind is EventKind.SIM_START and e["role"] == role]
@@ -85,12 +94,7 @@ def max_overlap(ev: list[LoggedEvent], role: str) -> int:
 
 def test_certified_campaign_certifies_one_version_at_fresh_points(tmp_path: Path) -> None:
     loop = write_loop(tmp_path, certified_loop())
-    work = tmp_path / "runs"
-    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = run_dir_of(work)
-    assert run_dir is not None
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir, summary = run_to_summary(loop, tmp_path / "runs", 0)
     # 0.8 / 0.8 with one failure allowed: 14 checks, 13 must pass
     assert (summary["rule"], summary["checks_needed"], summary["confidence"]) == ("certified", 14, 0.8)
     assert summary["target_met"] and summary["certified_coverage"] >= 0.8
@@ -121,12 +125,7 @@ def test_a_model_wrong_on_a_fifth_of_the_domain_is_not_certified(tmp_path: Path)
     cfg["target"].update({"tolerance": 0.1, "max_rounds": 2, "allowed_failures": 0})
     cfg["sims"]["check"]["args"] = ["--x", "{x}", "--terms", "3"]
     loop = write_loop(tmp_path, cfg)
-    work = tmp_path / "runs"
-    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    run_dir = run_dir_of(work)
-    assert run_dir is not None
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir, summary = run_to_summary(loop, tmp_path / "runs", 3)
     assert (summary["target_met"], summary["stop_reason"], summary["rule"]) == (False, "max_rounds", "certified")
     assert summary["checks_failed"] == 1 and summary["checks_used"] < 59 and summary["check_rows"] == 0
     assert "is not certified" in summary["certified_statement"]
@@ -172,12 +171,7 @@ def test_checks_drawn_by_the_users_function_and_the_statement_names_it(tmp_path:
     cfg["target"]["check_points"] = "left:draw"
     loop = write_loop(tmp_path, cfg)
     assert "points drawn by left:draw" in orchestrate("validate", str(loop)).stdout
-    work = tmp_path / "runs"
-    proc = orchestrate("run", str(loop), "--workdir", str(work), "--no-live")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = run_dir_of(work)
-    assert run_dir is not None
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir, summary = run_to_summary(loop, tmp_path / "runs", 0)
     assert summary["target_met"] and "of the domain as left:draw draws it within 0.05" in \
         summary["certified_statement"]
     checks = [e for e in read_events(run_dir) if e.kind is EventKind.CHECK]

@@ -6,6 +6,22 @@ import subprocess
 import sys
 import textwrap
 
+MAIN = textwrap.dedent("""
+
+    if __name__ == "__main__":
+        guardian.start(hold=True)
+        asyncio.run(main())
+""")
+"""How each script below runs: as a coordinator does, under the process guardian."""
+
+
+def coordinator(script: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` as a coordinator process of its own; it must exit 0."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 # A coordinator of its own (the workers write to the stderr of the process that started their
 # forkserver): a worker logs what distributed.worker logs when the scheduler is unreachable.
 SCRIPT = textwrap.dedent("""
@@ -33,16 +49,11 @@ SCRIPT = textwrap.dedent("""
         finally:
             await backend.close()
 
-
-    if __name__ == "__main__":
-        guardian.start(hold=True)
-        asyncio.run(main())
-""")
+""") + MAIN
 
 
 def test_a_failed_heartbeat_on_a_worker_is_one_line() -> None:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = coordinator(SCRIPT, timeout=120)
     assert "Failed to communicate with scheduler during heartbeat. (OSError: Timed out" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
 
@@ -87,16 +98,11 @@ FAILURES = textwrap.dedent("""
             await backend.close()
         gc.collect()
 
-
-    if __name__ == "__main__":
-        guardian.start(hold=True)
-        asyncio.run(main())
-""")
+""") + MAIN
 
 
 def test_a_failed_task_cancels_its_siblings_and_an_unawaited_failure_is_not_logged() -> None:
-    proc = subprocess.run([sys.executable, "-c", FAILURES], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = coordinator(FAILURES, timeout=180)
     assert "RAISED training failed on the Dask workers: ValueError: a member failed" in proc.stdout, proc.stdout
     assert "SIBLING cancelled" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "never retrieved" not in proc.stderr and "never awaited" not in proc.stderr, proc.stderr

@@ -322,14 +322,10 @@ class Campaign:
 
     # -- actions ----------------------------------------------------------
 
-    def _random_point(self) -> list[float]:
-        """A check point: fresh, independent, uniform over the domain, the distribution the certified
-        statement is about, or the user's own (``target.check_points``, drawing from the campaign's RNG;
-        the statement then speaks of that distribution)."""
-        return self.draw_check_point(self.rng)
-
     def draw_check_point(self, rng: np.random.Generator) -> list[float]:
-        """A check point drawn from ``rng``: by ``target.check_points``, or uniformly over the domain."""
+        """A check point: fresh, independent, drawn from ``rng`` (the campaign's, or a step's) uniformly over
+        the domain, the distribution the certified statement is about, or by the user's own
+        ``target.check_points`` (the statement then speaks of that distribution)."""
         if self._check_draw is not None:
             return self._check_draw(rng)
         return [float(v) for v in rng.uniform(self.lo, self.hi)]
@@ -340,7 +336,7 @@ class Campaign:
             return self.state.recheck.pop(0), None, None
         if self._known:
             return self._known.pop(0)
-        return self._random_point(), None, None
+        return self.draw_check_point(self.rng), None, None
 
     def _values(self, x: list[float]) -> dict[str, float | int]:
         return {spec.name: v for spec, v in zip(self.cfg.inputs, x, strict=True)}
@@ -509,7 +505,7 @@ class Campaign:
                                                             known_id))
             elif isinstance(action, pol.StartPrechecks):
                 for _ in range(action.count if self._fits("check") else 0):
-                    self._spawn(TaskKind.PRECHECK, self._precheck(self._random_point()))
+                    self._spawn(TaskKind.PRECHECK, self._precheck(self.draw_check_point(self.rng)))
         return None
 
     # -- results ----------------------------------------------------------
