@@ -47,7 +47,8 @@ def last_step_id() -> int:
     return int(out.stdout.split()[-1])
 
 
-async def _through(launcher: object, count: int, work: Path, tag: str, first: int = 0) -> float:
+async def _through(launcher: object, count: int, work: Path, tag: str, first: int = 0,
+                   env: dict[str, str] | None = None) -> float:
     from orchestrator.allocation import Allocation, SlotPool
     from orchestrator.launchers.base import Launcher, LaunchRequest, Outcome
 
@@ -59,7 +60,7 @@ async def _through(launcher: object, count: int, work: Path, tag: str, first: in
     async def one(i: int) -> None:
         placement = await pool.acquire(1)
         try:
-            req = LaunchRequest(run_id=f"{tag}-{i:05d}", role="bench", binary=binary, args=[], ranks=1,
+            req = LaunchRequest(run_id=f"{tag}-{i:05d}", role="bench", binary=binary, args=[], ranks=1, env=env or {},
                                 workdir=work / tag / f"{i:05d}", timeout_s=120, ncols=2, nrows=1,
                                 placement=placement)
             result = await launcher.run(req)
@@ -80,7 +81,9 @@ async def _measure(count: int, work: Path) -> dict[str, float]:
     from orchestrator.mpi import mpi_for
 
     alloc = Allocation.detect()
-    agent = NodeAgentLauncher(alloc, mpi=mpi_for(noop_sim()), log_dir=work / "agents")
+    mpi = mpi_for(noop_sim())
+    agent = NodeAgentLauncher(alloc, mpi=mpi, log_dir=work / "agents")
+    same_env = mpi.local_env(1)  # the srun arm gets the UCX settings the agent gives its singletons
     srun = SrunLauncher(alloc)
     agent_s = srun_s = 0.0
     agent_steps = 0
@@ -91,7 +94,7 @@ async def _measure(count: int, work: Path) -> dict[str, float]:
             before = last_step_id()
             agent_s += await _through(agent, per_chunk, work, "agent", first)
             agent_steps += last_step_id() - before - 1  # the probe counts itself
-            srun_s += await _through(srun, per_chunk, work, "srun", first)
+            srun_s += await _through(srun, per_chunk, work, "srun", first, same_env)
     finally:
         await agent.close()
     count = per_chunk * CHUNKS
@@ -117,7 +120,8 @@ def run(record: Callable[[str, float, str], None], count: int = COUNT) -> None:
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
         d = json.loads(out.read_text())
-    how = (f"{d['count']} one-rank sim-noop (MPICH singletons via the agent) over {d['nodes']} fake nodes x "
+    how = (f"{d['count']} one-rank sim-noop (MPICH singletons via the agent; the srun arm with the same "
+           f"node-local UCX settings) over {d['nodes']} fake nodes x "
            f"{PER_NODE} slots, {CHUNKS} alternating chunks per path (job {int(d['job'])})")
     record(f"agent_sims_per_s_{count}", d["count"] / d["agent_s"], f"through the node agent; {how}")
     record(f"srun_sims_per_s_{count}", d["count"] / d["srun_s"], f"one srun step each; {how}")

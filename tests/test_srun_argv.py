@@ -419,8 +419,14 @@ def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherw
     assert NodeAgentLauncher(local, mpi=ompi).command(one)[:4] == ["/opt/ompi/bin/mpiexec", "-n", "1",
                                                                    "--oversubscribe"]
     assert NodeAgentLauncher(local, mpiexec="/opt/x/mpiexec").command(one)[:3] == ["/opt/x/mpiexec", "-n", "1"]
-    if "UCX_TLS" not in os.environ:  # a singleton's UCX probes no network; the sim's own env wins
-        assert NodeAgentLauncher(local, mpi=mpich).sim_env(one)["UCX_TLS"] == "self,sm"
+    if not any(k.startswith("UCX_") for k in os.environ):  # MPICH's UCX stays on the node; the sim's env wins
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(one)["UCX_TLS"] == "self"  # a singleton
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(two)["UCX_TLS"] == "self,sm"
+        for r in (one, two):
+            assert NodeAgentLauncher(local, mpi=mpich).sim_env(r)["UCX_MEM_MMAP_HOOK_MODE"] == "none"
         own = req(tmp_path, 1, (("box", 1),), env={"UCX_TLS": "tcp"})
         assert NodeAgentLauncher(local, mpi=mpich).sim_env(own)["UCX_TLS"] == "tcp"
-    assert "UCX_TLS" not in NodeAgentLauncher(local, mpi=mpich).sim_env(two)
+        assert not any(k.startswith("UCX_") for k in NodeAgentLauncher(local, mpi=ompi).sim_env(two))
+        from orchestrator.launchers.mpiexec import MpiexecLauncher
+        assert MpiexecLauncher(mpi=mpich).environment(two)["UCX_TLS"] == "self,sm"
+        assert MpiexecLauncher(mpi=mpich).environment(own)["UCX_TLS"] == "tcp"

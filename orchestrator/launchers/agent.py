@@ -56,10 +56,6 @@ AGENT_LOG = "agent-{node}.log"
 SINGLETON_FLAVOURS = frozenset({Flavour.MPICH})
 """MPIs whose one-rank run starts without a process manager (MPICH's singleton init, checked with the
 PyPI wheel's MPICH 5 and Debian's MPICH 4); Open MPI's singleton starts a daemon of its own."""
-SINGLETON_ENV = {"UCX_TLS": "self,sm"}
-"""A singleton talks to no other process: UCX (the wheel MPICH's network module) need not probe the
-network. Measured for issue 25: 29 ms instead of 41 ms of CPU per sim-noop run (mpiexec -n 1: 56 ms).
-A value in the environment or the sim's ``env`` wins."""
 
 
 class AgentLost(LaunchError):
@@ -269,9 +265,10 @@ class NodeAgentLauncher(ProcessLauncher):
         """Only what the agent adds to its own environment: the sim's extras, the rank check, and what
         the sim's MPI needs to run locally (e.g. Open MPI as root)."""
         env = {**req.env, "SIMKIT_EXPECT_RANKS": str(req.ranks)}
-        if self.singleton(req):
-            env = {**{k: v for k, v in SINGLETON_ENV.items() if k not in os.environ}, **env}
-        return env if self.mpi is None else {**self.mpi.local_env(), **env}
+        if self.mpi is None:
+            return env
+        wanted = {k: v for k, v in self.mpi.local_env(req.ranks).items() if k not in os.environ}
+        return {**wanted, **env}
 
     async def run(self, req: LaunchRequest) -> SimResult:
         if self._multi_node(req):

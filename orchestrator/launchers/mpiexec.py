@@ -74,4 +74,4 @@ class MpiexecLauncher(ProcessLauncher):
 
     def environment(self, req: LaunchRequest) -> dict[str, str]:
         env = super().environment(req)
-        return env if self.mpi is None else merged_env(env, self.mpi)
+        return env if self.mpi is None else merged_env(env, self.mpi, req.ranks)
