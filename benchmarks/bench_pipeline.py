@@ -1,12 +1,15 @@
 """Sims and training at the same time, measured against a sequential baseline.
 
 Figures (each from this one run, its baseline measured here too):
-  time_to_target_ratio        orchestrator / sequential baseline, median of 5 seeds (target <= 0.5);
+  pipeline_time_to_target_ratio
+                              orchestrator / sequential baseline, median of 5 seeds, arms one after
+                              the other (the headline time_to_target_ratio, 10 paired runs with arms
+                              interleaved, is bench_peer's);
                               both timed from the command's launch to the check that met the target
   overlap_fraction            share of training time with a sim running, pipelined mode (target >= 0.8)
   throughput_ratio            500 one-rank no-op sims via the campaign's launch path / raw parallel
                               mpiexec launches at the same concurrency (target >= 0.8)
-  coordinator_cpu_share       coordinator CPU time / wall time in steady state (target <= 0.05)
+  coordinator_cpu_share       coordinator CPU time / wall time in steady state (target <= 0.02)
   near_failures_points_ratio  generate rows needed to reach the target, near-failures / uniform
 """
 
@@ -112,9 +115,10 @@ def bench_time_to_target(record: Record) -> None:
                                   str(seed)], capture_output=True, text=True, check=True, timeout=600)
             base.append(json.loads(out.stdout.strip().splitlines()[-1])["target_at"] - launched)
     mo, mb = statistics.median(ours), statistics.median(base)
-    record("time_to_target_orchestrator_s", mo, f"median of seeds {SEEDS}: {[round(v, 2) for v in ours]}")
-    record("time_to_target_sequential_s", mb, f"median of seeds {SEEDS}: {[round(v, 2) for v in base]}")
-    record("time_to_target_ratio", mo / mb, "orchestrator / sequential baseline (target <= 0.5)")
+    record("pipeline_time_to_target_orchestrator_s", mo, f"median of seeds {SEEDS}: {[round(v, 2) for v in ours]}")
+    record("pipeline_time_to_target_sequential_s", mb, f"median of seeds {SEEDS}: {[round(v, 2) for v in base]}")
+    record("pipeline_time_to_target_ratio", mo / mb, "orchestrator / sequential baseline (bench_peer's "
+           "time_to_target_ratio is the headline)")
     record("overlap_fraction", statistics.median(overlaps),
            f"median over {len(overlaps)} pipelined runs: {[round(v, 3) for v in overlaps]} (target >= 0.8)")
 
@@ -126,7 +130,7 @@ def bench_cpu_share(record: Record) -> None:
     if not cpu:
         raise RuntimeError("could not sample the coordinator's CPU time")
     record("coordinator_cpu_share", cpu["cpu_s"] / cpu["wall_s"],
-           f"{cpu['cpu_s']:.2f} s CPU over {cpu['wall_s']:.1f} s of checks after the first training (target <= 0.05)")
+           f"{cpu['cpu_s']:.2f} s CPU over {cpu['wall_s']:.1f} s of checks after the first training (target <= 0.02)")
 
 
 def bench_near_failures(record: Record) -> None:

@@ -45,6 +45,7 @@ from libensemble.tools.persistent_support import PersistentSupport
 
 from orchestrator.config import LoopConfig, load_config, render_args, resolve_binaries
 from orchestrator.launchers.mpiexec import find_mpiexec
+from orchestrator.mpi import mpi_for
 
 CHECK, GENERATE = 0, 1
 ROLES = {CHECK: "check", GENERATE: "generate"}
@@ -190,6 +191,10 @@ def surrogate_gen(H: Any, persis_info: Any, gen_specs: Any, libE_info: Any) -> t
 
 def build(cfg: LoopConfig, loop_file: Path, overrides: list[str], workdir: Path) -> Ensemble:
     binaries = resolve_binaries(cfg, loop_file)
+    for role in ROLES.values():  # the node-local MPI settings the orchestrator gives the same sims
+        ranks = getattr(cfg.sims, role).ranks
+        for key, value in mpi_for(binaries[role]).local_env(ranks).items():
+            os.environ.setdefault(key, value)
     exctr = MPIExecutor(custom_info={"mpi_runner": "mpich", "runner_name": find_mpiexec()})
     for role, binary in binaries.items():
         exctr.register_app(full_path=str(binary), app_name=role)

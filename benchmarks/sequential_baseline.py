@@ -24,14 +24,17 @@ import numpy as np
 from orchestrator import policy
 from orchestrator.config import LoopConfig, load_config, render_args, resolve_binaries
 from orchestrator.launchers.mpiexec import find_mpiexec
+from orchestrator.mpi import merged_env, mpi_for
 from orchestrator.rundeck import write_points
 from orchestrator.training import tasks
 from orchestrator.training.ensemble import member_seed
 
 
 def _sim(mpiexec: str, binary: Path, args: list[str], ranks: int, out: Path) -> np.ndarray:
+    """One run, with the node-local MPI settings the orchestrator's mpiexec launcher gives it."""
     argv = [mpiexec, "-n", str(ranks), str(binary), *args, "--out", str(out)]
-    subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "SIMKIT_EXPECT_RANKS": str(ranks)})
+    env = {**merged_env(os.environ, mpi_for(binary), ranks), "SIMKIT_EXPECT_RANKS": str(ranks)}
+    subprocess.run(argv, check=True, capture_output=True, env=env)
     table: np.ndarray = np.load(out)
     return table
 

@@ -123,6 +123,29 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+class AcceptedRows:
+    """Every accepted row of a run, as one table, read from its data files as they come.
+
+    Files are appended as rows are accepted (a check row each, with ``train_on_checks``), so only
+    the new ones are read: reading them all again for every check made the coordinator's CPU grow
+    with the square of the checks. A list that changed otherwise (continual mode's window) is read
+    again whole."""
+
+    def __init__(self, root: Path, n_columns: int) -> None:
+        self.root = root
+        self.files: list[str] = []
+        self.table = np.empty((0, n_columns))
+
+    def read(self, files: Sequence[str]) -> np.ndarray:
+        files = list(files)
+        if files != self.files:
+            kept = len(self.files) if files[:len(self.files)] == self.files else 0
+            tables = [np.load(self.root / f, allow_pickle=False) for f in files[kept:]]
+            self.table = np.concatenate([self.table[:0] if kept == 0 else self.table, *tables])
+            self.files = files
+        return self.table
+
+
 class RunStore:
     """One campaign's run directory."""
 

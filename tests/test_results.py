@@ -67,3 +67,21 @@ def test_wrong_ndim(tmp_path: Path) -> None:
 def test_wrong_dtype(tmp_path: Path) -> None:
     with pytest.raises(MalformedResult, match="expected float64 values, got float32"):
         read_table(save(tmp_path, np.zeros((2, 2), dtype=np.float32)), ncols=2)
+
+
+def test_accepted_rows_reads_each_new_file_once_and_a_changed_list_whole(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import store
+
+    for i in range(4):
+        np.save(tmp_path / f"d{i}.npy", np.full((i + 1, 2), float(i)))
+    loads: list[str] = []
+    real_load = np.load
+    monkeypatch.setattr(store.np, "load", lambda p, **kw: (loads.append(Path(p).name), real_load(p, **kw))[1])
+    rows = store.AcceptedRows(tmp_path, 2)
+    assert rows.read([]).shape == (0, 2)
+    assert rows.read(["d0.npy", "d1.npy"])[:, 0].tolist() == [0, 1, 1]
+    assert rows.read(["d0.npy", "d1.npy", "d2.npy"])[:, 0].tolist() == [0, 1, 1, 2, 2, 2]
+    assert loads == ["d0.npy", "d1.npy", "d2.npy"]  # appended: only the new file read
+    assert rows.read(["d1.npy", "d2.npy", "d3.npy"])[:, 0].tolist() == [1, 1, 2, 2, 2, 3, 3, 3, 3]  # a window
+    assert loads[3:] == ["d1.npy", "d2.npy", "d3.npy"]

@@ -57,7 +57,7 @@ from orchestrator.runlog import (
     build_summary,
 )
 from orchestrator.slurm import JobWatch
-from orchestrator.store import EVENTS, LOOP, RunStore
+from orchestrator.store import EVENTS, LOOP, AcceptedRows, RunStore
 from orchestrator.training.backends import Backend, Trainer
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class Campaign:
         self.sampler = parts.sampler
         self._check_draw = parts.check_draw
         self._scoring: asyncio.Task[TaskResult] | None = None
-        self._data_cache: tuple[int, np.ndarray] | None = None
+        self._rows = AcceptedRows(store.root, cfg.n_columns)
         self.lo = np.array([i.lo for i in cfg.inputs])
         self.hi = np.array([i.hi for i in cfg.inputs])
         self.walltime = parts.walltime
@@ -436,12 +436,7 @@ class Campaign:
 
     def _data_xy(self) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and outputs of every accepted row (for the sampling strategy)."""
-        files = self.state.data_files
-        if self._data_cache is None or self._data_cache[0] != len(files):
-            tables = [np.load(self.store.root / f, allow_pickle=False) for f in files]
-            data = np.concatenate(tables) if tables else np.empty((0, self.cfg.n_columns))
-            self._data_cache = (len(files), data)
-        data = self._data_cache[1]
+        data = self._rows.read(self.state.data_files)
         n_in = len(self.cfg.inputs)
         return data[:, :n_in], data[:, n_in:]
 
