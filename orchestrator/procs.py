@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,6 +308,37 @@ async def _end(proc: asyncio.subprocess.Process, grace: float) -> None:
     await proc.wait()
 
 
+ENTER = "orch-enter"
+"""The program (sims/orch-enter.c, installed beside the interpreter) a held process runs first: it
+does what :func:`~orchestrator.holding.child_setup` does between fork and exec, so the coordinator
+starts the process with vfork instead of a fork of itself plus Python in the child. Measured for
+issue 25 with the coordinator's imports loaded: 0.45 instead of 2.4 ms of the coordinator's CPU
+per process started (wall 0.9 vs 4.8 ms)."""
+
+
+@functools.cache
+def enter_program() -> str | None:
+    """``orch-enter`` beside the interpreter; None where it is not installed (``child_setup`` then)."""
+    path = Path(sys.executable).parent / ENTER
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def executable(program: str, env: Mapping[str, str], cwd: Path | None) -> str:
+    """``program`` as exec would find it (on the child's PATH, or relative to its cwd); raises what a
+    direct exec would: FileNotFoundError, or PermissionError for a file that is not executable."""
+    if os.sep in program:
+        path = Path(program) if os.path.isabs(program) or cwd is None else Path(cwd) / program
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        return str(path)
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return found
+
+
 async def start(
     argv: Sequence[str],
     *,
@@ -325,9 +358,17 @@ async def start(
     """
     log.debug("exec: %s", list(argv))
     guardian.start()  # before the fork: the child enters the campaign's cgroup
+    setup = None
+    if guardian.holding:
+        enter = enter_program()
+        if enter is not None:  # started by vfork, held by orch-enter before it execs argv
+            argv = [enter, str(os.getpid()), str(guardian.cgroup.path) if guardian.cgroup else "",
+                    executable(argv[0], env, cwd), *argv]
+        else:
+            setup = functools.partial(child_setup, guardian.cgroup)
     proc = await asyncio.create_subprocess_exec(
         *argv, env=dict(env), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, start_new_session=True, limit=limit,
-        preexec_fn=functools.partial(child_setup, guardian.cgroup) if guardian.holding else None,
+        preexec_fn=setup,
     )
     guardian.watch_group(proc.pid)  # a SIGKILLed coordinator leaves nothing of it behind
     return proc

@@ -192,3 +192,48 @@ def test_sim_kind_that_always_fails_stops_with_its_name_and_stderr(tmp_path: Pat
     assert run_dir is not None
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["sims_failed"] == 4
+
+
+HELD_START = """
+import asyncio, os, signal, sys
+from orchestrator.procs import enter_program, guardian, start
+
+async def main():
+    guardian.start(hold=True)
+    assert enter_program() is not None, "orch-enter is not installed beside the interpreter"
+    proc = await start(["sleep", "60"], env=dict(os.environ), stdout=None, stderr=None)
+    print(proc.pid, flush=True)
+    try:
+        await start(["no-such-program-here"], env=dict(os.environ), stdout=None, stderr=None)
+    except FileNotFoundError:
+        print("not found", flush=True)
+    sys.stdin.readline()  # the test SIGKILLs us here
+
+asyncio.run(main())
+"""
+
+
+def test_a_held_process_is_started_through_orch_enter_and_ends_with_its_coordinator() -> None:
+    """The vfork path (sims/orch-enter.c): the process sits in its own session and cgroup, a missing
+    program is still a FileNotFoundError at start, and a SIGKILLed starter leaves nothing behind."""
+    starter = subprocess.Popen([sys.executable, "-c", HELD_START], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert starter.stdout is not None
+        pid = int(starter.stdout.readline())
+        assert starter.stdout.readline().strip() == "not found"
+        assert os.getsid(pid) == pid
+        own = Path(f"/proc/{pid}/cgroup").read_text()
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists() or "orchestrator-" in own:  # a cgroup v2 to hold it
+            assert f"/p{pid}\n" in own, own
+        deadline = time.monotonic() + 10
+        while (argv0 := Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]) != b"sleep":
+            assert time.monotonic() < deadline, f"orch-enter did not exec sleep as given: {argv0!r}"
+            time.sleep(0.01)
+    finally:
+        starter.kill()
+        starter.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the held process outlived its SIGKILLed starter"
