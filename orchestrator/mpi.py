@@ -60,6 +60,7 @@ SONAMES: dict[str, Flavour] = {
 """Shared-library names (SONAMEs) that tell an MPI family."""
 
 ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+"""Open MPI refuses to start as root without these (containers, CI)."""
 NODE_LOCAL_UCX = {"UCX_TLS": "self,sm", "UCX_MEM_MMAP_HOOK_MODE": "none", "UCX_MEM_EVENTS": "no"}
 """For an MPICH run whose ranks all sit on one node (the mpiexec launcher, the node agent): UCX, MPICH's
 network module (the wheel's and Debian's), need not probe the network, nor patch ``mmap`` at load time
@@ -68,7 +69,6 @@ to keep a registration cache that only RDMA uses (it then registers per transfer
 one-rank run (``UCX_TLS=self``) 86 -> 26 ms (mpiexec) and 69 -> 16 ms (singleton); most of it was
 UCX's ``mmap`` patch spinning in ``sched_yield``. A value in the environment or the sim's ``env``
 wins. Multi-node runs (srun) keep UCX's defaults."""
-"""Open MPI refuses to start as root without these (containers, CI)."""
 
 _LDD_LINE = re.compile(r"^\s*(?P<name>\S+)\s+=>\s+(?P<path>/\S+)")
 
