@@ -403,7 +403,8 @@ def test_the_allocation_a_too_small_one_suggests_fits_every_sim(shape: dict[str,
         assert sum(min(node.cpus, sim.ranks_per_node or node.cpus) for node in plan.sim_nodes) >= sim.ranks
 
 
-def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherwise(tmp_path: Path) -> None:
+def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 25: a one-rank MPICH run on one node is the program itself (singleton init, no hydra);
     more ranks, Open MPI, or an MPI not known keep the node-local mpiexec."""
     from orchestrator.launchers.agent import NodeAgentLauncher
@@ -419,14 +420,18 @@ def test_agent_runs_a_one_rank_mpich_sim_as_a_singleton_and_keeps_mpiexec_otherw
     assert NodeAgentLauncher(local, mpi=ompi).command(one)[:4] == ["/opt/ompi/bin/mpiexec", "-n", "1",
                                                                    "--oversubscribe"]
     assert NodeAgentLauncher(local, mpiexec="/opt/x/mpiexec").command(one)[:3] == ["/opt/x/mpiexec", "-n", "1"]
-    if not any(k.startswith("UCX_") for k in os.environ):  # MPICH's UCX stays on the node; the sim's env wins
-        assert NodeAgentLauncher(local, mpi=mpich).sim_env(one)["UCX_TLS"] == "self"  # a singleton
-        assert NodeAgentLauncher(local, mpi=mpich).sim_env(two)["UCX_TLS"] == "self,sm"
-        for r in (one, two):
-            assert NodeAgentLauncher(local, mpi=mpich).sim_env(r)["UCX_MEM_MMAP_HOOK_MODE"] == "none"
-        own = req(tmp_path, 1, (("box", 1),), env={"UCX_TLS": "tcp"})
-        assert NodeAgentLauncher(local, mpi=mpich).sim_env(own)["UCX_TLS"] == "tcp"
-        assert not any(k.startswith("UCX_") for k in NodeAgentLauncher(local, mpi=ompi).sim_env(two))
-        from orchestrator.launchers.mpiexec import MpiexecLauncher
-        assert MpiexecLauncher(mpi=mpich).environment(two)["UCX_TLS"] == "self,sm"
-        assert MpiexecLauncher(mpi=mpich).environment(own)["UCX_TLS"] == "tcp"
+    for key in [k for k in os.environ if k.startswith("UCX_")]:  # MPICH's UCX stays on the node
+        monkeypatch.delenv(key)
+    assert NodeAgentLauncher(local, mpi=mpich).sim_env(one)["UCX_TLS"] == "self"  # a singleton
+    assert NodeAgentLauncher(local, mpi=mpich).sim_env(two)["UCX_TLS"] == "self,sm"
+    for r in (one, two):
+        assert NodeAgentLauncher(local, mpi=mpich).sim_env(r)["UCX_MEM_MMAP_HOOK_MODE"] == "none"
+    own = req(tmp_path, 1, (("box", 1),), env={"UCX_TLS": "tcp"})
+    assert NodeAgentLauncher(local, mpi=mpich).sim_env(own)["UCX_TLS"] == "tcp"
+    assert not any(k.startswith("UCX_") for k in NodeAgentLauncher(local, mpi=ompi).sim_env(two))
+    from orchestrator.launchers.mpiexec import MpiexecLauncher
+    assert MpiexecLauncher(mpi=mpich).environment(two)["UCX_TLS"] == "self,sm"
+    assert MpiexecLauncher(mpi=mpich).environment(own)["UCX_TLS"] == "tcp"
+    monkeypatch.setenv("UCX_TLS", "rc")  # a value in the environment wins too
+    assert "UCX_TLS" not in NodeAgentLauncher(local, mpi=mpich).sim_env(two)
+    assert MpiexecLauncher(mpi=mpich).environment(two)["UCX_TLS"] == "rc"
