@@ -11,6 +11,7 @@ failure) generate, then train, then check the same point again.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -30,11 +31,15 @@ from orchestrator.training import tasks
 from orchestrator.training.ensemble import member_seed
 
 
+@functools.cache
+def _sim_env(binary: Path, ranks: int) -> dict[str, str]:
+    """The node-local MPI settings the orchestrator's mpiexec launcher gives this sim (found once)."""
+    return {**merged_env(os.environ, mpi_for(binary), ranks), "SIMKIT_EXPECT_RANKS": str(ranks)}
+
+
 def _sim(mpiexec: str, binary: Path, args: list[str], ranks: int, out: Path) -> np.ndarray:
-    """One run, with the node-local MPI settings the orchestrator's mpiexec launcher gives it."""
     argv = [mpiexec, "-n", str(ranks), str(binary), *args, "--out", str(out)]
-    env = {**merged_env(os.environ, mpi_for(binary), ranks), "SIMKIT_EXPECT_RANKS": str(ranks)}
-    subprocess.run(argv, check=True, capture_output=True, env=env)
+    subprocess.run(argv, check=True, capture_output=True, env=_sim_env(binary, ranks))
     table: np.ndarray = np.load(out)
     return table
 
