@@ -11,7 +11,11 @@ each result as it ends. Same config, sims, model and hyper-parameters as the
 orchestrator (``loop.yml``); pipelined like it: with ``policy.pipeline`` the next
 round's generate sims run while a round trains.
 
-    python benchmarks/libensemble_peer.py LOOP.yml --seed S --workdir DIR
+    python benchmarks/libensemble_peer.py LOOP.yml --seed S --workdir DIR [--lazy-dynamo]
+
+``--lazy-dynamo`` gives the generator the torch setting the orchestrator's workers install
+(:mod:`orchestrator.training.lazydynamo`: torch's optimizers without importing ``torch._dynamo``),
+for a variant arm beside the idiomatic one.
 
 prints one JSON line: ``first_sim_at`` and ``target_at`` (absolute times), the rounds,
 the sims, and ``gen_pid`` (the generator's process, which trains: not coordination).
@@ -159,6 +163,11 @@ def surrogate_gen(H: Any, persis_info: Any, gen_specs: Any, libE_info: Any) -> t
     from orchestrator.training import tasks  # torch: in the generator, while the first sims run
     from orchestrator.training.ensemble import member_seed
 
+    if u["lazy_dynamo"]:  # the orchestrator workers' torch setting (a variant arm, not the idiom)
+        from orchestrator.training import lazydynamo
+
+        lazydynamo.install()
+
     while state.successes < cfg.target.successes:
         tag, _, calc_in = ps.recv()
         if tag in (STOP_TAG, PERSIS_STOP):
@@ -189,7 +198,7 @@ def surrogate_gen(H: Any, persis_info: Any, gen_specs: Any, libE_info: Any) -> t
     return None, persis_info, FINISHED_PERSISTENT_GEN_TAG
 
 
-def build(cfg: LoopConfig, loop_file: Path, overrides: list[str], workdir: Path) -> Ensemble:
+def build(cfg: LoopConfig, loop_file: Path, overrides: list[str], workdir: Path, lazy_dynamo: bool = False) -> Ensemble:
     binaries = resolve_binaries(cfg, loop_file)
     for role in ROLES.values():  # the node-local MPI settings the orchestrator gives the same sims
         ranks = getattr(cfg.sims, role).ranks
@@ -214,7 +223,8 @@ def build(cfg: LoopConfig, loop_file: Path, overrides: list[str], workdir: Path)
         gen_f=surrogate_gen, inputs=[],
         persis_in=["sim_id", "kind", "x", "y", "pred", "version", "path"],
         outputs=[("kind", int), ("x", float, (n_in,)), ("seed", int), ("pred", float, (n_out,)), ("version", int)],
-        user={"loop": str(loop_file), "overrides": overrides, "report": str(workdir / "gen.json")},
+        user={"loop": str(loop_file), "overrides": overrides, "report": str(workdir / "gen.json"),
+              "lazy_dynamo": lazy_dynamo},
     )
     # async_return: each result goes to the generator as it ends; active_recv: results reach it even
     # when it sent nothing since the last (it asks for sims only when the campaign needs them).
@@ -229,11 +239,13 @@ def main() -> None:
     ap.add_argument("loop", type=Path)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--lazy-dynamo", action="store_true",
+                    help="install orchestrator.training.lazydynamo in the generator, as our workers do")
     args = ap.parse_args()
     overrides = [] if args.seed is None else [f"seed={args.seed}"]
     cfg = load_config(args.loop, overrides)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    ensemble = build(cfg, args.loop.resolve(), overrides, args.workdir.resolve())
+    ensemble = build(cfg, args.loop.resolve(), overrides, args.workdir.resolve(), args.lazy_dynamo)
     ensemble.add_random_streams(seed=cfg.seed)
     H, _, _ = ensemble.run()
     report = json.loads((args.workdir / "gen.json").read_text())

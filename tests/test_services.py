@@ -60,18 +60,19 @@ def test_start_up_ends_with_the_campaigns_time_and_leaves_no_worker(tmp_path: Pa
     print(f"head start cut after {started:.2f} s; start-up ended and closed in {closed:.2f} s")
 
 
-def _warm_import_state() -> tuple[bool, bool]:
-    """On a worker: (its preload started the background imports, torch is imported by now)."""
+def _warm_import_state() -> tuple[bool, bool, bool]:
+    """On a worker: (its preload started the background imports, torch is imported by now,
+    torch._dynamo is imported)."""
     import sys
 
     warmup = sys.modules.get("orchestrator.training.warmup")
-    return warmup is not None and warmup._started.is_set(), "torch" in sys.modules
+    return warmup is not None and warmup._started.is_set(), "torch" in sys.modules, "torch._dynamo" in sys.modules
 
 
 def test_workers_import_torch_as_they_start_and_a_training_right_after_start_works(tmp_path: Path) -> None:
     """Issue 25: each worker's preload imports torch in a thread as the worker starts; a training
     submitted the moment the cluster is up (no warm-up) shares that import (the import lock) and
-    completes, and the worker processes are the guardian's."""
+    completes without importing torch._dynamo (lazydynamo), and the worker processes are the guardian's."""
     import numpy as np
 
     from orchestrator.procs import guardian
@@ -82,7 +83,7 @@ def test_workers_import_torch_as_they_start_and_a_training_right_after_start_wor
     cfg = TrainingConfig(workers=1, hparams=HparamsConfig(epochs=2, lbfgs_iters=0))
     backend = LocalBackend(cfg)
 
-    async def run() -> tuple[bytes, dict[str, tuple[bool, bool]], set[int]]:
+    async def run() -> tuple[bytes, dict[str, tuple[bool, bool, bool]], set[int]]:
         client = await backend.start()
         try:
             state, _ = await Trainer(backend, cfg, 1, 1).train(None, [str(tmp_path / "d.npy")], 0)
@@ -96,7 +97,7 @@ def test_workers_import_torch_as_they_start_and_a_training_right_after_start_wor
 
     state, seen, pids = asyncio.run(run())
     assert state and isinstance(state, bytes)
-    assert list(seen.values()) == [(True, True)], seen
+    assert list(seen.values()) == [(True, True, False)], seen
     assert not any(psutil.pid_exists(p) for p in pids), "a worker process outlived the close"
 
 
@@ -109,8 +110,8 @@ def _worker_facts() -> tuple[int, str | None, bool]:
 
 def test_local_workers_fork_from_a_warm_server_and_leave_the_sims_environment_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 25: the local workers are forked from a server that imported Dask and torch (with the
-    optimizers' torch._dynamo) beside the first sims, and get Dask's worker environment there; the
+    """Issue 25: the local workers are forked from a server that imported Dask and torch (not
+    torch._dynamo: see lazydynamo) beside the first sims, and get Dask's worker environment there; the
     coordinator's own environment, which every later sim inherits, no longer gets OMP_NUM_THREADS=1
     from Dask's nanny (a threaded sim started after the workers ran on one thread)."""
     from multiprocessing import forkserver
@@ -129,5 +130,5 @@ def test_local_workers_fork_from_a_warm_server_and_leave_the_sims_environment_al
     facts = asyncio.run(run())
     server = forkserver._forkserver._forkserver_pid
     assert server is not None and psutil.Process(server).ppid() == psutil.Process().pid
-    assert list(facts.values()) == [(server, "1", True)], facts
+    assert list(facts.values()) == [(server, "1", False)], facts
     assert "OMP_NUM_THREADS" not in os.environ
