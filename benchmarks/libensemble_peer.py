@@ -155,6 +155,8 @@ def _checks(ps: PersistentSupport, gen_specs: Any, state: _Round, tasks: Any) ->
 def surrogate_gen(H: Any, persis_info: Any, gen_specs: Any, libE_info: Any) -> tuple[Any, Any, int]:
     """The persistent generator: generate, train, check, until the target is met (or max_rounds)."""
     u = gen_specs["user"]
+    if Path(u["report"]).exists():  # started again after it ended the campaign (a race seen once in 55 runs of
+        return None, persis_info, FINISHED_PERSISTENT_GEN_TAG  # only_persistent_gens): end at once, not wait 600 s
     cfg = load_config(Path(u["loop"]), u["overrides"])
     ps = PersistentSupport(libE_info, EVAL_GEN_TAG)
     state = _Round(cfg, persis_info["rand_stream"])
