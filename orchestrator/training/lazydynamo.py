@@ -6,13 +6,16 @@ in ``torch._disable_dynamo``: at the first call the wrapper imports ``torch._dyn
 (1.2-1.7 s on this 2-core box, more than torch itself) only to wrap the method in
 ``torch._dynamo.disable``, which keeps a *compiling* frame from tracing into it. Measured
 for issue 25: that import was the longest part of a fresh worker's start, and the
-campaign's first training waited for it.
+campaign's first training waited for it. Each algorithm's ``step`` does the same through
+``_use_grad``, which imports ``torch._dynamo`` to call ``torch._dynamo.graph_break()``.
 
 :func:`install` gives each such method a first-call hook that keeps the wrapper's
 meaning and drops the import: while ``torch._dynamo`` is not imported no frame can be
 compiling (only dynamo sets the frame hook), so ``disable(fn)`` is ``fn`` and the hook
 calls ``fn``; once anything imports dynamo (a model using ``torch.compile``), the hook
-hands over to the very ``torch._dynamo.disable(fn, recursive)`` torch would have made.
+hands over to the very ``torch._dynamo.disable(fn, recursive)`` torch would have made. Each
+``step`` likewise runs the algorithm in torch's grad mode without the two ``graph_break()``
+calls (nothing to break), and torch's own ``_use_grad`` once dynamo is imported.
 Installed explicitly by the workers' runtime (never on import); where torch's wrapper
 changes shape, nothing is installed and torch behaves as before (``tests/test_lazydynamo.py``
 fails then, so the next torch is checked).
