@@ -247,6 +247,7 @@ def main() -> None:
     overrides = [] if args.seed is None else [f"seed={args.seed}"]
     cfg = load_config(args.loop, overrides)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / "gen.json").unlink(missing_ok=True)  # an earlier run's report would end this generator
     ensemble = build(cfg, args.loop.resolve(), overrides, args.workdir.resolve(), args.lazy_dynamo)
     ensemble.add_random_streams(seed=cfg.seed)
     H, _, _ = ensemble.run()
