@@ -37,6 +37,7 @@ _HOOK = "__dynamo_disable"
 """The attribute torch's wrapper caches its ``disable(fn)`` in, on the wrapped function."""
 
 _lock = threading.Lock()
+_installed = False
 
 
 def _wrapper_code() -> Any:
@@ -67,11 +68,16 @@ def _lazy(fn: Callable[..., Any], recursive: bool) -> Callable[..., Any]:
     return call
 
 
+def _cells(fn: Any) -> dict[str, Any]:
+    """A function's closure, by the names of its free variables."""
+    return dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
+
+
 def _wrapped(obj: Any, code: Any) -> tuple[Callable[..., Any], bool] | None:
     """``(fn, recursive)`` when ``obj`` is torch's ``_disable_dynamo`` wrapper around ``fn``."""
-    if getattr(obj, "__code__", None) is not code or not obj.__closure__:
+    if getattr(obj, "__code__", None) is not code:
         return None
-    cells = dict(zip(obj.__code__.co_freevars, obj.__closure__, strict=True))
+    cells = _cells(obj)
     if "fn" not in cells or "recursive" not in cells:
         return None
     return cells["fn"].cell_contents, bool(cells["recursive"].cell_contents)
@@ -107,7 +113,7 @@ def _use_grad_func(step: Any) -> Callable[..., Any] | None:
     code = getattr(step, "__code__", None)
     if code is None or code.co_name != "_use_grad" or frozenset(code.co_names) != _USE_GRAD_NAMES:
         return None
-    cells = dict(zip(code.co_freevars, step.__closure__ or (), strict=True))
+    cells = _cells(step)
     return cells["func"].cell_contents if "func" in cells else None
 
 
@@ -153,11 +159,14 @@ def _optim_modules() -> list[ModuleType]:
 
 def install() -> int:
     """Hook torch's optimizers: their ``_disable_dynamo`` wrappers and ``_use_grad`` steps; how many
-    were hooked (0 when already installed).
-    Nothing is done when ``torch._dynamo`` is already imported (torch's wrappers then cost nothing)."""
+    were hooked. Once per process: a second call (a forked worker's preload, then its warm-import
+    thread) returns 0 without scanning again. Nothing is done when ``torch._dynamo`` is already
+    imported (torch's wrappers then cost nothing)."""
+    global _installed
     with _lock:
-        if "torch._dynamo" in sys.modules:
+        if _installed or "torch._dynamo" in sys.modules:
             return 0
+        _installed = True
         return _install()
 
 
