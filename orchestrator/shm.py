@@ -18,13 +18,17 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PATTERNS = ("mpich_shm_*",)
+"""The segments' names: each a prefix and a trailing ``*``."""
 SLACK_S = 1.0
 
 
 def snapshot(shm_dir: Path = SHM_DIR) -> set[str]:
-    """Names of the MPI segments that exist now."""
+    """Names of the MPI segments that exist now (taken before every launch: one scandir of /dev/shm, which
+    a shared node fills with other programs' files, instead of a glob that makes a Path of each)."""
+    prefixes = tuple(pattern.removesuffix("*") for pattern in PATTERNS)
     try:
-        return {p.name for pattern in PATTERNS for p in shm_dir.glob(pattern)}
+        with os.scandir(shm_dir) as entries:
+            return {e.name for e in entries if e.name.startswith(prefixes)}
     except OSError:
         return set()
 

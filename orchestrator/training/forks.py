@@ -3,7 +3,8 @@
 Measured for issue 25 (sine bench, 2 cores): a spawned worker process imported Dask (about
 0.8 s) and only then torch (1.5 s, 2.5 s on a busy box) before the first training could run,
 so the first generate sim's data waited 1.6 s for the workers. Here :func:`prewarm` starts
-Python's forkserver when the local backend is made, before the first sims: a process of its
+Python's forkserver as the local backend starts, just after the first sims (starting it costs the
+coordinator about 30 ms, which the first sim no longer waits for): a process of its
 own that imports :data:`PRELOAD` on another core, and every local worker (a restart after a
 crash included) is forked from it with all of it already in memory.
 

@@ -20,7 +20,9 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 ROUTES_OFF: dict[str, Any] = {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
-WORKER_ENV = {"DASK_DISTRIBUTED__WORKER__HTTP__ROUTES": "[]"}
+WORKER_ENV = {"DASK_DISTRIBUTED__WORKER__HTTP__ROUTES": "[]", "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+"""The Dask settings a worker that is a process of its own (a Slurm step's, a batch job's) takes from its
+environment: no HTTP routes, and no statistical profiler (backends.QUIET_DASK says why)."""
 
 
 def stop_http(server: Any) -> None:
