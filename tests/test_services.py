@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -132,3 +133,61 @@ def test_local_workers_fork_from_a_warm_server_and_leave_the_sims_environment_al
     assert server is not None and psutil.Process(server).ppid() == psutil.Process().pid
     assert list(facts.values()) == [(server, "1", False)], facts
     assert "OMP_NUM_THREADS" not in os.environ
+
+
+def _profiling(dask_worker: Any) -> tuple[bool, bool]:
+    """On a worker: (Dask's statistical profiler is set up, distributed.worker.profile.enabled)."""
+    import dask
+
+    return "profile" in dask_worker.periodic_callbacks, bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
+def test_one_turns_evaluations_of_the_same_model_share_one_task_and_each_caller_gets_its_rows(tmp_path: Path) -> None:
+    """Issue 25: a new model's checks ask for their predictions together; the calls of one event-loop turn
+    with the same member states go to the workers as one task (the states shipped once, not once per
+    check), and each caller gets exactly the rows it asked for, as a call of its own gives them. Other
+    states get a task of their own; a failed evaluation reaches every caller. The workers run without
+    Dask's statistical profiler (it took the GIL from training every 10 ms)."""
+    import numpy as np
+
+    from orchestrator.errors import TrainingError
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 3, size=64)
+    np.save(tmp_path / "d.npy", np.column_stack([x, np.sin(x)]))
+    cfg = TrainingConfig(workers=1, hparams=HparamsConfig(epochs=2, lbfgs_iters=0))
+    backend = LocalBackend(cfg)
+    points = [[[-1.0]], [[0.5], [2.0]], [[1.5]]]
+
+    async def run() -> None:
+        client = await backend.start()
+        try:
+            trainer = Trainer(backend, cfg, 1, 1)
+            state, _ = await trainer.train(None, [str(tmp_path / "d.npy")], 0)
+            other, _ = await trainer.train(None, [str(tmp_path / "d.npy")], 1)
+            alone = [await trainer.evaluate_ensemble([state], xs) for xs in points]  # a turn each
+            submitted: list[int] = []
+            submit = client.submit
+
+            def counting(fn: object, *args: object, **kwargs: object) -> object:
+                submitted.append(len(args[3]))  # type: ignore[arg-type]  # the rows of the task
+                return submit(fn, *args, **kwargs)
+
+            client.submit = counting  # type: ignore[method-assign]
+            shares = [trainer.evaluate_ensemble(list([state]), xs) for xs in points]  # one turn
+            apart = trainer.evaluate_ensemble([other], [[0.5]])
+            together = await asyncio.gather(*shares)
+            assert sorted(submitted) == [1, 4], submitted
+            for got, want in zip(together, alone, strict=True):
+                np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+                assert got[1] == [[0.0]] * len(want[1])
+            assert (await apart)[0] != together[1][0][:1]  # the other model's own prediction
+            broken = [trainer.evaluate_ensemble([b"not a model"], xs) for xs in points]
+            outcomes = await asyncio.gather(*broken, return_exceptions=True)
+            assert all(isinstance(o, TrainingError) for o in outcomes), outcomes
+            assert trainer._quiet.is_set()  # nothing counted in flight any more
+            assert list((await client.run(_profiling)).values()) == [(False, False)]
+        finally:
+            await backend.close()
+
+    asyncio.run(run())

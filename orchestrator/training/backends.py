@@ -232,6 +232,9 @@ class Trainer:
         """Trainings and evaluations in flight (a picture waits for none: :meth:`figure`)."""
         self._quiet = asyncio.Event()
         self._quiet.set()
+        self._evaluations: _Evaluations | None = None
+        """The evaluations asked for in this turn of the event loop, not yet submitted (:meth:`evaluate_ensemble`)."""
+        self._submitted: set[asyncio.Future[None]] = set()
 
     @property
     def train_options(self) -> dict[str, Any]:
@@ -384,18 +387,79 @@ class Trainer:
     def evaluate_ensemble(
         self, states: list[bytes], xs: list[list[float]]
     ) -> asyncio.Future[tuple[list[list[float]], list[list[float]]]]:
-        """The members' mean and spread at each input row (spread 0 for one member): submitted and
-        counted in flight at the call (a picture asked for in the same turn waits for it: :meth:`figure`)."""
-        future = self.client.submit(remote.evaluate_ensemble, states, self.cfg.model, self.model_kwargs, xs,
-                                    pure=False, retries=self.cfg.task_retries)
+        """The members' mean and spread at each input row (spread 0 for one member), counted in flight
+        from the call (a picture asked for in the same turn waits for it: :meth:`figure`).
 
-        async def result() -> tuple[list[list[float]], list[list[float]]]:
-            (value,) = await self._gather([future], self._failed("evaluation"))
-            return cast(tuple[list[list[float]], list[list[float]]], value)
+        The calls of one turn of the event loop with the same member states share one Dask task,
+        submitted at the end of the turn: a new model's checks start together, and each used to ship
+        the member states (110 KB for the sine model) to the scheduler and on to a worker, in the
+        coordinator's own process, just as their sims were starting (issue 25)."""
+        batch = self._evaluations
+        if batch is None or not batch.same(states):
+            batch = self._evaluations = _Evaluations(states)
+            asyncio.get_running_loop().call_soon(self._submit_evaluations, batch)
+        share = batch.add(xs)
+        self._busy_until(share)
+        return share
+
+    def _submit_evaluations(self, batch: _Evaluations) -> None:
+        if self._evaluations is batch:
+            self._evaluations = None
+        try:
+            future = self.client.submit(remote.evaluate_ensemble, batch.states, self.cfg.model, self.model_kwargs,
+                                        batch.xs, pure=False, retries=self.cfg.task_retries)
+        except Exception as exc:  # a closed client: each caller sees it, as when it submitted its own
+            batch.fail(exc)
+            return
+
+        async def result() -> None:
+            try:
+                (value,) = await self._gather([future], self._failed("evaluation"))
+            except BaseException as exc:
+                batch.fail(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            batch.deliver(*cast(tuple[list[list[float]], list[list[float]]], value))
 
         task = asyncio.ensure_future(result())
-        self._busy_until(task)
-        return task
+        self._submitted.add(task)  # held until it ends (the event loop keeps only a weak reference)
+        task.add_done_callback(self._submitted.discard)
+
+
+class _Evaluations:
+    """Evaluations of the same member states asked for in one turn of the event loop: their rows, one
+    task for them all, and each caller's share of its result."""
+
+    def __init__(self, states: list[bytes]) -> None:
+        self.states = list(states)
+        self.xs: list[list[float]] = []
+        self.shares: list[tuple[asyncio.Future[tuple[list[list[float]], list[list[float]]]], int, int]] = []
+
+    def same(self, states: list[bytes]) -> bool:
+        """Whether ``states`` are these very member states (a caller's own copy of the list counts)."""
+        return len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states, strict=True))
+
+    def add(self, xs: list[list[float]]) -> asyncio.Future[tuple[list[list[float]], list[list[float]]]]:
+        share: asyncio.Future[tuple[list[list[float]], list[list[float]]]] = (
+            asyncio.get_running_loop().create_future())
+        self.shares.append((share, len(self.xs), len(xs)))
+        self.xs.extend(xs)
+        return share
+
+    def deliver(self, mean: list[list[float]], spread: list[list[float]]) -> None:
+        for share, start, n in self.shares:
+            if not share.done():
+                share.set_result((mean[start:start + n], spread[start:start + n]))
+
+    def fail(self, exc: BaseException) -> None:
+        for share, _, _ in self.shares:
+            if share.done():
+                continue
+            if isinstance(exc, asyncio.CancelledError):
+                share.cancel()
+            else:
+                share.set_exception(exc)
 
 
 CANCEL_WAIT_S = 2.0
