@@ -86,6 +86,11 @@ GUARD_GRACE_S = 1.5
 GUARD_ENV = "ORCHESTRATOR_GUARD"
 """Set in the coordinator's environment to a token of its own; every process it starts inherits it."""
 
+SHM_PREFIXES = ("mpich_shm_", "ucx_shm_posix_", "sem.mp-")
+"""Files in /dev/shm (memory, on a shared node) that a killed process leaves behind: MPICH's and UCX's
+intra-node segments and Python's multiprocessing semaphores. The guardian removes those of a SIGKILLed
+coordinator's campaign: ours, made since it started, mapped by no live process."""
+
 _GUARD = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -134,6 +139,7 @@ def send(sig):
         except (ProcessLookupError, PermissionError):
             del pids[p]
 marked()
+ending = bool(groups or pids)  # nothing at a normal end: the coordinator unregistered all it started
 send(signal.SIGTERM)  # srun forwards it to its step; mpiexec ends its ranks
 deadline = time.monotonic() + float(sys.argv[1])
 while (groups or pids) and time.monotonic() < deadline:
@@ -170,6 +176,40 @@ def end_cgroup(top):  # what left every group and the token (setsid, a cleared e
             pass
 if len(sys.argv) > 4 and sys.argv[4] and os.path.isdir(sys.argv[4]):
     end_cgroup(sys.argv[4])
+def sweep_shm(since, prefixes):  # the shared memory the ended processes left (a clean MPI end removes its own)
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
+    except OSError:
+        return
+    uid, found = os.getuid(), []
+    for n in names:
+        try:
+            st = os.stat("/dev/shm/" + n)
+        except OSError:
+            continue
+        if st.st_uid == uid and st.st_ctime >= since:
+            found.append("/dev/shm/" + n)
+    if not found:
+        return
+    mapped = set()  # read after the listing: a segment is mapped the moment it is made
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/maps") as f:
+                    for line in f:
+                        i = line.find("/dev/shm/")
+                        if i >= 0:
+                            mapped.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
+            except OSError:
+                pass
+    for path in found:
+        if path not in mapped:  # still mapped: a live run's (a concurrent campaign's, anyone's)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+if ending and len(sys.argv) > 5:
+    sweep_shm(float(sys.argv[5]), tuple(sys.argv[6].split(",")))
 """
 
 
@@ -187,9 +227,10 @@ class Guardian:
     inherits; the guardian ends those, plus the groups and pids it was told of. It reads
     process-group ids (and single pids) to watch from a pipe whose only writer is the coordinator;
     the kernel closes that pipe when the coordinator dies, even by SIGKILL, and the guardian then
-    sends SIGTERM, waits :data:`GUARD_GRACE_S`, and sends SIGKILL. A normal end
-    unregisters everything first, so the guardian just exits. It runs in its own session: a
-    signal to the coordinator's terminal group does not reach it.
+    sends SIGTERM, waits :data:`GUARD_GRACE_S`, and sends SIGKILL, then removes the shared memory
+    they left (:data:`SHM_PREFIXES`). A normal end unregisters everything first, so the guardian
+    just exits. It runs in its own session: a signal to the coordinator's terminal group does not
+    reach it.
     """
 
     def __init__(self) -> None:
@@ -203,6 +244,8 @@ class Guardian:
         self._groups: set[int] = set()
         self._pids: dict[int, str] = {}
         """What the guardian was told, to tell a new one if it dies (:meth:`_watch`)."""
+        self._since = 0.0
+        """When the first guardian started: the shared-memory files it sweeps are newer."""
 
     @property
     def pid(self) -> int | None:
@@ -225,6 +268,7 @@ class Guardian:
             return
         first = self._token is None
         if self._token is None:  # this coordinator's own (a parent's token is never reused)
+            self._since = time.time() - 1.0  # what the campaign makes in /dev/shm is newer (1 s: ctime's coarseness)
             self._token = f"{os.getpid()}-{secrets.token_hex(8)}"
             os.environ[GUARD_ENV] = self._token
             if self.holding:
@@ -233,7 +277,7 @@ class Guardian:
         token = self._token
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _GUARD, str(GUARD_GRACE_S), GUARD_ENV, token,
-             str(self.cgroup.path) if self.cgroup else ""],
+             str(self.cgroup.path) if self.cgroup else "", repr(self._since), ",".join(SHM_PREFIXES)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         log.debug("guardian %d started", self._proc.pid)

@@ -178,6 +178,36 @@ def left_running(procs: Sequence[psutil.Process], timeout: float = ORPHAN_WAIT_S
     return out
 
 
+def shm_files() -> set[str]:
+    """Our shared-memory files of the kinds a killed process leaves (:data:`orchestrator.procs.SHM_PREFIXES`)."""
+    from orchestrator.procs import SHM_PREFIXES
+
+    uid = os.getuid()
+    found = set()
+    for entry in os.scandir("/dev/shm"):
+        try:
+            if entry.name.startswith(SHM_PREFIXES) and entry.stat().st_uid == uid:
+                found.add(entry.name)
+        except OSError:
+            continue
+    return found
+
+
+def shm_left(before: set[str]) -> list[str]:
+    """Shared-memory files made since ``before`` that no live process maps, three looks over a second
+    apart (a concurrent test's launcher sweeps what its failed sim left within milliseconds)."""
+    from orchestrator.shm import mapped_paths
+
+    left = shm_files() - before
+    for _ in range(3):
+        if not left:
+            break
+        time.sleep(0.5)
+        mapped = mapped_paths()
+        left &= {n for n in shm_files() if f"/dev/shm/{n}" not in mapped}
+    return sorted(left)
+
+
 def job_steps() -> list[str]:
     """This allocation's steps other than its own (empty outside Slurm)."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -217,6 +247,7 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
     """One fault: start (or resume), wait for the boundary, signal, check nothing is left."""
     dirs = run_dirs(work, name)
     skip = len(read_events(dirs[-1])) if dirs else 0
+    shm_before = shm_files()
     proc = start(loop, work, env=env)
     try:
         event = wait_for_event(work, name, BOUNDARIES[boundary], proc, skip)
@@ -241,6 +272,9 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
     figures.orphans += len(left)
     if left:
         figures.problems.append(f"{where}: processes left: {left}")
+    shm = shm_left(shm_before)
+    if shm:  # MPI's segments of the killed ranks (memory, on a shared node), Python's semaphores
+        figures.problems.append(f"{where}: /dev/shm files left: {shm}")
     steps = steps_gone()
     figures.steps_left += len(steps)
     if steps:
