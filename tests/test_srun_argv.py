@@ -285,11 +285,14 @@ def test_jobqueue_options_defaults_and_pass_through(tmp_path: Path) -> None:
     extra = opts["worker_extra_args"]
     assert extra[extra.index("--preload") + 1] == "orchestrator.training.warmup"  # torch imported at start
     assert "security" not in opts
-    # the workers' HTTP servers serve no route (they are stopped once up): the jobs' environment says so
-    assert opts["job_script_prologue"] == ["export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'"]
+    # the workers' HTTP servers serve no route (they are stopped once up), and no statistical profiler
+    # samples their training: the jobs' environment says so
+    ours = ["export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'",
+            "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"]
+    assert opts["job_script_prologue"] == ours
     mine = TrainingConfig(backend="jobqueue", jobqueue={"job_script_prologue": ["module load python"]})
     assert ts.jobqueue_options(mine, tmp_path / "s", ts.LOOPBACK, None)["job_script_prologue"] == [
-        "module load python", "export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'"]
+        "module load python", *ours]
     secure = ts.jobqueue_options(cfg, tmp_path / "sine-1", ts.ListenPlan("10.0.0.5", tls=True), object())  # type: ignore[arg-type]
     assert secure["scheduler_options"]["host"] == "10.0.0.5"
     assert secure["shared_temp_directory"] == str(tmp_path / "sine-1" / "dask" / "tls")
