@@ -86,10 +86,12 @@ GUARD_GRACE_S = 1.5
 GUARD_ENV = "ORCHESTRATOR_GUARD"
 """Set in the coordinator's environment to a token of its own; every process it starts inherits it."""
 
-SHM_PREFIXES = ("mpich_shm_", "ucx_shm_posix_", "sem.mp-")
-"""Files in /dev/shm (memory, on a shared node) that a killed process leaves behind: MPICH's and UCX's
-intra-node segments and Python's multiprocessing semaphores. The guardian removes those of a SIGKILLed
-coordinator's campaign: ours, made since it started, mapped by no live process."""
+SHM_PREFIXES = ("mpich_shm_",)
+"""Files in /dev/shm (memory, on a shared node) that killed ranks leave behind: MPICH's intra-node segments.
+The guardian removes those of a SIGKILLed coordinator's campaign: ours, made since it started, mapped by no
+live process. Only kinds whose live files show in /proc/PID/maps under their own names may be here: a POSIX
+semaphore (``sem.*``, Python's multiprocessing locks) is mapped under a temporary name that glibc then links
+to its real one, so a live one looks unmapped (removing them broke a concurrent Dask nanny's start)."""
 
 _GUARD = r"""
 import os, signal, sys, time

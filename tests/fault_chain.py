@@ -179,7 +179,7 @@ def left_running(procs: Sequence[psutil.Process], timeout: float = ORPHAN_WAIT_S
 
 
 def shm_files() -> set[str]:
-    """Our shared-memory files of the kinds a killed process leaves (:data:`orchestrator.procs.SHM_PREFIXES`)."""
+    """Our shared-memory files of the kinds killed ranks leave (:data:`orchestrator.procs.SHM_PREFIXES`)."""
     from orchestrator.procs import SHM_PREFIXES
 
     uid = os.getuid()
@@ -272,8 +272,10 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
     figures.orphans += len(left)
     if left:
         figures.problems.append(f"{where}: processes left: {left}")
-    shm = shm_left(shm_before)
-    if shm:  # MPI's segments of the killed ranks (memory, on a shared node), Python's semaphores
+    # MPI's segments of the killed ranks (memory, on a shared node), where the guardian is who ends them:
+    # inside Slurm, srun's ranks are slurmstepd's to end, on their own nodes
+    shm = [] if os.environ.get("SLURM_JOB_ID") else shm_left(shm_before)
+    if shm:
         figures.problems.append(f"{where}: /dev/shm files left: {shm}")
     steps = steps_gone()
     figures.steps_left += len(steps)
