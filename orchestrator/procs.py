@@ -193,7 +193,8 @@ def sweep_shm(since, prefixes):  # the shared memory the ended processes left (a
             found.append("/dev/shm/" + n)
     if not found:
         return
-    mapped = set()  # read after the listing: a segment is mapped the moment it is made
+    mapped = set()  # as shm.mapped_paths (this script imports nothing of ours); read after the listing,
+    # and a segment is mapped the moment it is made
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
