@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from orchestrator.training.figures import round_figure
 from orchestrator.training.tasks import train
@@ -57,3 +58,30 @@ def test_one_input_stays_a_curve(tmp_path: Path) -> None:
                        [-3], [3], (["x"], ["y"]), "round 1")
     img = _image(png)
     assert img.shape[0] < img.shape[1]  # the curve's wide panel, no colour bar
+
+
+def test_a_picture_is_drawn_at_the_lowest_priority_in_a_thread_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25: the round's picture (a core for most of a second) yields to the checks' ranks starting beside it:
+    drawn in a thread at nice 19 that ends with it; the worker's own thread keeps its priority for training, and a
+    failure reaches the task as it was raised."""
+    import os
+    import threading
+
+    from orchestrator.training import figures, remote
+
+    seen: dict[str, int] = {}
+
+    def fake(*args: object) -> bytes:
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["thread"] = threading.get_native_id()
+        if args == ("boom",):
+            raise ValueError("no picture")
+        return b"png"
+
+    monkeypatch.setattr(figures, "round_figure", fake)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert remote.figure("ok") == b"png"
+    assert seen["nice"] == remote.FIGURE_NICE and seen["thread"] != threading.get_native_id()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    with pytest.raises(ValueError, match="no picture"):
+        remote.figure("boom")
