@@ -32,6 +32,7 @@ from typing import IO
 
 import psutil
 
+from orchestrator import shm
 from orchestrator.errors import CommandError
 from orchestrator.holding import Cgroup, become_subreaper, child_setup
 from orchestrator.logcap import LOG_CAP_BYTES, LogPump
@@ -85,13 +86,6 @@ GUARD_GRACE_S = 1.5
 
 GUARD_ENV = "ORCHESTRATOR_GUARD"
 """Set in the coordinator's environment to a token of its own; every process it starts inherits it."""
-
-SHM_PREFIXES = ("mpich_shm_",)
-"""Files in /dev/shm (memory, on a shared node) that killed ranks leave behind: MPICH's intra-node segments.
-The guardian removes those of a SIGKILLed coordinator's campaign: ours, made since it started, mapped by no
-live process. Only kinds whose live files show in /proc/PID/maps under their own names may be here: a POSIX
-semaphore (``sem.*``, Python's multiprocessing locks) is mapped under a temporary name that glibc then links
-to its real one, so a live one looks unmapped (removing them broke a concurrent Dask nanny's start)."""
 
 _GUARD = r"""
 import os, signal, sys, time
@@ -230,10 +224,10 @@ class Guardian:
     inherits; the guardian ends those, plus the groups and pids it was told of. It reads
     process-group ids (and single pids) to watch from a pipe whose only writer is the coordinator;
     the kernel closes that pipe when the coordinator dies, even by SIGKILL, and the guardian then
-    sends SIGTERM, waits :data:`GUARD_GRACE_S`, and sends SIGKILL, then removes the shared memory
-    they left (:data:`SHM_PREFIXES`). A normal end unregisters everything first, so the guardian
-    just exits. It runs in its own session: a signal to the coordinator's terminal group does not
-    reach it.
+    sends SIGTERM, waits :data:`GUARD_GRACE_S`, and sends SIGKILL, then removes the MPI shared memory
+    they left (:data:`orchestrator.shm.PREFIXES`: ours, made since it started, mapped by no live
+    process). A normal end unregisters everything first, so the guardian just exits. It runs in its
+    own session: a signal to the coordinator's terminal group does not reach it.
     """
 
     def __init__(self) -> None:
@@ -280,7 +274,7 @@ class Guardian:
         token = self._token
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _GUARD, str(GUARD_GRACE_S), GUARD_ENV, token,
-             str(self.cgroup.path) if self.cgroup else "", repr(self._since), ",".join(SHM_PREFIXES)],
+             str(self.cgroup.path) if self.cgroup else "", repr(self._since), ",".join(shm.PREFIXES)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         log.debug("guardian %d started", self._proc.pid)

@@ -17,18 +17,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
-PATTERNS = ("mpich_shm_*",)
-"""The segments' names: each a prefix and a trailing ``*``."""
+PREFIXES = ("mpich_shm_",)
+"""How the segments' names begin: MPICH's intra-node segments. The launchers and the guardian (after a
+SIGKILLed coordinator) remove those nobody maps, so only kinds whose live files show in /proc/PID/maps
+under their own names may be here: a POSIX semaphore (``sem.*``, Python's multiprocessing locks) is
+mapped under a temporary name that glibc then links to its real one, so a live one looks unmapped
+(sweeping them broke a concurrent Dask nanny's start)."""
 SLACK_S = 1.0
 
 
 def snapshot(shm_dir: Path = SHM_DIR) -> set[str]:
     """Names of the MPI segments that exist now (taken before every launch: one scandir of /dev/shm, which
     a shared node fills with other programs' files, instead of a glob that makes a Path of each)."""
-    prefixes = tuple(pattern.removesuffix("*") for pattern in PATTERNS)
     try:
         with os.scandir(shm_dir) as entries:
-            return {e.name for e in entries if e.name.startswith(prefixes)}
+            return {e.name for e in entries if e.name.startswith(PREFIXES)}
     except OSError:
         return set()
 
@@ -54,16 +57,14 @@ def sweep(before: set[str], started: float, ended: float, shm_dir: Path = SHM_DI
     """Remove the segments a failed run left; return their names."""
     uid = os.getuid()
     candidates = []
-    for pattern in PATTERNS:
-        for path in shm_dir.glob(pattern):
-            if path.name in before:
-                continue
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if st.st_uid == uid and started - SLACK_S <= st.st_ctime <= ended + SLACK_S:
-                candidates.append(path)
+    for name in snapshot(shm_dir) - before:
+        path = shm_dir / name
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid == uid and started - SLACK_S <= st.st_ctime <= ended + SLACK_S:
+            candidates.append(path)
     if not candidates:
         return []
     mapped = mapped_paths()

@@ -178,36 +178,6 @@ def left_running(procs: Sequence[psutil.Process], timeout: float = ORPHAN_WAIT_S
     return out
 
 
-def shm_files() -> set[str]:
-    """Our shared-memory files of the kinds killed ranks leave (:data:`orchestrator.procs.SHM_PREFIXES`)."""
-    from orchestrator.procs import SHM_PREFIXES
-
-    uid = os.getuid()
-    found = set()
-    for entry in os.scandir("/dev/shm"):
-        try:
-            if entry.name.startswith(SHM_PREFIXES) and entry.stat().st_uid == uid:
-                found.add(entry.name)
-        except OSError:
-            continue
-    return found
-
-
-def shm_left(before: set[str]) -> list[str]:
-    """Shared-memory files made since ``before`` that no live process maps, three looks over a second
-    apart (a concurrent test's launcher sweeps what its failed sim left within milliseconds)."""
-    from orchestrator.shm import mapped_paths
-
-    left = shm_files() - before
-    for _ in range(3):
-        if not left:
-            break
-        time.sleep(0.5)
-        mapped = mapped_paths()
-        left &= {n for n in shm_files() if f"/dev/shm/{n}" not in mapped}
-    return sorted(left)
-
-
 def job_steps() -> list[str]:
     """This allocation's steps other than its own (empty outside Slurm)."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -247,7 +217,9 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
     """One fault: start (or resume), wait for the boundary, signal, check nothing is left."""
     dirs = run_dirs(work, name)
     skip = len(read_events(dirs[-1])) if dirs else 0
-    shm_before = shm_files()
+    from orchestrator import shm
+
+    shm_before = shm.snapshot()
     proc = start(loop, work, env=env)
     try:
         event = wait_for_event(work, name, BOUNDARIES[boundary], proc, skip)
@@ -274,9 +246,12 @@ def fault(work: Path, loop: Path, name: str, boundary: str, sig: signal.Signals,
         figures.problems.append(f"{where}: processes left: {left}")
     # MPI's segments of the killed ranks (memory, on a shared node), where the guardian is who ends them:
     # inside Slurm, srun's ranks are slurmstepd's to end, on their own nodes
-    shm = [] if os.environ.get("SLURM_JOB_ID") else shm_left(shm_before)
-    if shm:
-        figures.problems.append(f"{where}: /dev/shm files left: {shm}")
+    if not os.environ.get("SLURM_JOB_ID"):
+        from tests.conftest import leaked_segments
+
+        left_shm = sorted(leaked_segments(shm_before))
+        if left_shm:
+            figures.problems.append(f"{where}: /dev/shm files left: {left_shm}")
     steps = steps_gone()
     figures.steps_left += len(steps)
     if steps:

@@ -9,7 +9,7 @@ of MB) out of the coordinator: only workers import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -76,25 +76,17 @@ def figure(*args: Any) -> bytes:
     import contextlib
     import os
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from orchestrator.training import figures
 
-    out: dict[str, Any] = {}
-
-    def draw() -> None:
+    def draw() -> bytes:
         with contextlib.suppress(OSError):  # else drawn at the worker's priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FIGURE_NICE)  # this thread only (Linux)
-        try:
-            out["png"] = figures.round_figure(*args)
-        except BaseException as exc:  # raised in the task's own thread, as Dask reports it
-            out["error"] = exc
+        return figures.round_figure(*args)
 
-    thread = threading.Thread(target=draw, name="orchestrator-figure", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return cast(bytes, out["png"])
+    with ThreadPoolExecutor(1, thread_name_prefix="orchestrator-figure") as pool:
+        return pool.submit(draw).result()  # a failure is raised here, as the drawing raised it
 
 
 def evaluate_registered(tracking_uri: str, name: str, version: str | None, xs: list[list[float]]) -> list[list[float]]:
