@@ -93,13 +93,18 @@ def _closed_over(value: Any) -> Iterator[Any]:
             continue
 
 
+def _own_classes(module: ModuleType) -> list[type]:
+    """The classes ``module`` defines (not those it imports)."""
+    return [v for v in vars(module).values() if isinstance(v, type) and v.__module__ == module.__name__]
+
+
 def _candidates(module: ModuleType) -> Iterator[Any]:
     """A module's functions and its classes' methods (one level, as torch.optim defines them)."""
     for value in vars(module).values():
         yield from _closed_over(value)
-        if isinstance(value, type) and value.__module__ == module.__name__:
-            for member in vars(value).values():
-                yield from _closed_over(member)
+    for cls in _own_classes(module):
+        for member in vars(cls).values():
+            yield from _closed_over(member)
 
 
 _USE_GRAD_NAMES = frozenset({"torch._dynamo", "_dynamo", "cast", "Optimizer", "is_grad_enabled", "set_grad_enabled",
@@ -139,12 +144,13 @@ def _lazy_step(torch_step: Callable[..., Any], func: Callable[..., Any]) -> Call
 def _hook_steps(module: ModuleType) -> int:
     """Each optimizer class's ``step`` in ``module`` given :func:`_lazy_step`; how many."""
     hooked = 0
-    for value in list(vars(module).values()):
-        if not isinstance(value, type) or value.__module__ != module.__name__ or "step" not in vars(value):
+    for cls in _own_classes(module):
+        step = vars(cls).get("step")
+        if step is None:
             continue
-        func = _use_grad_func(vars(value)["step"])
+        func = _use_grad_func(step)
         if func is not None:
-            value.step = _lazy_step(vars(value)["step"], func)  # type: ignore[attr-defined]
+            cls.step = _lazy_step(step, func)  # type: ignore[attr-defined]
             hooked += 1
     return hooked
 
